@@ -1,0 +1,44 @@
+"""The `kdfast` command: `kdfast <command> [flags]`; `kdfast <command> --help` lists each command's flags."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("kdfast.train", "train a teacher or a student without KD"),
+    "distill": ("kdfast.distill", "train a student with knowledge distillation from a teacher checkpoint"),
+    "evaluate": ("kdfast.evaluate", "evaluate a checkpoint on the test set"),
+    "lab": ("kdfast.lab", "the whole course lab: six checkpoints and report.json (--preset smoke|cpu|full)"),
+    "models": (None, "list the registered models"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: kdfast <command> [flags]   (kdfast <command> --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Multi-GPU / multi-node: accelerate launch -m kdfast.<command> [flags]"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"kdfast: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    if command == "models":
+        from .models import list_models, model_entry
+
+        for name in list_models():
+            entry = model_entry(name)
+            print(f"{name:<12} {entry.family:<4} {entry.description}")
+        return 0
+    importlib.import_module(COMMANDS[command][0]).main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Evaluate a checkpoint on the test set, the way its training run did.
+
+    python -m kdfast.evaluate --checkpoint models_saved/cnn_teacher.pth
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import tyro
+
+from .augment import AugmentSpec
+from .checkpoint import load_checkpoint, read_meta
+from .config import EvaluateConfig
+from .data import load_dataset
+from .engine import evaluate_model, make_runtime
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    meta = read_meta(cfg.checkpoint)
+    recorded = meta.get("config", {})
+    runtime = make_runtime(cfg.precision or meta.get("precision", "auto"))
+    model, meta = load_checkpoint(cfg.checkpoint, runtime.device)
+    test_per_class = recorded.get("test_per_class", 0) if cfg.test_per_class is None else cfg.test_per_class
+    source = cfg.data or meta.get("data", {}).get("source")
+    with runtime.accelerator.main_process_first():
+        data = load_dataset(source, cfg.cache_dir, False, 0, test_per_class, log=runtime.print)
+    if data.classes != meta["classes"]:
+        raise ValueError(f"{cfg.checkpoint}: trained on classes {meta['classes']}, but {data.source} has {data.classes}")
+    channels_last = meta.get("family") == "cnn"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    spec = AugmentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.get("augment", {}).items()})
+    batch_size = cfg.batch_size or meta.get("eval_batch_size", 500)
+    result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last)
+    result.update(checkpoint=cfg.checkpoint, model=meta["model"], precision=runtime.precision,
+                  recorded_accuracy=meta.get("test_accuracy"))
+    match = "matches" if result["accuracy"] == result["recorded_accuracy"] else "differs from"
+    runtime.print(f"{cfg.checkpoint}: {meta['model']} test accuracy {result['accuracy']:.4f} on {result['samples']} "
+                  f"samples ({runtime.precision}); {match} the recorded {result['recorded_accuracy']}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = tyro.cli(EvaluateConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast evaluate")
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The course lab end to end: six runs, six checkpoints, report.json.
+
+    python -m kdfast.lab --preset smoke      # minutes on any CPU
+    python -m kdfast.lab --preset cpu        # about an hour on a 2-core AMX CPU
+    accelerate launch -m kdfast.lab --preset full
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+
+import tyro
+
+from . import distill, train
+from .checkpoint import checkpoint_paths, write_json
+from .config import LAB_PRESETS, DistillConfig, LabConfig, TrainConfig
+from .engine import process_state
+from .machine import describe
+from .report import format_table, lab_report
+
+NOT_COMPARED = ("resume", "progress")  # config fields that do not change what a run produces
+
+
+def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig]]:
+    """(checkpoint name, module with run(), run config) for each run of the lab, teachers first."""
+    runs = []
+    for pair in cfg.pairs:
+        teacher, student = getattr(cfg, f"{pair}_teacher"), getattr(cfg, f"{pair}_student")
+        common = dict(data=cfg.data, download=cfg.download, cache_dir=cfg.cache_dir, out_dir=cfg.out_dir,
+                      train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
+                      batch_size=getattr(cfg, f"{pair}_batch_size"), eval_every=cfg.eval_every,
+                      eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, compile=cfg.compile,
+                      seed=cfg.seed, resume=not cfg.fresh, progress=cfg.progress)
+        student_epochs = getattr(cfg, f"{pair}_student_epochs")
+        teacher_path = checkpoint_paths(cfg.out_dir, f"{pair}_teacher")["pth"]
+        runs += [
+            (f"{pair}_teacher", train,
+             TrainConfig(model=teacher, name=f"{pair}_teacher", epochs=getattr(cfg, f"{pair}_teacher_epochs"), **common)),
+            (f"{pair}_student_no_kd", train,
+             TrainConfig(model=student, name=f"{pair}_student_no_kd", epochs=student_epochs, **common)),
+            (f"{pair}_student_with_kd", distill,
+             DistillConfig(model=student, name=f"{pair}_student_with_kd", epochs=student_epochs,
+                           teacher=teacher_path, alpha=cfg.alpha, tau=cfg.tau, **common)),
+        ]
+    return runs
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in NOT_COMPARED}
+
+
+def finished_run(run_cfg: TrainConfig) -> dict | None:
+    """The saved metadata of a run already finished with this very config, else None."""
+    path = checkpoint_paths(run_cfg.out_dir, run_cfg.run_name)["json"]
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        meta = json.load(f)
+    return meta if _comparable(meta.get("config", {})) == _comparable(run_cfg.to_dict()) else None
+
+
+def run(cfg: LabConfig) -> dict:
+    """Run (or resume) the six runs and write report.json after each one; returns the report."""
+    state = process_state()
+    say = state.print  # main process only
+    machine = describe()
+    extra = {"preset": cfg.preset, "machine": machine.get("gpu") or machine["cpu"],
+             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    results, retrained, report, t_lab = {}, set(), {}, time.perf_counter()
+    for name, module, run_cfg in plan(cfg):
+        pair = name.split("_")[0]
+        meta = None if cfg.fresh or pair in retrained else finished_run(run_cfg)
+        if meta is not None:
+            say(f"[lab] {name}: finished earlier with this config ({meta['test_accuracy']:.4f}); kept")
+        else:
+            t0 = time.perf_counter()
+            meta = module.run(run_cfg)
+            retrained.add(pair)  # the runs after a retrained teacher depend on it
+            say(f"[lab] {name}: {meta['test_accuracy']:.4f} test accuracy, wall time {time.perf_counter() - t0:.1f}s")
+        results[name] = meta
+        report = lab_report(results, extra)
+        if state.is_main_process:
+            write_json(cfg.report, report)
+    say(f"\n[lab] preset {cfg.preset}: total wall time {time.perf_counter() - t_lab:.1f}s; wrote {cfg.report}")
+    for name, meta in results.items():
+        say(f"[lab]   {name:<22} {meta['model']:<12} {meta['epochs']:>4} epochs {meta['wall_time_s']:>8.1f}s "
+              f"{meta['train_img_per_s']:>9,.0f} img/s  acc {meta['test_accuracy']:.4f}")
+    say(format_table(report))
+    return report
+
+
+def parse(argv: list[str]) -> LabConfig:
+    """--preset picks the defaults; every other flag overrides them."""
+    preset = "smoke"
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+    if preset not in LAB_PRESETS:
+        raise SystemExit(f"kdfast lab: unknown preset {preset!r}; choose one of {', '.join(LAB_PRESETS)}")
+    return tyro.cli(LabConfig, args=argv, default=LAB_PRESETS[preset], prog="kdfast lab")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""What hardware we run on, and which precision is really fast there."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe() -> dict:
+    """The machine facts every benchmark and report carries."""
+    flags = cpu_flags()
+    info = {
+        "cpu": cpu_model(),
+        "cpu_flags_of_note": sorted(f for f in flags if f.startswith(("avx", "amx"))),
+        "native_bf16_cpu": cpu_has_native_bf16(flags),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in NATIVE_BF16_CPU_FLAGS)
+
+
+def resolve_precision(requested: str, device_type: str, flags: set[str] | None = None) -> tuple[str, str]:
+    """Return (precision actually used, reason) for a requested precision on a device type.
+
+    auto: bf16 on GPUs that have it, fp16 (with loss scaling) on older GPUs; on CPUs bf16
+    only where it is native (AMX or AVX512-BF16), since emulated bf16 is 2-3x slower than fp32.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    if device_type == "cuda":
+        if requested == "auto":
+            if torch.cuda.is_bf16_supported():
+                return "bf16", "auto: this GPU supports bf16"
+            return "fp16", "auto: this GPU lacks bf16; fp16 with loss scaling"
+        return requested, "requested"
+    if device_type == "cpu":
+        native = cpu_has_native_bf16(flags)
+        if requested == "auto":
+            if native:
+                return "bf16", "auto: CPU has native bf16 (AMX/AVX512-BF16)"
+            return "fp32", "auto: CPU has no native bf16 (no AMX/AVX512-BF16); bf16 would be emulated and slower"
+        if requested == "fp16":
+            return "fp32", "fp16 autocast is not supported on CPU by Accelerate; running fp32"
+        return requested, "requested" + ("" if native or requested == "fp32" else " (bf16 is emulated on this CPU: expect it slower than fp32)")
+    # mps and others: keep it simple and exact
+    if requested in ("auto", "fp16", "bf16"):
+        return "fp32", f"mixed precision not used on {device_type}"
+    return requested, "requested"
+
+
+def accelerate_mixed_precision(precision: str) -> str:
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]

@@ -1,0 +1,55 @@
+"""Supervised training (teachers and students without KD).
+
+    python -m kdfast.train --model resnet18 --name cnn_teacher --epochs 30
+    accelerate launch -m kdfast.train --model vit_tiny --name vit_teacher
+"""
+from __future__ import annotations
+
+import sys
+
+import tyro
+from accelerate.utils import set_seed
+
+from .config import TrainConfig
+from .data import Dataset, load_dataset
+from .engine import Runtime, fit, make_runtime
+from .losses import cross_entropy
+from .models import create_model, model_entry
+
+
+def load_run_data(cfg: TrainConfig, runtime: Runtime) -> Dataset:
+    """The run's dataset; the main process decodes and caches it first, the others then read the cache."""
+    with runtime.accelerator.main_process_first():
+        return load_dataset(cfg.data, cfg.cache_dir, cfg.download, cfg.train_per_class, cfg.test_per_class,
+                            log=runtime.print)
+
+
+def build_student(cfg: TrainConfig, runtime: Runtime):
+    """Runtime, data and a freshly initialised model (same on every process) for a run."""
+    model_entry(cfg.model)  # an unknown name fails before any data work
+    data = load_run_data(cfg, runtime)
+    set_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=len(data.classes), pretrained=cfg.pretrained or None)
+    return data, model
+
+
+def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
+    """Train cfg.model with cross-entropy; returns the checkpoint's metadata (test accuracy included)."""
+    runtime = runtime or make_runtime(cfg.precision)
+    data, model = build_student(cfg, runtime)
+    label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
+
+    def loss_step(model, batch):
+        logits = model(batch.images)
+        return cross_entropy(logits, batch.labels, label_smoothing), logits
+
+    return fit(model, loss_step, data, cfg, runtime, {"kd": None})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = tyro.cli(TrainConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast train")
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny image datasets written by the tests themselves."""
+from __future__ import annotations
+
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg.tar.gz")
+CLASSES = ("cat", "dog", "frog")
+
+
+def make_images(n_per_class: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class shows in their colour, plus noise: learnable in a few steps. (N, H, W, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label in range(len(CLASSES)):
+        base = np.zeros(3)
+        base[label % 3] = 200
+        for _ in range(n_per_class):
+            images.append(np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8))
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def write_image_folder(root: str, n_train: int = 8, n_test: int = 4, size: int = 32) -> str:
+    from PIL import Image
+
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = make_images(n, seed, size)
+        counters = {}
+        for img, label in zip(images, labels):
+            cls = CLASSES[label]
+            i = counters.get(cls, 0)
+            counters[cls] = i + 1
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            Image.fromarray(img).save(os.path.join(root, split, cls, f"{i:04d}.png"))
+    return root
+
+
+def write_archive(folder: str, path: str) -> str:
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(os.path.join(folder, split), arcname=f"tiny/{split}")
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_image_folder(str(tmp_path / "tiny"))
+
+
+@pytest.fixture
+def archive(tmp_path, image_folder):
+    return write_archive(image_folder, str(tmp_path / "tiny.tar.gz"))

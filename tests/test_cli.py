@@ -1,0 +1,28 @@
+import subprocess
+import sys
+
+import pytest
+
+from kdfast import cli, lab
+
+
+@pytest.mark.parametrize("module", ["kdfast.train", "kdfast.distill", "kdfast.evaluate", "kdfast.lab"])
+def test_every_entry_point_has_help(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--" in out.stdout and "usage" in out.stdout.lower()
+
+
+def test_kdfast_command_lists_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "distill" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+
+
+def test_lab_presets_and_overrides():
+    cfg = lab.parse(["--preset", "cpu", "--alpha", "0.7"])
+    assert (cfg.preset, cfg.alpha, cfg.train_per_class) == ("cpu", 0.7, 0)
+    smoke = lab.parse([])
+    assert smoke.preset == "smoke" and smoke.train_per_class > 0
+    with pytest.raises(SystemExit):
+        lab.parse(["--preset", "huge"])

@@ -1,0 +1,181 @@
+import os
+import pickle
+import shutil
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+from kdfast import data as data_mod
+from kdfast.data import DataError, eval_batches, load_dataset, subset_per_class
+
+from .conftest import CLASSES, SHARED_DATA, make_images, write_archive, write_image_folder
+
+
+def write_torchvision_cifar(root: str, n_train: int = 8, n_test: int = 4) -> str:
+    """The pickled batches of torchvision's CIFAR-10 format, holding the same images as write_image_folder."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+
+    def dump(name, images, labels):
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"data": images.transpose(0, 3, 1, 2).reshape(len(images), -1), "labels": labels.tolist()}, f)
+
+    images, labels = make_images(n_train, 0)
+    for k, part in enumerate(np.array_split(np.arange(len(labels)), 5)):
+        dump(f"data_batch_{k + 1}", images[part], labels[part])
+    dump("test_batch", *make_images(n_test, 1))
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": list(CLASSES)}, f)
+    return root
+
+
+@pytest.fixture
+def no_md5_checks(monkeypatch):
+    """Our hand-written batches are not the real files, so torchvision's md5 checks must pass them."""
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
+
+
+def same(a, b):
+    assert a.classes == b.classes
+    for x, y in ((a.train, b.train), (a.test, b.test)):
+        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+    assert a.fingerprint == b.fingerprint
+
+
+def test_all_formats_load_to_the_same_tensors(tmp_path, image_folder, archive, no_md5_checks):
+    tv_root = write_torchvision_cifar(str(tmp_path / "tv"))
+    folder = load_dataset(image_folder, str(tmp_path / "c1"))
+    same(folder, load_dataset(archive, str(tmp_path / "c2")))
+    same(folder, load_dataset(tv_root, str(tmp_path / "c3")))
+    assert folder.train.images.shape == (24, 3, 32, 32) and folder.train.images.dtype == torch.uint8
+    assert folder.classes == sorted(CLASSES)
+    assert folder.train.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+
+
+def test_second_load_comes_from_the_cache(tmp_path, archive, monkeypatch):
+    first = load_dataset(archive, str(tmp_path / "cache"))
+    monkeypatch.setattr(data_mod, "_read_archive", lambda *a: pytest.fail("decoded again instead of using the cache"))
+    same(first, load_dataset(archive, str(tmp_path / "cache")))
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, archive):
+    first = load_dataset(archive, str(tmp_path / "cache"))
+    (cache_file,) = (tmp_path / "cache" / "datasets").iterdir()
+    cache_file.write_bytes(b"garbage")
+    same(first, load_dataset(archive, str(tmp_path / "cache")))
+
+
+def test_env_variable_picks_the_source(tmp_path, archive, monkeypatch):
+    monkeypatch.setenv("KDFAST_DATA", archive)
+    assert load_dataset(None, str(tmp_path / "c")).source == os.path.abspath(archive)
+
+
+def test_class_balanced_subset(image_folder, tmp_path):
+    ds = load_dataset(image_folder, str(tmp_path / "c"), train_per_class=3, test_per_class=2)
+    assert ds.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert len(ds.test) == 6
+    full = load_dataset(image_folder, str(tmp_path / "c"))
+    assert ds.fingerprint != full.fingerprint
+    assert torch.equal(subset_per_class(full.train, 3).images, ds.train.images)
+
+
+def test_eval_batches_count_each_sample_once(image_folder, tmp_path):
+    test = load_dataset(image_folder, str(tmp_path / "c")).test  # 12 samples
+    from kdfast.augment import AugmentSpec
+
+    seen = []
+    for rank in range(5):  # 12 samples over 5 processes: padded shares of 3
+        batches = list(eval_batches(test, 2, AugmentSpec(), "cpu", rank, 5))
+        assert [len(b.indices) for b in batches] == [2, 1]
+        seen += [i for b in batches for i in b.indices.tolist() if i >= 0]
+    assert sorted(seen) == list(range(12))
+
+
+# ----------------------------------------------------------------------------- bad data
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match=r"nope: no such file or folder.*--data"):
+        load_dataset(str(tmp_path / "nope"), str(tmp_path / "c"))
+
+
+def test_wrong_image_size(tmp_path):
+    root = write_image_folder(str(tmp_path / "d"), size=32)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(os.path.join(root, "train", "dog", "big.png"))
+    with pytest.raises(DataError, match=r"train/dog/big.png: image is 64x64, expected 32x32"):
+        load_dataset(root, str(tmp_path / "c"))
+
+
+def test_unreadable_image(tmp_path):
+    root = write_image_folder(str(tmp_path / "d"))
+    with open(os.path.join(root, "test", "cat", "broken.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+    with pytest.raises(DataError, match=r"test/cat/broken.jpg: not a readable image"):
+        load_dataset(root, str(tmp_path / "c"))
+
+
+def test_empty_class(tmp_path):
+    root = write_image_folder(str(tmp_path / "d"))
+    os.makedirs(os.path.join(root, "train", "zebra"))
+    with pytest.raises(DataError, match=r"class folder train/zebra has no images"):
+        load_dataset(root, str(tmp_path / "c"))
+
+
+def test_empty_class_in_archive(tmp_path):
+    root = write_image_folder(str(tmp_path / "d"))
+    os.makedirs(os.path.join(root, "test", "zebra"))
+    with pytest.raises(DataError, match=r"class folder test/zebra has no images"):
+        load_dataset(write_archive(root, str(tmp_path / "d.tar.gz")), str(tmp_path / "c"))
+
+
+def test_classes_differ_between_splits(tmp_path):
+    root = write_image_folder(str(tmp_path / "d"))
+    shutil.rmtree(os.path.join(root, "test", "frog"))
+    with pytest.raises(DataError, match=r"different classes.*only in train: \['frog'\]"):
+        load_dataset(root, str(tmp_path / "c"))
+
+
+def test_truncated_archive(tmp_path, archive):
+    blob = open(archive, "rb").read()
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match=r"bad.tar.gz: not a readable .tar.gz archive"):
+        load_dataset(str(bad), str(tmp_path / "c"))
+
+
+def test_not_an_archive(tmp_path):
+    f = tmp_path / "data.csv"
+    f.write_text("a,b")
+    with pytest.raises(DataError, match=r"data.csv: a file, but not a .tar.gz"):
+        load_dataset(str(f), str(tmp_path / "c"))
+
+
+def test_no_network_for_download(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DataError, match=r"downloading CIFAR-10 failed.*Without internet"):
+        load_dataset(str(tmp_path / "empty"), str(tmp_path / "c"), download=True)
+
+
+def test_torchvision_folder_without_data(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no CIFAR-10 in torchvision's format.*--download"):
+        load_dataset(str(tmp_path / "empty"), str(tmp_path / "c"))
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_DATA), reason="offline CIFAR-10 copy not present")
+def test_offline_cifar10_copy(tmp_path):
+    ds = load_dataset(SHARED_DATA, str(tmp_path / "c"))
+    assert (len(ds.train), len(ds.test)) == (50000, 10000)
+    assert ds.classes[0] == "airplane" and len(ds.classes) == 10
+    assert torch.bincount(ds.train.labels).tolist() == [5000] * 10

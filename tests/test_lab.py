@@ -1,0 +1,129 @@
+"""End to end: the real lab pipeline at smoke size on data the test makes, and resuming."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdfast import distill, evaluate, lab, train
+from kdfast.config import DistillConfig, EvaluateConfig, LabConfig, TrainConfig
+
+NAMES = [f"{p}_{r}" for p in ("cnn", "vit") for r in ("teacher", "student_no_kd", "student_with_kd")]
+
+
+def tiny_lab(tmp_path, data) -> LabConfig:
+    return LabConfig(preset="smoke", data=data, cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "models_saved"),
+                     report=str(tmp_path / "report.json"), cnn_teacher_epochs=2, cnn_student_epochs=1,
+                     vit_teacher_epochs=1, vit_student_epochs=1, cnn_batch_size=8, vit_batch_size=8,
+                     eval_batch_size=5, precision="fp32", progress=False, alpha=0.3, tau=2.0)
+
+
+def test_smoke_lab_end_to_end(tmp_path, image_folder, monkeypatch):
+    cfg = tiny_lab(tmp_path, image_folder)
+    report = lab.run(cfg)
+
+    with open(cfg.report) as f:
+        assert json.load(f) == report
+    assert set(report) == {"cnn", "vit"}
+    for pair in ("cnn", "vit"):
+        keys = {"teacher_accuracy", "student_accuracy_without_kd", "student_accuracy_with_kd"}
+        assert set(report[pair]) == keys | {"details"}
+        assert all(0.0 <= report[pair][k] <= 1.0 for k in keys)
+        kd = report[pair]["details"]["student_with_kd"]
+        assert (kd["alpha"], kd["tau"], kd["kd_mode"], kd["preset"]) == (0.3, 2.0, "online", "smoke")
+        assert report[pair]["details"]["teacher"]["train_size"] == 24
+
+    for name in NAMES:
+        base = os.path.join(cfg.out_dir, name)
+        state = torch.load(base + ".pth", weights_only=True)
+        tensors = load_file(base + ".safetensors")
+        assert state.keys() == tensors.keys() and all(torch.equal(state[k], tensors[k]) for k in state)
+        meta = json.load(open(base + ".json"))
+        assert meta["classes"] == ["cat", "dog", "frog"] and meta["precision"] == "fp32"
+        lines = [json.loads(l) for l in open(base + ".metrics.jsonl")]
+        assert [l["epoch"] for l in lines] == list(range(meta["epochs"]))
+        assert {"train_loss", "train_accuracy", "test_accuracy", "img_per_s", "lr", "precision"} <= set(lines[-1])
+        # reloaded by kdfast.evaluate, each checkpoint reproduces its reported accuracy exactly
+        result = evaluate.run(EvaluateConfig(checkpoint=base + ".pth", cache_dir=cfg.cache_dir))
+        assert result["accuracy"] == meta["test_accuracy"]
+    assert not os.path.exists(os.path.join(cfg.out_dir, ".state", "cnn_teacher"))  # finished runs leave no state
+
+    # a second run of the same lab keeps every finished run
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(distill, "run", lambda *a, **k: pytest.fail("retrained a finished run"))
+    assert lab.run(cfg) == report
+
+
+def test_lab_learns_on_easy_data(tmp_path, image_folder):
+    """Colour tells the class apart: a few epochs of the CNN pair must beat chance by far."""
+    cfg = tiny_lab(tmp_path, image_folder)
+    cfg.pairs, cfg.cnn_teacher_epochs, cfg.cnn_student_epochs, cfg.cnn_batch_size = ("cnn",), 4, 6, 6
+    report = lab.run(cfg)
+    assert report["cnn"]["teacher_accuracy"] >= 0.75
+    assert report["cnn"]["student_accuracy_with_kd"] >= 0.75
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, image_folder, monkeypatch):
+    common = dict(model="resnet8", data=image_folder, cache_dir=str(tmp_path / "cache"), epochs=3, batch_size=6,
+                  eval_batch_size=5, precision="fp32", progress=False)
+    whole = train.run(TrainConfig(name="whole", out_dir=str(tmp_path / "a"), **common))
+
+    from kdfast import data as data_mod
+
+    original_epoch = data_mod.TrainLoader.epoch
+
+    def epoch_that_dies(self, epoch, aug_seed, start_step=0):
+        if epoch == 2:
+            raise Interrupt("killed during epoch 3")
+        yield from original_epoch(self, epoch, aug_seed, start_step)
+
+    cfg = TrainConfig(name="whole", out_dir=str(tmp_path / "b"), resume=True, **common)
+    monkeypatch.setattr(data_mod.TrainLoader, "epoch", epoch_that_dies)
+    with pytest.raises(Interrupt):
+        train.run(cfg)
+    assert os.path.exists(os.path.join(cfg.out_dir, ".state", "whole", "progress.json"))
+    monkeypatch.setattr(data_mod.TrainLoader, "epoch", original_epoch)
+    resumed = train.run(cfg)
+
+    a = torch.load(tmp_path / "a" / "whole.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "whole.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+    assert [json.loads(l)["epoch"] for l in open(tmp_path / "b" / "whole.metrics.jsonl")] == [0, 1, 2]
+
+
+def test_distill_refuses_bad_kd_params_before_work(tmp_path):
+    with pytest.raises(ValueError, match="alpha must be in"):
+        distill.run(DistillConfig(alpha=2.0, data=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="tau"):
+        distill.run(DistillConfig(tau=0.0, data=str(tmp_path / "missing")))
+
+
+def test_distill_names_a_missing_teacher(tmp_path, image_folder):
+    cfg = DistillConfig(teacher=str(tmp_path / "nope.pth"), data=image_folder, cache_dir=str(tmp_path / "c"),
+                        out_dir=str(tmp_path / "o"), epochs=1, batch_size=6, progress=False, precision="fp32")
+    with pytest.raises(FileNotFoundError, match="nope.pth: checkpoint not found"):
+        distill.run(cfg)
+
+
+def test_two_processes_on_cpu_with_torchrun(tmp_path, image_folder):
+    """torchrun + gloo: a real 2-process DDP run; each test sample is counted once."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "kdfast.train", "--model", "resnet8", "--data", image_folder, "--cache-dir", str(tmp_path / "c"),
+           "--out-dir", str(tmp_path / "o"), "--epochs", "2", "--batch-size", "6", "--eval-batch-size", "5",
+           "--precision", "fp32", "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    meta = json.load(open(tmp_path / "o" / "resnet8.json"))
+    assert (meta["num_processes"], meta["distributed_type"]) == (2, "MULTI_CPU")
+    assert meta["test_samples"] == 12
+    assert out.stdout.count("test accuracy") == 1  # only the main process prints

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from kdfast.models import count_parameters, create_model, list_models, model_entry
+
+
+def test_lab_models_are_registered_with_their_families():
+    assert {"resnet18", "resnet8", "vit_tiny", "vit_student"} <= set(list_models())
+    assert model_entry("resnet8").family == "cnn" and model_entry("vit_tiny").family == "vit"
+
+
+@pytest.mark.parametrize("name,params", [("resnet8", 78_042), ("resnet18", 11_173_962),
+                                         ("vit_tiny", 5_362_762), ("vit_student", 2_693_578)])
+def test_shapes_and_sizes(name, params):
+    model = create_model(name)
+    assert count_parameters(model) == params
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_architecture_details():
+    r18 = create_model("resnet18")
+    assert r18.conv1.kernel_size == (3, 3) and r18.conv1.stride == (1, 1)
+    assert isinstance(r18.maxpool, torch.nn.Identity)
+    r8 = create_model("resnet8")
+    assert [len(s) for s in (r8.layer1, r8.layer2, r8.layer3)] == [1, 1, 1]
+    assert [s[0].conv1.out_channels for s in (r8.layer1, r8.layer2, r8.layer3)] == [16, 32, 64]
+    vit, student = create_model("vit_tiny"), create_model("vit_student")
+    assert (len(vit.blocks), vit.embed_dim, vit.blocks[0].attn.num_heads) == (12, 192, 3)
+    assert len(student.blocks) == 6 and student.patch_embed.patch_size == (4, 4)
+
+
+def test_none_kwargs_keep_model_defaults():
+    assert create_model("resnet8", num_classes=None).fc.out_features == 10
+    assert create_model("resnet8", num_classes=3).fc.out_features == 3
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(ValueError, match="Did you mean resnet8"):
+        create_model("resnet_8")
+
+
+def test_pretrained_weights_missing_from_cache_say_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not in the local torch hub cache"):
+        create_model("resnet18", pretrained=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        create_model("vit_tiny", pretrained=True)
