@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields
 from datetime import datetime, timezone
 
 import tyro
@@ -63,13 +63,21 @@ def finished_run(run_cfg: TrainConfig) -> dict | None:
     return meta if _comparable(meta.get("config", {})) == _comparable(run_cfg.to_dict()) else None
 
 
+def preset_overrides(cfg: LabConfig) -> dict:
+    """The fields that change what the runs do and differ from the preset's values."""
+    preset = LAB_PRESETS[cfg.preset]
+    ignored = {"data", "download", "cache_dir", "out_dir", "report", "pairs", "fresh", "progress"}
+    return {f.name: getattr(cfg, f.name) for f in fields(LabConfig)
+            if f.name not in ignored and getattr(cfg, f.name) != getattr(preset, f.name)}
+
+
 def run(cfg: LabConfig) -> dict:
     """Run (or resume) the six runs and write report.json after each one; returns the report."""
     state = process_state()
     say = state.print  # main process only
     machine = describe()
-    extra = {"preset": cfg.preset, "machine": machine.get("gpu") or machine["cpu"],
-             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    extra = {"preset": cfg.preset, "preset_overrides": preset_overrides(cfg),
+             "machine": machine.get("gpu") or machine["cpu"], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
     results, retrained, report, t_lab = {}, set(), {}, time.perf_counter()
     for name, module, run_cfg in plan(cfg):
         pair = name.split("_")[0]

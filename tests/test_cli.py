@@ -26,3 +26,8 @@ def test_lab_presets_and_overrides():
     assert smoke.preset == "smoke" and smoke.train_per_class > 0
     with pytest.raises(SystemExit):
         lab.parse(["--preset", "huge"])
+
+
+def test_preset_overrides_are_recorded():
+    cfg = lab.parse(["--preset", "full", "--vit-teacher-epochs", "45", "--out-dir", "elsewhere"])
+    assert lab.preset_overrides(cfg) == {"vit_teacher_epochs": 45}
