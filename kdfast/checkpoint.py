@@ -7,7 +7,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .models import create_model
+from .models import create_model, model_entry
 
 
 def _atomic_write(path: str, write) -> None:
@@ -76,3 +76,26 @@ def load_checkpoint(path: str, device="cpu") -> tuple[nn.Module, dict]:
     except RuntimeError as e:
         raise RuntimeError(f"{path}: weights do not fit model {meta['model']!r} ({str(e).splitlines()[0]})") from None
     return model.to(device), meta
+
+
+def load_teacher(path: str, classes: list[str], device) -> tuple[nn.Module, dict]:
+    """A frozen teacher in eval mode, refused if it was trained on other classes."""
+    teacher, meta = load_checkpoint(path, device)
+    if meta["classes"] != classes:
+        raise ValueError(f"{path}: the teacher was trained on classes {meta['classes']}, but this data has {classes}. "
+                         "Distil on the teacher's dataset, or train a teacher on this one.")
+    if model_entry(meta["model"]).family == "cnn":
+        teacher = teacher.to(memory_format=torch.channels_last)
+    teacher.eval().requires_grad_(False)
+    return teacher, meta
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A hash of the weights themselves (names, shapes, dtypes, values), whatever file they came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(plain_state_dict(model).items()):
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()

@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "train": ("kdfast.train", "train a teacher or a student without KD"),
     "distill": ("kdfast.distill", "train a student with knowledge distillation from a teacher checkpoint"),
+    "cache": ("kdfast.cache", "build / info / verify a teacher-logit cache (HDF5): KD with no teacher pass"),
     "evaluate": ("kdfast.evaluate", "evaluate a checkpoint on the test set"),
     "lab": ("kdfast.lab", "the whole course lab: six checkpoints and report.json (--preset smoke|cpu|full)"),
     "models": (None, "list the registered models"),

@@ -107,7 +107,7 @@ class TrainConfig:
 
 @dataclass
 class DistillConfig(TrainConfig):
-    """Train a student with knowledge distillation from a trained teacher (online teacher pass)."""
+    """Train a student with knowledge distillation from a trained teacher: online, or from a teacher-logit cache."""
 
     teacher: str = "models_saved/cnn_teacher.pth"
     """Teacher checkpoint (.pth or .safetensors with its .json beside it, as kdfast writes them)."""
@@ -115,6 +115,10 @@ class DistillConfig(TrainConfig):
     """Weight of the hard-label CE; (1-alpha) weighs the soft KL term."""
     tau: float = 4.0
     """Softmax temperature of the soft targets."""
+    teacher_cache: Optional[str] = None
+    """HDF5 teacher-logit cache (kdfast cache build): no teacher pass; epoch e trains on slot e mod S's views."""
+    cache_slots: int = 0
+    """Use only the first N slots of the cache (0 = all)."""
 
 
 @dataclass
@@ -172,6 +176,8 @@ class LabConfig:
     precision: Precision = "auto"
     compile: bool = False
     seed: int = 0
+    online: bool = False
+    """Distil with the teacher run on every batch instead of from a teacher-logit cache (one slot per epoch)."""
     fresh: bool = False
     """Retrain every run; by default finished runs with the same config are kept and interrupted ones resumed."""
     progress: bool = True

@@ -332,9 +332,12 @@ class TrainLoader:
 
 
 def eval_batches(split: Split, batch_size: int, spec: AugmentSpec, device, process_index: int = 0,
-                 num_processes: int = 1, channels_last: bool = False):
-    """Unaugmented batches of this process's share (strided); every process gets the same number of
-    batches of the same size, padded with index -1, so gathers line up and each sample counts once."""
+                 num_processes: int = 1, channels_last: bool = False, aug_seed: int | None = None):
+    """Batches of this process's share (strided) of a split, in index order, for evaluation or teacher passes.
+
+    Every process gets the same number of batches of the same size, padded with index -1, so gathers line
+    up and each sample counts once. aug_seed=None: no augmentation; else the views of that seed.
+    """
     n = len(split)
     per_process = -(-n // num_processes)
     idx = torch.arange(process_index, process_index + per_process * num_processes, num_processes)
@@ -343,4 +346,5 @@ def eval_batches(split: Split, batch_size: int, spec: AugmentSpec, device, proce
     for start in range(0, per_process, batch_size):
         chunk = idx[start:start + batch_size].to(device)
         safe = chunk.clamp(min=0)
-        yield Batch(normalize(images[safe], spec, channels_last), labels[safe], chunk, None)
+        views = images[safe] if aug_seed is None else augment(images[safe], safe, aug_seed, spec)
+        yield Batch(normalize(views, spec, channels_last), labels[safe], chunk, aug_seed)

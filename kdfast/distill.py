@@ -1,6 +1,7 @@
-"""Knowledge distillation: a student trained on L = α·CE + (1−α)·τ²·KL from a teacher checkpoint.
+"""Knowledge distillation: a student trained on L = α·CE + (1−α)·τ²·KL from a teacher.
 
     python -m kdfast.distill --model resnet8 --teacher models_saved/cnn_teacher.pth --alpha 0.5 --tau 4
+    python -m kdfast.distill --model resnet8 --teacher-cache cache/cnn_teacher.h5     # no teacher pass
     accelerate launch -m kdfast.distill ...
 """
 from __future__ import annotations
@@ -10,41 +11,58 @@ import sys
 import torch
 import tyro
 
-from .checkpoint import load_checkpoint
+from .cache import CachedTeacher, LogitCache
+from .checkpoint import load_teacher
 from .config import DistillConfig
-from .engine import Runtime, fit, make_runtime
+from .engine import Runtime, accuracy_and_loss, fit, make_runtime
 from .losses import check_kd_params, kd_loss
 from .models import model_entry
 from .train import build_student
 
 
-def load_teacher(path: str, classes: list[str], runtime: Runtime):
-    teacher, meta = load_checkpoint(path, runtime.device)
-    if meta["classes"] != classes:
-        raise ValueError(f"{path}: the teacher was trained on classes {meta['classes']}, but this data has {classes}. "
-                         "Distil on the teacher's dataset, or train a teacher on this one.")
-    if model_entry(meta["model"]).family == "cnn":
-        teacher = teacher.to(memory_format=torch.channels_last)
-    teacher.eval().requires_grad_(False)
-    return teacher, meta
+def online_teacher(cfg: DistillConfig, data, runtime: Runtime):
+    """(teacher_logits(batch), None: the default seed per epoch, kd metadata) with the teacher run on every batch."""
+    teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device)
+
+    def teacher_logits(batch):
+        with torch.no_grad(), runtime.accelerator.autocast():
+            return teacher(batch.images)
+
+    return teacher_logits, None, {"mode": "online", "teacher": cfg.teacher, "teacher_model": meta["model"],
+                                  "teacher_accuracy": meta.get("test_accuracy")}
+
+
+def cached_teacher(cfg: DistillConfig, data, runtime: Runtime):
+    """(teacher_logits(batch), aug seed per epoch, kd metadata) served from a logit cache; no teacher is loaded."""
+    cache = LogitCache(cfg.teacher_cache)
+    cache.check_matches(data, cfg.augment)
+    slots = len(cache.seeds) if cfg.cache_slots <= 0 else min(cfg.cache_slots, len(cache.seeds))
+    served = CachedTeacher(cache, slots, runtime.device)
+    if cfg.epochs > slots:
+        runtime.print(f"[{cfg.run_name}] {cfg.epochs} epochs on {slots} cached slots: epochs {slots + 1}..{cfg.epochs} "
+                      f"repeat the views (and teacher logits) of earlier epochs")
+    test_logits, test_labels = cache.test_logits()
+    return served, served.aug_seed, {
+        "mode": "cached", "teacher_cache": cfg.teacher_cache, "cache_slots": slots,
+        "teacher_model": cache.attrs["teacher_model"], "teacher_sha256": cache.attrs["teacher_sha256"],
+        "teacher_accuracy": accuracy_and_loss(test_logits, test_labels)["accuracy"]}
 
 
 def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
     check_kd_params(cfg.alpha, cfg.tau)  # refuse bad α, τ before any work
     runtime = runtime or make_runtime(cfg.precision)
     data, model = build_student(cfg, runtime)
-    teacher, teacher_meta = load_teacher(cfg.teacher, data.classes, runtime)
+    source = cached_teacher if cfg.teacher_cache else online_teacher
+    teacher_logits, aug_seed_for_epoch, kd = source(cfg, data, runtime)
     label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
 
     def loss_step(model, batch):
-        with torch.no_grad(), runtime.accelerator.autocast():
-            teacher_logits = teacher(batch.images)
+        target = teacher_logits(batch)
         logits = model(batch.images)
-        return kd_loss(logits, teacher_logits, batch.labels, cfg.alpha, cfg.tau, label_smoothing), logits
+        return kd_loss(logits, target, batch.labels, cfg.alpha, cfg.tau, label_smoothing), logits
 
-    kd = {"mode": "online", "alpha": cfg.alpha, "tau": cfg.tau, "teacher": cfg.teacher,
-          "teacher_model": teacher_meta["model"], "teacher_accuracy": teacher_meta.get("test_accuracy")}
-    return fit(model, loss_step, data, cfg, runtime, {"kd": kd})
+    return fit(model, loss_step, data, cfg, runtime, {"kd": {**kd, "alpha": cfg.alpha, "tau": cfg.tau}},
+               aug_seed_for_epoch)
 
 
 def main(argv: list[str] | None = None) -> dict:

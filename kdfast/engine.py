@@ -87,25 +87,36 @@ def lr_factor(step: int, total: int, recipe: Recipe) -> float:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, split: Split, cfg_augment, runtime: Runtime, batch_size: int,
-                   channels_last: bool = False) -> dict:
-    """Test accuracy and mean CE, each sample counted once whatever the number of processes."""
+def predict(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: int, channels_last: bool = False,
+            aug_seed: int | None = None) -> torch.Tensor:
+    """Logits (N, C) float32 of every sample of a split, in index order, on every process.
+
+    Each process runs its share; aug_seed=None: unaugmented images, else the views of that seed.
+    """
     acc = runtime.accelerator
     model.eval()
-    preds, labels_all, indices_all, losses = [], [], [], []
-    for batch in eval_batches(split, batch_size, cfg_augment, runtime.device, acc.process_index,
-                              acc.num_processes, channels_last):
+    logits_all, indices_all = [], []
+    for batch in eval_batches(split, batch_size, spec, runtime.device, acc.process_index, acc.num_processes,
+                              channels_last, aug_seed):
         with acc.autocast():
-            logits = model(batch.images).float()
-        losses.append(nn.functional.cross_entropy(logits, batch.labels, reduction="none"))
-        preds.append(logits.argmax(1))
-        labels_all.append(batch.labels)
+            logits_all.append(model(batch.images).float())
         indices_all.append(batch.indices)
-    gathered = [acc.gather(torch.cat(t)) for t in (preds, labels_all, indices_all, losses)]
-    pred, label, index, loss = gathered
+    logits, index = acc.gather(torch.cat(logits_all)), acc.gather(torch.cat(indices_all))
     valid = index >= 0
-    n = int(valid.sum())
-    return {"accuracy": (pred[valid] == label[valid]).sum().item() / n, "loss": loss[valid].mean().item(), "samples": n}
+    logits, index = logits[valid], index[valid]
+    return logits[index.argsort()]
+
+
+def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    labels = labels.to(logits.device)
+    return {"accuracy": (logits.argmax(1) == labels).sum().item() / len(labels),
+            "loss": nn.functional.cross_entropy(logits, labels).item(), "samples": len(labels)}
+
+
+def evaluate_model(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: int,
+                   channels_last: bool = False) -> dict:
+    """Test accuracy and mean CE, each sample counted once whatever the number of processes."""
+    return accuracy_and_loss(predict(model, split, spec, runtime, batch_size, channels_last), split.labels)
 
 
 class _State:
@@ -158,11 +169,13 @@ def _append_metrics(path: str, record: dict, keep_epochs_below: int | None = Non
 
 
 def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, runtime: Runtime,
-        extra_meta: dict | None = None) -> dict:
+        extra_meta: dict | None = None, aug_seed_for_epoch: Callable[[int], int] | None = None) -> dict:
     """Train `model` with `loss_step` for cfg.epochs; save the checkpoint; return its metadata.
 
-    Every process runs this; only the main process prints and writes files.
+    Epoch e trains on the views of augmentation seed aug_seed_for_epoch(e) (default: a seed per epoch
+    derived from cfg.seed). Every process runs this; only the main process prints and writes files.
     """
+    aug_seed_for_epoch = aug_seed_for_epoch or (lambda epoch: epoch_seed(cfg.seed, epoch))
     acc = runtime.accelerator
     entry = model_entry(cfg.model)
     channels_last = entry.family == "cnn"
@@ -206,7 +219,7 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
         t0 = time.perf_counter()
         bar = tqdm(total=len(loader), desc=f"{cfg.run_name} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
-        for step, batch in enumerate(loader.epoch(epoch, epoch_seed(cfg.seed, epoch))):
+        for step, batch in enumerate(loader.epoch(epoch, aug_seed_for_epoch(epoch))):
             loss, logits = loss_step(model, batch)
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)

@@ -1,4 +1,4 @@
-"""The course lab end to end: six runs, six checkpoints, report.json.
+"""The course lab end to end: six runs (KD students from a teacher-logit cache), six checkpoints, report.json.
 
     python -m kdfast.lab --preset smoke      # minutes on any CPU
     python -m kdfast.lab --preset cpu        # about an hour on a 2-core AMX CPU
@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 
 import tyro
 
-from . import distill, train
+from . import cache, distill, train
+from .cache import BuildConfig
 from .checkpoint import checkpoint_paths, write_json
 from .config import LAB_PRESETS, DistillConfig, LabConfig, TrainConfig
 from .engine import process_state
@@ -26,7 +27,7 @@ NOT_COMPARED = ("resume", "progress")  # config fields that do not change what a
 
 
 def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig]]:
-    """(checkpoint name, module with run(), run config) for each run of the lab, teachers first."""
+    """(name, module, config) for each step of the lab: teacher, student without KD, cache build, student with KD."""
     runs = []
     for pair in cfg.pairs:
         teacher, student = getattr(cfg, f"{pair}_teacher"), getattr(cfg, f"{pair}_student")
@@ -37,15 +38,23 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig]]:
                       seed=cfg.seed, resume=not cfg.fresh, progress=cfg.progress)
         student_epochs = getattr(cfg, f"{pair}_student_epochs")
         teacher_path = checkpoint_paths(cfg.out_dir, f"{pair}_teacher")["pth"]
+        teacher_cache = None if cfg.online else os.path.join(cfg.cache_dir, f"{pair}_teacher.h5")
         runs += [
             (f"{pair}_teacher", train,
              TrainConfig(model=teacher, name=f"{pair}_teacher", epochs=getattr(cfg, f"{pair}_teacher_epochs"), **common)),
             (f"{pair}_student_no_kd", train,
              TrainConfig(model=student, name=f"{pair}_student_no_kd", epochs=student_epochs, **common)),
-            (f"{pair}_student_with_kd", distill,
-             DistillConfig(model=student, name=f"{pair}_student_with_kd", epochs=student_epochs,
-                           teacher=teacher_path, alpha=cfg.alpha, tau=cfg.tau, **common)),
         ]
+        if teacher_cache:  # one slot per student epoch: the cached student sees exactly what an online one would
+            runs.append((f"{pair}_teacher_cache", cache, BuildConfig(
+                teacher=teacher_path, out=teacher_cache, seeds=student_epochs, seed=cfg.seed, data=cfg.data,
+                cache_dir=cfg.cache_dir, train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
+                batch_size=max(cfg.eval_batch_size, 500), precision=cfg.precision, overwrite=True,
+                progress=cfg.progress)))
+        runs.append((f"{pair}_student_with_kd", distill,
+                     DistillConfig(model=student, name=f"{pair}_student_with_kd", epochs=student_epochs,
+                                   teacher=teacher_path, teacher_cache=teacher_cache, alpha=cfg.alpha, tau=cfg.tau,
+                                   **common)))
     return runs
 
 
@@ -81,6 +90,11 @@ def run(cfg: LabConfig) -> dict:
     results, retrained, report, t_lab = {}, set(), {}, time.perf_counter()
     for name, module, run_cfg in plan(cfg):
         pair = name.split("_")[0]
+        if module is cache:  # kept when it already holds this teacher's logits for these seeds
+            t0 = time.perf_counter()
+            cache.build(run_cfg)
+            say(f"[lab] {name}: {run_cfg.out} ready, wall time {time.perf_counter() - t0:.1f}s")
+            continue
         meta = None if cfg.fresh or pair in retrained else finished_run(run_cfg)
         if meta is not None:
             say(f"[lab] {name}: finished earlier with this config ({meta['test_accuracy']:.4f}); kept")

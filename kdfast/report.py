@@ -12,7 +12,8 @@ def run_details(meta: dict, extra: dict) -> dict:
     kd = meta.get("kd") or {}
     return {
         "model": meta["model"], "parameters": meta["parameters"], "epochs": meta["epochs"],
-        "alpha": kd.get("alpha"), "tau": kd.get("tau"), "kd_mode": kd.get("mode"), "seed": meta["seed"],
+        "alpha": kd.get("alpha"), "tau": kd.get("tau"), "kd_mode": kd.get("mode"),
+        "teacher_cache_slots": kd.get("cache_slots"), "seed": meta["seed"],
         "device": meta["device"], "num_processes": meta["num_processes"], "precision": meta["precision"],
         "wall_time_s": meta["wall_time_s"], "train_img_per_s": meta["train_img_per_s"],
         "data_source": meta["data"]["source"], "data_fingerprint": meta["data"]["fingerprint"],

@@ -6,9 +6,10 @@ import pytest
 from kdfast import cli, lab
 
 
-@pytest.mark.parametrize("module", ["kdfast.train", "kdfast.distill", "kdfast.evaluate", "kdfast.lab"])
+@pytest.mark.parametrize("module", ["kdfast.train", "kdfast.distill", "kdfast.evaluate", "kdfast.lab", "kdfast.cache",
+                                    "kdfast.cache build", "kdfast.cache info", "kdfast.cache verify"])
 def test_every_entry_point_has_help(module):
-    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", *module.split(), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--" in out.stdout and "usage" in out.stdout.lower()
 

@@ -31,7 +31,7 @@ def test_smoke_lab_end_to_end(tmp_path, image_folder, monkeypatch):
         assert set(report[pair]) == keys | {"details"}
         assert all(0.0 <= report[pair][k] <= 1.0 for k in keys)
         kd = report[pair]["details"]["student_with_kd"]
-        assert (kd["alpha"], kd["tau"], kd["kd_mode"], kd["preset"]) == (0.3, 2.0, "online", "smoke")
+        assert (kd["alpha"], kd["tau"], kd["kd_mode"], kd["preset"]) == (0.3, 2.0, "cached", "smoke")
         assert report[pair]["details"]["teacher"]["train_size"] == 24
 
     for name in NAMES:

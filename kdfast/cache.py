@@ -1,0 +1,446 @@
+"""Teacher-logit cache: the teacher's logits for every (augmentation seed, sample), precomputed into HDF5.
+
+    accelerate launch -m kdfast.cache build --teacher models_saved/cnn_teacher.pth --seeds 16 --out cache/cnn_teacher.h5
+    kdfast cache info cache/cnn_teacher.h5
+    kdfast cache verify cache/cnn_teacher.h5 --teacher models_saved/cnn_teacher.pth --samples 64
+
+Layout (see DESIGN.md): /train/logits float16 [S, N, C] (or /train/topk_values, /train/topk_indices and
+/train/rest_logit in top-k mode), /train/complete bool [S], /test/logits [N_test, C], /test/labels,
+/test/complete, and attributes that pin what the logits mean. Slot k holds the views of augmentation
+seed seeds[k] = epoch_seed(seed, k): the views epoch k of a run with the same --seed trains on.
+
+A build writes NAME.partial, flushes after each slot, then marks the slot complete; a killed build
+resumes where it stopped, and the file is renamed to NAME only once every slot is complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Annotated, Optional
+
+import torch
+import tyro
+
+from . import __version__
+from .augment import AugmentSpec, augment, epoch_seed, normalize
+from .checkpoint import load_teacher, weights_sha256
+from .config import Precision
+from .data import Dataset, load_dataset
+from .engine import Runtime, accuracy_and_loss, make_runtime, predict
+from .models import model_entry
+
+FORMAT = "kdfast-teacher-logits"
+FORMAT_VERSION = 1
+CHUNK_SAMPLES = 8192
+# attributes that must equal the run's for the logits to mean what the run needs
+MATCHED_ATTRS = ("format", "format_version", "dataset_fingerprint", "classes", "augment")
+# attributes that also pin a build (a resumed or reused build must have the very same teacher and seeds)
+BUILD_ATTRS = MATCHED_ATTRS + ("teacher_model", "teacher_sha256", "seeds", "topk", "train_size", "test_size")
+
+
+class CacheError(RuntimeError):
+    """A logit cache that cannot be used, with a message naming the file and the fix."""
+
+
+@dataclass
+class BuildConfig:
+    """Precompute a teacher's logits for each augmentation seed into an HDF5 file (no teacher pass at KD time)."""
+
+    teacher: str = "models_saved/cnn_teacher.pth"
+    """Teacher checkpoint (.pth or .safetensors with its .json beside it)."""
+    out: Optional[str] = None
+    """Output file; default: cache/<teacher name>.h5 (in --cache-dir)."""
+    seeds: int = 16
+    """Number of slots (augmentation seeds). One per epoch makes cached KD equal online KD."""
+    seed: int = 0
+    """Run seed: slot k holds the views that epoch k of a run with this --seed trains on."""
+    data: Optional[str] = None
+    """Data source (default: $KDFAST_DATA, else ./data); must be the data the student trains on."""
+    cache_dir: str = "cache"
+    train_per_class: int = 0
+    test_per_class: int = 0
+    batch_size: int = 1000
+    precision: Precision = "auto"
+    """Teacher precision (auto: bf16 where it is fast)."""
+    topk: int = 0
+    """Store only the k largest logits per sample (+ one logit standing for the rest); 0 = dense."""
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    overwrite: bool = False
+    """Replace an existing cache (or partial build) made with other settings."""
+    progress: bool = True
+
+
+@dataclass
+class InfoConfig:
+    """Summarise a logit cache: teacher, data, seeds, completeness, teacher test accuracy."""
+
+    file: Annotated[str, tyro.conf.Positional]
+
+
+@dataclass
+class VerifyConfig:
+    """Recompute random cache entries with the teacher online and report the largest difference."""
+
+    file: Annotated[str, tyro.conf.Positional]
+    teacher: str = "models_saved/cnn_teacher.pth"
+    samples: int = 64
+    """How many random (slot, sample) entries to recompute."""
+    data: Optional[str] = None
+    """Data source (default: the one recorded in the teacher's .json, else $KDFAST_DATA)."""
+    cache_dir: str = "cache"
+    precision: Optional[Precision] = None
+    """Default: the precision the cache was built with."""
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- reading
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def _read_attrs(f) -> dict:
+    attrs = {}
+    for key, value in f.attrs.items():
+        if key in ("classes", "augment"):
+            value = json.loads(value)
+        elif key == "seeds":
+            value = [int(s) for s in value]
+        elif hasattr(value, "item"):
+            value = value.item()
+        attrs[key] = value
+    return attrs
+
+
+def expected_attrs(data: Dataset, spec: AugmentSpec) -> dict:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "dataset_fingerprint": data.fingerprint,
+            "classes": data.classes, "augment": spec.to_dict(), "train_size": len(data.train),
+            "test_size": len(data.test)}
+
+
+def differences(found: dict, wanted: dict, keys) -> list[str]:
+    return [f"{k}: cache has {found.get(k)!r}, run needs {wanted.get(k)!r}" for k in keys
+            if k in wanted and found.get(k) != wanted[k]]
+
+
+class LogitCache:
+    """A complete logit cache, opened read-only and checked; slots are read whole (N x C, 1 MB for CIFAR-10)."""
+
+    def __init__(self, path: str):
+        if not os.path.exists(path):
+            hint = " A build was interrupted: run the same build again to resume it." if os.path.exists(path + ".partial") else ""
+            raise CacheError(f"{path}: no such logit cache.{hint} Build it with "
+                             f"`kdfast cache build --teacher CKPT --out {path}`.")
+        try:
+            self.file = _h5py().File(path, "r")
+        except OSError as e:
+            raise CacheError(f"{path}: not a readable HDF5 file ({e}); it is truncated or corrupt. "
+                             "Delete it and build it again.") from None
+        self.path = path
+        self.attrs = _read_attrs(self.file)
+        self._check_structure()
+
+    def _check_structure(self) -> None:
+        f, a = self.file, self.attrs
+        if a.get("format") != FORMAT:
+            raise CacheError(f"{self.path}: not a kdfast logit cache (format {a.get('format')!r}).")
+        if a.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{self.path}: format version {a.get('format_version')}, this kdfast reads "
+                             f"{FORMAT_VERSION}. Rebuild it with this kdfast.")
+        S, N, C = len(a["seeds"]), a["train_size"], len(a["classes"])
+        k = a.get("topk", 0)
+        wanted = {"train/complete": (S,), "test/logits": (a["test_size"], C)}
+        wanted.update({"train/topk_values": (S, N, k), "train/topk_indices": (S, N, k), "train/rest_logit": (S, N)}
+                      if k else {"train/logits": (S, N, C)})
+        for name, shape in wanted.items():
+            if name not in f:
+                raise CacheError(f"{self.path}: dataset /{name} is missing; the file is damaged. Build it again.")
+            if tuple(f[name].shape) != shape:
+                raise CacheError(f"{self.path}: /{name} has shape {tuple(f[name].shape)}, expected {shape} "
+                                 "from its attributes; the file is damaged. Build it again.")
+        incomplete = [i for i, done in enumerate(f["train/complete"][:]) if not done]
+        if incomplete:
+            raise CacheError(f"{self.path}: slots {incomplete} are not complete. Run the build again to finish them.")
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.attrs["seeds"]
+
+    def check_matches(self, data: Dataset, spec: AugmentSpec) -> None:
+        """Refuse a cache whose logits were computed on other data, classes or augmentation."""
+        diff = differences(self.attrs, expected_attrs(data, spec), MATCHED_ATTRS + ("train_size",))
+        if diff:
+            raise CacheError(f"{self.path} does not match this run:\n  " + "\n  ".join(diff)
+                             + "\nBuild a cache with the run's data and augmentation settings.")
+
+    def slot_logits(self, slot: int) -> torch.Tensor:
+        """Dense logits (N, C) float32 of one slot; top-k slots get the rest logit in the other classes."""
+        f = self.file
+        if self.attrs.get("topk", 0):
+            values = torch.from_numpy(f["train/topk_values"][slot]).float()
+            indices = torch.from_numpy(f["train/topk_indices"][slot]).long()
+            rest = torch.from_numpy(f["train/rest_logit"][slot]).float()
+            logits = rest[:, None].expand(-1, len(self.attrs["classes"])).clone().scatter_(1, indices, values)
+        else:
+            logits = torch.from_numpy(f["train/logits"][slot]).float()
+        if not torch.isfinite(logits).all():
+            raise CacheError(f"{self.path}: slot {slot} holds NaN or inf logits. Build the cache again "
+                             "(with --precision fp32 if the teacher overflows in half precision).")
+        return logits
+
+    def test_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self.file["test/logits"][:]).float(), torch.from_numpy(self.file["test/labels"][:]).long()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class CachedTeacher:
+    """Serves a batch's teacher logits from the cache: one slot on the device at a time, indexed by sample."""
+
+    def __init__(self, cache: LogitCache, num_slots: int, device):
+        self.cache, self.device = cache, device
+        self.seeds = cache.seeds[:num_slots]
+        self.slot_of_seed = {s: k for k, s in enumerate(self.seeds)}
+        self.slot, self.logits = None, None
+
+    def aug_seed(self, epoch: int) -> int:
+        return self.seeds[epoch % len(self.seeds)]
+
+    def __call__(self, batch) -> torch.Tensor:
+        slot = self.slot_of_seed[batch.aug_seed]
+        if slot != self.slot:  # once per epoch: N x C floats to the device
+            self.slot, self.logits = slot, self.cache.slot_logits(slot).to(self.device)
+        return self.logits[batch.indices]
+
+
+# ---------------------------------------------------------------- building
+
+def _create(path: str, attrs: dict, num_classes: int, topk: int):
+    h5py = _h5py()
+    S, N, T = len(attrs["seeds"]), attrs["train_size"], attrs["test_size"]
+    f = h5py.File(path, "w")
+    for key, value in attrs.items():
+        f.attrs[key] = json.dumps(value) if key in ("classes", "augment") else value
+    chunk = min(N, CHUNK_SAMPLES)
+    if topk:
+        f.create_dataset("train/topk_values", (S, N, topk), "float16", chunks=(1, chunk, topk))
+        f.create_dataset("train/topk_indices", (S, N, topk), "int16" if num_classes < 2**15 else "int32",
+                         chunks=(1, chunk, topk))
+        f.create_dataset("train/rest_logit", (S, N), "float16", chunks=(1, chunk))
+    else:
+        f.create_dataset("train/logits", (S, N, num_classes), "float16", chunks=(1, chunk, num_classes))
+    f.create_dataset("train/complete", (S,), bool, fillvalue=False)
+    f.create_dataset("test/logits", (T, num_classes), "float16")
+    f.create_dataset("test/labels", (T,), "int64")
+    f.create_dataset("test/complete", (), bool, fillvalue=False)
+    f.flush()
+    return f
+
+
+def _check_finite(logits: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(logits).all():
+        raise CacheError(f"the teacher produced NaN or inf logits for {what}; nothing of it was written. "
+                         "Check the teacher checkpoint, or build with --precision fp32.")
+    if logits.abs().max() > 60000:
+        raise CacheError(f"the teacher's logits for {what} exceed float16's range (|x| > 60000); nothing of it was written.")
+
+
+def _write_slot(f, slot: int, logits: torch.Tensor, topk: int) -> None:
+    if topk:
+        values, indices = logits.topk(topk, dim=1)
+        rest = logits.scatter(1, indices, float("-inf"))
+        n_rest = logits.shape[1] - topk
+        # one logit standing for each class outside the top k: their log-mean-exp (exact mass at tau = 1)
+        rest_logit = torch.logsumexp(rest, dim=1) - math.log(max(n_rest, 1))
+        f["train/topk_values"][slot] = values.numpy().astype("float16")
+        f["train/topk_indices"][slot] = indices.numpy()
+        f["train/rest_logit"][slot] = rest_logit.numpy().astype("float16")
+    else:
+        f["train/logits"][slot] = logits.numpy().astype("float16")
+    f.flush()  # the slot's data is on disk before it is marked complete
+    f["train/complete"][slot] = True
+    f.flush()
+
+
+def _open_for_build(cfg: BuildConfig, path: str, attrs: dict, num_classes: int, say):
+    """The partial file to continue (resume) or a new one; None when `path` is already this very cache."""
+    partial = path + ".partial"
+    build_keys = [k for k in BUILD_ATTRS if k in attrs]
+    if os.path.exists(path):
+        try:
+            with _h5py().File(path, "r") as f:
+                diff = differences(_read_attrs(f), attrs, build_keys)
+        except OSError:
+            diff = ["the file is unreadable"]
+        if not diff:
+            say(f"{path}: already complete with this teacher, data and seeds; kept")
+            return None
+        if not cfg.overwrite:
+            raise CacheError(f"{path} exists and was built differently:\n  " + "\n  ".join(diff)
+                             + "\nPass --overwrite to replace it, or choose another --out.")
+    if os.path.exists(partial):
+        try:
+            f = _h5py().File(partial, "r+")
+            diff = differences(_read_attrs(f), attrs, build_keys)
+        except OSError:
+            f, diff = None, ["the file is unreadable"]
+        if not diff:
+            done = int(f["train/complete"][:].sum())
+            say(f"{partial}: resuming an interrupted build ({done}/{len(attrs['seeds'])} slots complete)")
+            return f
+        if f is not None:
+            f.close()
+        if not cfg.overwrite:
+            raise CacheError(f"{partial}: an interrupted build with other settings is in the way:\n  " + "\n  ".join(diff)
+                             + "\nPass --overwrite to discard it, or delete it.")
+        os.remove(partial)
+    return _create(partial, attrs, num_classes, cfg.topk)
+
+
+def default_cache_path(teacher: str, cache_dir: str) -> str:
+    return os.path.join(cache_dir, os.path.splitext(os.path.basename(teacher))[0] + ".h5")
+
+
+def build(cfg: BuildConfig, runtime: Runtime | None = None) -> str:
+    """Build (or resume, or keep) the cache; returns its path. Every process computes, the main one writes."""
+    from tqdm.auto import tqdm
+
+    if cfg.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {cfg.seeds}")
+    runtime = runtime or make_runtime(cfg.precision)
+    acc = runtime.accelerator
+    with acc.main_process_first():
+        data = load_dataset(cfg.data, cfg.cache_dir, False, cfg.train_per_class, cfg.test_per_class, log=runtime.print)
+    teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device)
+    if cfg.topk < 0 or cfg.topk >= len(data.classes):
+        raise ValueError(f"--topk must be 0 (dense) or between 1 and {len(data.classes) - 1}, got {cfg.topk}")
+    channels_last = model_entry(meta["model"]).family == "cnn"
+    path = cfg.out or default_cache_path(cfg.teacher, cfg.cache_dir)
+    seeds = [epoch_seed(cfg.seed, k) for k in range(cfg.seeds)]
+    attrs = {**expected_attrs(data, cfg.augment), "seeds": seeds, "topk": cfg.topk, "teacher_model": meta["model"],
+             "teacher_sha256": weights_sha256(teacher), "teacher_checkpoint": os.path.abspath(cfg.teacher),
+             "precision": runtime.precision, "kdfast_version": __version__,
+             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    f = None
+    if acc.is_main_process:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        f = _open_for_build(cfg, path, attrs, len(data.classes), runtime.print)
+    todo = [None]  # the main process decides; everyone follows
+    if acc.is_main_process:
+        todo = [None if f is None else {"test": not bool(f["test/complete"][()]),
+                                        "slots": [k for k, done in enumerate(f["train/complete"][:]) if not done]}]
+    from accelerate.utils import broadcast_object_list
+
+    todo = broadcast_object_list(todo)[0]
+    if todo is None:
+        return path
+
+    t0 = time.perf_counter()
+    if todo["test"]:
+        test_logits = predict(teacher, data.test, cfg.augment, runtime, cfg.batch_size, channels_last).cpu()
+        if acc.is_main_process:
+            _check_finite(test_logits, "the test set")
+            f["test/logits"][:] = test_logits.numpy().astype("float16")
+            f["test/labels"][:] = data.test.labels.numpy()
+            f.flush()
+            f["test/complete"][()] = True
+            f.flush()
+    bar = tqdm(total=len(todo["slots"]) * len(data.train), unit="img", desc=f"cache {os.path.basename(path)}",
+               disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
+    for slot in todo["slots"]:
+        logits = predict(teacher, data.train, cfg.augment, runtime, cfg.batch_size, channels_last, seeds[slot]).cpu()
+        if acc.is_main_process:
+            _check_finite(logits, f"slot {slot}")
+            _write_slot(f, slot, logits, cfg.topk)
+        bar.update(len(data.train))
+        runtime.print(f"[cache] slot {slot + 1}/{cfg.seeds} complete (seed {seeds[slot]})")
+        acc.wait_for_everyone()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if acc.is_main_process:
+        f.close()
+        os.replace(path + ".partial", path)
+        images = len(todo["slots"]) * len(data.train) + (len(data.test) if todo["test"] else 0)
+        runtime.print(f"[cache] wrote {path}: {len(seeds)} slots x {len(data.train)} samples "
+                      f"({images / max(elapsed, 1e-9):,.0f} img/s teacher inference, {runtime.precision}, {elapsed:.1f}s)")
+    acc.wait_for_everyone()
+    return path
+
+
+# ---------------------------------------------------------------- info and verify
+
+def info(cfg: InfoConfig) -> dict:
+    cache = LogitCache(cfg.file)
+    a = cache.attrs
+    test_logits, test_labels = cache.test_logits()
+    teacher_acc = accuracy_and_loss(test_logits, test_labels)["accuracy"]
+    train_key = "train/topk_values" if a.get("topk") else "train/logits"
+    summary = {"file": cfg.file, "size_mb": round(os.path.getsize(cfg.file) / 2**20, 2), "format_version": a["format_version"],
+               "teacher_model": a["teacher_model"], "teacher_sha256": a["teacher_sha256"][:16],
+               "teacher_test_accuracy": teacher_acc, "dataset_fingerprint": a["dataset_fingerprint"],
+               "classes": len(a["classes"]), "train_size": a["train_size"], "test_size": a["test_size"],
+               "slots": len(a["seeds"]), "seeds": a["seeds"], "topk": a.get("topk", 0),
+               "shape": list(cache.file[train_key].shape), "precision": a.get("precision"),
+               "augment": a["augment"], "kdfast_version": a.get("kdfast_version"), "created_at": a.get("created_at")}
+    cache.close()
+    for key, value in summary.items():
+        print(f"{key:>22}: {value}")
+    return summary
+
+
+def verify(cfg: VerifyConfig) -> dict:
+    cache = LogitCache(cfg.file)
+    a = cache.attrs
+    runtime = make_runtime(cfg.precision or a.get("precision", "auto"))
+    teacher, meta = load_teacher(cfg.teacher, a["classes"], runtime.device)
+    if weights_sha256(teacher) != a["teacher_sha256"]:
+        raise CacheError(f"{cfg.teacher}: not the teacher this cache was built from "
+                         f"({a['teacher_model']}, weights {a['teacher_sha256'][:16]}).")
+    recorded = meta.get("config", {})
+    source = cfg.data or meta.get("data", {}).get("source")
+    data = load_dataset(source, cfg.cache_dir, False, recorded.get("train_per_class", 0),
+                        recorded.get("test_per_class", 0), log=runtime.print)
+    spec = AugmentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in a["augment"].items()})
+    cache.check_matches(data, spec)
+    g = torch.Generator().manual_seed(cfg.seed)
+    slots = torch.randint(0, len(cache.seeds), (cfg.samples,), generator=g)
+    indices = torch.randint(0, len(data.train), (cfg.samples,), generator=g)
+    channels_last = model_entry(meta["model"]).family == "cnn"
+    largest, agree = 0.0, 0
+    for slot in slots.unique().tolist():
+        idx = indices[slots == slot]
+        views = augment(data.train.images[idx].to(runtime.device), idx.to(runtime.device), cache.seeds[slot], spec)
+        with torch.no_grad(), runtime.accelerator.autocast():
+            online = teacher(normalize(views, spec, channels_last)).float().cpu()
+        cached = cache.slot_logits(slot)[idx]
+        largest = max(largest, (online - cached).abs().max().item())
+        agree += (online.argmax(1) == cached.argmax(1)).sum().item()
+    cache.close()
+    result = {"samples": cfg.samples, "max_abs_diff": largest, "argmax_agreement": agree / cfg.samples,
+              "precision": runtime.precision}
+    print(f"{cfg.file}: {cfg.samples} random entries recomputed online ({runtime.precision}): largest |difference| "
+          f"{largest:.4g}, argmax agreement {agree}/{cfg.samples}")
+    return result
+
+
+def main(argv: list[str] | None = None):
+    cfg = tyro.extras.subcommand_cli_from_dict({"build": BuildConfig, "info": InfoConfig, "verify": VerifyConfig},
+                                               args=sys.argv[1:] if argv is None else argv, prog="kdfast cache")
+    if isinstance(cfg, BuildConfig):
+        return build(cfg)
+    if isinstance(cfg, InfoConfig):
+        return info(cfg)
+    return verify(cfg)
+
+
+if __name__ == "__main__":
+    main()
