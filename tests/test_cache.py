@@ -209,3 +209,20 @@ def test_teacher_nan_logits_are_not_written(setup, tmp_path, monkeypatch):
         build(build_cfg(setup, tmp_path / "t.h5"))
     with h5py.File(str(tmp_path / "t.h5") + ".partial") as f:
         assert not f["train/complete"][:].any() and f["test/complete"][()]
+
+
+def test_two_process_build_equals_single_process_build(setup, tmp_path):
+    """torchrun + gloo: each process computes its share of a slot, the main one writes."""
+    single = LogitCache(build(build_cfg(setup, tmp_path / "one.h5")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           "-m", "kdfast.cache", "build", "--teacher", setup["teacher"], "--out", str(tmp_path / "two.h5"),
+           "--seeds", "3", "--data", setup["data"], "--cache-dir", setup["cache_dir"], "--batch-size", "7",
+           "--precision", "fp32", "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("slot 3/3 complete") == 1  # only the main process prints
+    two = LogitCache(str(tmp_path / "two.h5"))
+    for slot in range(3):
+        assert torch.allclose(two.slot_logits(slot), single.slot_logits(slot), rtol=2e-3, atol=2e-3)
+    assert torch.allclose(two.test_logits()[0], single.test_logits()[0], rtol=2e-3, atol=2e-3)

@@ -77,10 +77,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, image_folder, mon
 
     original_epoch = data_mod.TrainLoader.epoch
 
-    def epoch_that_dies(self, epoch, aug_seed, start_step=0):
+    def epoch_that_dies(self, epoch, aug_seed):
         if epoch == 2:
             raise Interrupt("killed during epoch 3")
-        yield from original_epoch(self, epoch, aug_seed, start_step)
+        yield from original_epoch(self, epoch, aug_seed)
 
     cfg = TrainConfig(name="whole", out_dir=str(tmp_path / "b"), resume=True, **common)
     monkeypatch.setattr(data_mod.TrainLoader, "epoch", epoch_that_dies)
