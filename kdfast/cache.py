@@ -32,6 +32,7 @@ from .checkpoint import load_teacher, weights_sha256
 from .config import Precision
 from .data import Dataset, load_dataset
 from .engine import Runtime, accuracy_and_loss, make_runtime, predict
+from .errors import KdfastError, user_errors_exit
 from .models import model_entry
 
 FORMAT = "kdfast-teacher-logits"
@@ -43,7 +44,7 @@ MATCHED_ATTRS = ("format", "format_version", "dataset_fingerprint", "classes", "
 BUILD_ATTRS = MATCHED_ATTRS + ("teacher_model", "teacher_sha256", "seeds", "topk", "train_size", "test_size")
 
 
-class CacheError(RuntimeError):
+class CacheError(KdfastError):
     """A logit cache that cannot be used, with a message naming the file and the fix."""
 
 
@@ -91,7 +92,10 @@ class VerifyConfig:
     samples: int = 64
     """How many random (slot, sample) entries to recompute."""
     data: Optional[str] = None
-    """Data source (default: the one recorded in the teacher's .json, else $KDFAST_DATA)."""
+    """Data source (default: the one the cache was built on)."""
+    train_per_class: Optional[int] = None
+    """Default: the subset the cache was built on."""
+    test_per_class: Optional[int] = None
     cache_dir: str = "cache"
     precision: Optional[Precision] = None
     """Default: the precision the cache was built with."""
@@ -325,7 +329,8 @@ def build(cfg: BuildConfig, runtime: Runtime | None = None) -> str:
     channels_last = model_entry(meta["model"]).family == "cnn"
     path = cfg.out or default_cache_path(cfg.teacher, cfg.cache_dir)
     seeds = [epoch_seed(cfg.seed, k) for k in range(cfg.seeds)]
-    attrs = {**expected_attrs(data, cfg.augment), "seeds": seeds, "topk": cfg.topk, "teacher_model": meta["model"],
+    attrs = {**expected_attrs(data, cfg.augment), "data_source": data.source, "train_per_class": cfg.train_per_class,
+             "test_per_class": cfg.test_per_class, "seeds": seeds, "topk": cfg.topk, "teacher_model": meta["model"],
              "teacher_sha256": weights_sha256(teacher), "teacher_checkpoint": os.path.abspath(cfg.teacher),
              "precision": runtime.precision, "kdfast_version": __version__,
              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -405,10 +410,11 @@ def verify(cfg: VerifyConfig) -> dict:
     if weights_sha256(teacher) != a["teacher_sha256"]:
         raise CacheError(f"{cfg.teacher}: not the teacher this cache was built from "
                          f"({a['teacher_model']}, weights {a['teacher_sha256'][:16]}).")
-    recorded = meta.get("config", {})
-    source = cfg.data or meta.get("data", {}).get("source")
-    data = load_dataset(source, cfg.cache_dir, False, recorded.get("train_per_class", 0),
-                        recorded.get("test_per_class", 0), log=runtime.print)
+    def built_with(key):
+        return a.get(key, 0) if getattr(cfg, key) is None else getattr(cfg, key)
+
+    data = load_dataset(cfg.data or a.get("data_source"), cfg.cache_dir, False, built_with("train_per_class"),
+                        built_with("test_per_class"), log=runtime.print)  # the data the cache was built on
     spec = AugmentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in a["augment"].items()})
     cache.check_matches(data, spec)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -432,6 +438,7 @@ def verify(cfg: VerifyConfig) -> dict:
     return result
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None):
     cfg = tyro.extras.subcommand_cli_from_dict({"build": BuildConfig, "info": InfoConfig, "verify": VerifyConfig},
                                                args=sys.argv[1:] if argv is None else argv, prog="kdfast cache")

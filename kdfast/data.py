@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .augment import AugmentSpec, augment, normalize
+from .errors import KdfastError
 
 DATA_ENV = "KDFAST_DATA"
 DEFAULT_DATA = "data"
@@ -23,7 +24,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CACHE_FORMAT = 1
 
 
-class DataError(RuntimeError):
+class DataError(KdfastError):
     """Data that cannot be used, with a message naming the path and the fix."""
 
 

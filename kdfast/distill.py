@@ -15,6 +15,7 @@ from .cache import CachedTeacher, LogitCache
 from .checkpoint import load_teacher
 from .config import DistillConfig
 from .engine import Runtime, accuracy_and_loss, fit, make_runtime
+from .errors import user_errors_exit
 from .losses import check_kd_params, kd_loss
 from .models import model_entry
 from .train import build_student
@@ -65,6 +66,7 @@ def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
                aug_seed_for_epoch)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
     cfg = tyro.cli(DistillConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast distill")
     return run(cfg)

@@ -14,6 +14,7 @@ from .checkpoint import load_checkpoint, read_meta
 from .config import EvaluateConfig
 from .data import load_dataset
 from .engine import evaluate_model, make_runtime
+from .errors import user_errors_exit
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -41,6 +42,7 @@ def run(cfg: EvaluateConfig) -> dict:
     return result
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
     cfg = tyro.cli(EvaluateConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast evaluate")
     return run(cfg)

@@ -20,6 +20,7 @@ from .cache import BuildConfig
 from .checkpoint import checkpoint_paths, write_json
 from .config import LAB_PRESETS, DistillConfig, LabConfig, TrainConfig
 from .engine import process_state
+from .errors import user_errors_exit
 from .machine import describe
 from .report import format_table, lab_report
 
@@ -128,6 +129,7 @@ def parse(argv: list[str]) -> LabConfig:
     return tyro.cli(LabConfig, args=argv, default=LAB_PRESETS[preset], prog="kdfast lab")
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
     return run(parse(sys.argv[1:] if argv is None else argv))
 

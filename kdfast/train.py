@@ -13,6 +13,7 @@ from accelerate.utils import set_seed
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .engine import Runtime, fit, make_runtime
+from .errors import user_errors_exit
 from .losses import cross_entropy
 from .models import create_model, model_entry
 
@@ -46,6 +47,7 @@ def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
     return fit(model, loss_step, data, cfg, runtime, {"kd": None})
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
     cfg = tyro.cli(TrainConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast train")
     return run(cfg)

@@ -226,3 +226,19 @@ def test_two_process_build_equals_single_process_build(setup, tmp_path):
     for slot in range(3):
         assert torch.allclose(two.slot_logits(slot), single.slot_logits(slot), rtol=2e-3, atol=2e-3)
     assert torch.allclose(two.test_logits()[0], single.test_logits()[0], rtol=2e-3, atol=2e-3)
+
+
+def test_info_and_verify_of_a_subset_cache(setup, tmp_path, capsys):
+    path = build(build_cfg(setup, tmp_path / "t.h5", train_per_class=4, test_per_class=2, topk=1))
+    summary = cache_mod.info(cache_mod.InfoConfig(file=path))
+    assert (summary["train_size"], summary["test_size"], summary["slots"], summary["topk"]) == (12, 6, 3, 1)
+    assert 0.0 <= summary["teacher_test_accuracy"] <= 1.0
+    result = cache_mod.verify(cache_mod.VerifyConfig(file=path, teacher=setup["teacher"], samples=16,
+                                                     cache_dir=setup["cache_dir"]))
+    assert result["argmax_agreement"] == 1.0  # top-1 logits are kept exactly (to float16)
+    with pytest.raises(CacheError, match="not the teacher this cache was built from"):
+        other = train.run(TrainConfig(model="resnet8", name="other", data=setup["data"], cache_dir=setup["cache_dir"],
+                                      out_dir=str(tmp_path / "m"), epochs=1, batch_size=6, precision="fp32",
+                                      progress=False))
+        cache_mod.verify(cache_mod.VerifyConfig(file=path, teacher=str(tmp_path / "m" / "other.pth"),
+                                                cache_dir=setup["cache_dir"]))

@@ -32,3 +32,11 @@ def test_lab_presets_and_overrides():
 def test_preset_overrides_are_recorded():
     cfg = lab.parse(["--preset", "full", "--vit-teacher-epochs", "45", "--out-dir", "elsewhere"])
     assert lab.preset_overrides(cfg) == {"vit_teacher_epochs": 45}
+
+
+def test_user_errors_are_one_line_not_tracebacks(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kdfast.train", "--data", str(tmp_path / "nope"), "--no-progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("kdfast: error:") and "nope: no such file or folder" in out.stderr
+    assert "Traceback" not in out.stderr
