@@ -236,9 +236,8 @@ def test_info_and_verify_of_a_subset_cache(setup, tmp_path, capsys):
     result = cache_mod.verify(cache_mod.VerifyConfig(file=path, teacher=setup["teacher"], samples=16,
                                                      cache_dir=setup["cache_dir"]))
     assert result["argmax_agreement"] == 1.0  # top-1 logits are kept exactly (to float16)
+    train.run(TrainConfig(model="resnet8", name="other", data=setup["data"], cache_dir=setup["cache_dir"],
+                          out_dir=str(tmp_path / "m"), epochs=1, batch_size=6, precision="fp32", progress=False))
     with pytest.raises(CacheError, match="not the teacher this cache was built from"):
-        other = train.run(TrainConfig(model="resnet8", name="other", data=setup["data"], cache_dir=setup["cache_dir"],
-                                      out_dir=str(tmp_path / "m"), epochs=1, batch_size=6, precision="fp32",
-                                      progress=False))
         cache_mod.verify(cache_mod.VerifyConfig(file=path, teacher=str(tmp_path / "m" / "other.pth"),
                                                 cache_dir=setup["cache_dir"]))
