@@ -35,6 +35,11 @@ class AugmentSpec:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "AugmentSpec":
+        """The spec saved by to_dict (in a run's config or a cache's attributes)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 def _u64(c: int) -> int:
     """An unsigned 64-bit constant as the int64 with the same bits."""

@@ -415,7 +415,7 @@ def verify(cfg: VerifyConfig) -> dict:
 
     data = load_dataset(cfg.data or a.get("data_source"), cfg.cache_dir, False, built_with("train_per_class"),
                         built_with("test_per_class"), log=runtime.print)  # the data the cache was built on
-    spec = AugmentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in a["augment"].items()})
+    spec = AugmentSpec.from_dict(a["augment"])
     cache.check_matches(data, spec)
     g = torch.Generator().manual_seed(cfg.seed)
     slots = torch.randint(0, len(cache.seeds), (cfg.samples,), generator=g)

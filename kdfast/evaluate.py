@@ -31,7 +31,7 @@ def run(cfg: EvaluateConfig) -> dict:
     channels_last = meta.get("family") == "cnn"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    spec = AugmentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.get("augment", {}).items()})
+    spec = AugmentSpec.from_dict(recorded.get("augment", {}))
     batch_size = cfg.batch_size or meta.get("eval_batch_size", 500)
     result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last)
     result.update(checkpoint=cfg.checkpoint, model=meta["model"], precision=runtime.precision,

@@ -27,7 +27,7 @@ from .report import format_table, lab_report
 NOT_COMPARED = ("resume", "progress")  # config fields that do not change what a run produces
 
 
-def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig]]:
+def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
     """(name, module, config) for each step of the lab: teacher, student without KD, cache build, student with KD."""
     runs = []
     for pair in cfg.pairs:

@@ -86,3 +86,8 @@ def test_loader_refuses_impossible_batch_sizes():
         TrainLoader(split, 5, 0, AugmentSpec(), "cpu", num_processes=2)
     with pytest.raises(ValueError, match="larger than the training set"):
         TrainLoader(split, 16, 0, AugmentSpec(), "cpu")
+
+
+def test_spec_round_trips_through_its_saved_form():
+    spec = AugmentSpec(padding=2, pad_mode="zeros", flip=False)
+    assert AugmentSpec.from_dict(spec.to_dict()) == spec
