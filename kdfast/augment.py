@@ -26,12 +26,6 @@ class AugmentSpec:
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
 
-    def __post_init__(self):
-        if self.pad_mode not in ("reflect", "zeros"):
-            raise ValueError(f"pad_mode must be 'reflect' or 'zeros', not {self.pad_mode!r}")
-        if self.padding < 0:
-            raise ValueError(f"padding must be >= 0, not {self.padding}")
-
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 

@@ -29,10 +29,11 @@ import tyro
 from . import __version__
 from .augment import AugmentSpec, augment, epoch_seed, normalize
 from .checkpoint import load_teacher, weights_sha256
-from .config import Precision
+from .config import Precision, check_augment, check_int
 from .data import Dataset, load_dataset
-from .engine import Runtime, accuracy_and_loss, make_runtime, predict
+from .engine import Runtime, accuracy_and_loss, make_runtime, on_main, predict
 from .errors import KdfastError, user_errors_exit
+from .files import FileLock, check_file_target
 from .models import model_entry
 
 FORMAT = "kdfast-teacher-logits"
@@ -74,6 +75,13 @@ class BuildConfig:
     overwrite: bool = False
     """Replace an existing cache (or partial build) made with other settings."""
     progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("seeds", "batch_size"):
+            check_int(self, name, 1)
+        for name in ("seed", "train_per_class", "test_per_class", "topk"):
+            check_int(self, name, 0)
+        check_augment(self.augment)
 
 
 @dataclass
@@ -148,8 +156,13 @@ class LogitCache:
             raise CacheError(f"{path}: not a readable HDF5 file ({e}); it is truncated or corrupt. "
                              "Delete it and build it again.") from None
         self.path = path
-        self.attrs = _read_attrs(self.file)
-        self._check_structure()
+        try:
+            self.attrs = _read_attrs(self.file)
+            self._check_structure()
+        except (ValueError, KeyError, TypeError, OSError) as e:  # attributes or datasets unreadable
+            self.file.close()
+            raise CacheError(f"{path}: damaged logit cache ({type(e).__name__}: {e}). Delete it and build it "
+                             "again.") from None
 
     def _check_structure(self) -> None:
         f, a = self.file, self.attrs
@@ -187,20 +200,35 @@ class LogitCache:
     def slot_logits(self, slot: int) -> torch.Tensor:
         """Dense logits (N, C) float32 of one slot; top-k slots get the rest logit in the other classes."""
         f = self.file
-        if self.attrs.get("topk", 0):
-            values = torch.from_numpy(f["train/topk_values"][slot]).float()
-            indices = torch.from_numpy(f["train/topk_indices"][slot]).long()
-            rest = torch.from_numpy(f["train/rest_logit"][slot]).float()
-            logits = rest[:, None].expand(-1, len(self.attrs["classes"])).clone().scatter_(1, indices, values)
-        else:
-            logits = torch.from_numpy(f["train/logits"][slot]).float()
+        try:
+            if self.attrs.get("topk", 0):
+                values = torch.from_numpy(f["train/topk_values"][slot]).float()
+                indices = torch.from_numpy(f["train/topk_indices"][slot]).long()
+                rest = torch.from_numpy(f["train/rest_logit"][slot]).float()
+                logits = rest[:, None].expand(-1, len(self.attrs["classes"])).clone().scatter_(1, indices, values)
+            else:
+                logits = torch.from_numpy(f["train/logits"][slot]).float()
+        except (OSError, RuntimeError) as e:  # a damaged chunk, or top-k indices out of range
+            raise CacheError(f"{self.path}: slot {slot} cannot be read ({e}); the file is damaged. Delete it and "
+                             "build it again.") from None
         if not torch.isfinite(logits).all():
             raise CacheError(f"{self.path}: slot {slot} holds NaN or inf logits. Build the cache again "
                              "(with --precision fp32 if the teacher overflows in half precision).")
         return logits
 
     def test_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(self.file["test/logits"][:]).float(), torch.from_numpy(self.file["test/labels"][:]).long()
+        """The teacher's logits (N_test, C) on the unaugmented test set, and the labels; damage is named."""
+        try:
+            logits = torch.from_numpy(self.file["test/logits"][:]).float()
+            labels = torch.from_numpy(self.file["test/labels"][:]).long()
+        except (OSError, KeyError) as e:
+            raise CacheError(f"{self.path}: the test logits cannot be read ({e}); the file is damaged. Delete it "
+                             "and build it again.") from None
+        if not torch.isfinite(logits).all() or labels.numel() != logits.shape[0] or \
+                labels.min() < 0 or labels.max() >= logits.shape[1]:
+            raise CacheError(f"{self.path}: the test logits or labels are damaged (NaN/inf or labels out of range). "
+                             "Delete the file and build it again.")
+        return logits, labels
 
     def close(self) -> None:
         self.file.close()
@@ -314,30 +342,45 @@ def default_cache_path(teacher: str, cache_dir: str) -> str:
 
 
 def build(cfg: BuildConfig, runtime: Runtime | None = None) -> str:
-    """Build (or resume, or keep) the cache; returns its path. Every process computes, the main one writes."""
+    """Build (or resume, or keep) the cache; returns its path. Every process computes, the main one writes.
+
+    The main process holds NAME.lock for the whole build: a second build of the same file refuses at once.
+    """
+    cfg.validate()
+    runtime = runtime or make_runtime(cfg.precision)
+    path = cfg.out or default_cache_path(cfg.teacher, cfg.cache_dir)
+    held = []
+
+    def claim():
+        check_file_target(path, "--out")
+        held.append(FileLock(path + ".lock", f"the logit cache {path}").acquire(runtime.print))
+
+    on_main(runtime.accelerator, claim)
+    try:
+        return _build_locked(cfg, runtime, path)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str) -> str:
     from tqdm.auto import tqdm
 
-    if cfg.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {cfg.seeds}")
-    runtime = runtime or make_runtime(cfg.precision)
     acc = runtime.accelerator
     with acc.main_process_first():
         data = load_dataset(cfg.data, cfg.cache_dir, False, cfg.train_per_class, cfg.test_per_class, log=runtime.print)
     teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device)
-    if cfg.topk < 0 or cfg.topk >= len(data.classes):
+    if cfg.topk >= len(data.classes):
         raise ValueError(f"--topk must be 0 (dense) or between 1 and {len(data.classes) - 1}, got {cfg.topk}")
     channels_last = model_entry(meta["model"]).family == "cnn"
-    path = cfg.out or default_cache_path(cfg.teacher, cfg.cache_dir)
     seeds = [epoch_seed(cfg.seed, k) for k in range(cfg.seeds)]
     attrs = {**expected_attrs(data, cfg.augment), "data_source": data.source, "train_per_class": cfg.train_per_class,
              "test_per_class": cfg.test_per_class, "seeds": seeds, "topk": cfg.topk, "teacher_model": meta["model"],
              "teacher_sha256": weights_sha256(teacher), "teacher_checkpoint": os.path.abspath(cfg.teacher),
              "precision": runtime.precision, "kdfast_version": __version__,
              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
     f = None
     if acc.is_main_process:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         f = _open_for_build(cfg, path, attrs, len(data.classes), runtime.print)
     todo = [None]  # the main process decides; everyone follows
     if acc.is_main_process:
@@ -403,6 +446,7 @@ def info(cfg: InfoConfig) -> dict:
 
 
 def verify(cfg: VerifyConfig) -> dict:
+    check_int(cfg, "samples", 1)
     cache = LogitCache(cfg.file)
     a = cache.attrs
     runtime = make_runtime(cfg.precision or a.get("precision", "auto"))

@@ -1,28 +1,16 @@
 """Checkpoints: NAME.pth (plain state dict), NAME.safetensors (same weights), NAME.json (what they are)."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 import torch.nn as nn
 
+from .errors import KdfastError
+from .files import dump_json, read_json, remove_quietly, write_temp
 from .models import create_model, model_entry
 
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    _atomic_write(path, write)
+META_FIELDS = ("model", "classes")  # what a checkpoint's .json must hold for kdfast to rebuild the model
 
 
 def checkpoint_paths(out_dir: str, name: str) -> dict[str, str]:
@@ -37,15 +25,33 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out_dir: str, name: str, model: nn.Module, meta: dict) -> dict[str, str]:
-    """Write the three files of a checkpoint; the .json last, so its presence means the weights are whole."""
+    """Write the three files of a checkpoint: all to temporary names first, then renamed, the .json last.
+
+    A failure while writing (a full disk) leaves the previous checkpoint whole and no temporary file.
+    """
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     paths = checkpoint_paths(out_dir, name)
     state = plain_state_dict(model)
-    _atomic_write(paths["pth"], lambda tmp: torch.save(state, tmp))
-    _atomic_write(paths["safetensors"], lambda tmp: save_file(state, tmp, metadata={"model": meta["model"]}))
-    write_json(paths["json"], meta)
+
+    def write_meta(tmp):
+        with open(tmp, "w") as f:
+            dump_json(meta, f)
+
+    writers = {"pth": lambda tmp: torch.save(state, tmp),
+               "safetensors": lambda tmp: save_file(state, tmp, metadata={"model": meta["model"]}),
+               "json": write_meta}
+    temps = {}
+    try:
+        for key, write in writers.items():
+            temps[key] = write_temp(paths[key], write)
+    except BaseException:
+        for tmp in temps.values():
+            remove_quietly(tmp)
+        raise
+    for key in writers:  # renames need no space: the .json, last, says the weights beside it are whole
+        os.replace(temps[key], paths[key])
     return paths
 
 
@@ -57,24 +63,49 @@ def read_meta(path: str) -> dict:
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{meta_path}: missing. kdfast needs the .json it writes beside every checkpoint "
                                 "(it names the model); copy it along with the weights.")
-    with open(meta_path) as f:
-        return json.load(f)
+    fix = "Copy it again from where the checkpoint was trained, or train the model again."
+    meta = read_json(meta_path, "checkpoint description", fix)
+    missing = [k for k in META_FIELDS if k not in meta]
+    if missing:
+        raise KdfastError(f"{meta_path}: damaged checkpoint description, it lacks {', '.join(missing)}. {fix}")
+    if not isinstance(meta["classes"], list) or not meta["classes"]:
+        raise KdfastError(f"{meta_path}: damaged checkpoint description, 'classes' is not a list of class names. {fix}")
+    try:
+        model_entry(meta["model"])
+    except ValueError as e:
+        raise KdfastError(f"{meta_path}: {e}") from None
+    return meta
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a .pth (weights_only) or .safetensors file; a damaged file is named in one line."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling / safetensors / zip errors: all mean "not a whole checkpoint"
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise KdfastError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); the file is truncated, "
+                          "damaged or not a kdfast checkpoint. Copy it again, or train the model again.") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KdfastError(f"{path}: holds no state dict of tensors; not a kdfast checkpoint. Point at the .pth or "
+                          ".safetensors that kdfast train / distill wrote.")
+    return state
 
 
 def load_checkpoint(path: str, device="cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model named in the checkpoint's .json and load its weights (no pickled code is run)."""
     meta = read_meta(path)
     model = create_model(meta["model"], num_classes=len(meta["classes"]))
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_weights(path)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise RuntimeError(f"{path}: weights do not fit model {meta['model']!r} ({str(e).splitlines()[0]})") from None
+        raise KdfastError(f"{path}: weights do not fit model {meta['model']!r} ({str(e).splitlines()[0]}); the "
+                          ".json beside it describes another model. Copy the pair together.") from None
     return model.to(device), meta
 
 
@@ -82,7 +113,7 @@ def load_teacher(path: str, classes: list[str], device) -> tuple[nn.Module, dict
     """A frozen teacher in eval mode, refused if it was trained on other classes."""
     teacher, meta = load_checkpoint(path, device)
     if meta["classes"] != classes:
-        raise ValueError(f"{path}: the teacher was trained on classes {meta['classes']}, but this data has {classes}. "
+        raise KdfastError(f"{path}: the teacher was trained on classes {meta['classes']}, but this data has {classes}. "
                          "Distil on the teacher's dataset, or train a teacher on this one.")
     if model_entry(meta["model"]).family == "cnn":
         teacher = teacher.to(memory_format=torch.channels_last)

@@ -5,12 +5,50 @@ default never overrides a recipe default; the resolved values are saved with eve
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, Optional
 
 from .augment import AugmentSpec
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def check(flag: str, value, ok: bool, rule: str) -> None:
+    """Refuse a flag's value at start-up with one sentence naming the flag and what it must be."""
+    if not ok:
+        raise ValueError(f"--{flag.replace('_', '-')} must be {rule}, got {value!r}")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_int(cfg, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    check(name, value, isinstance(value, int) and value >= minimum, f"a whole number >= {minimum}")
+
+
+def check_float(cfg, name: str, low: float, high: float | None = None, low_open: bool = False,
+                high_open: bool = True) -> None:
+    """None passes (the recipe's value is used); else finite and inside the interval."""
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    ok = _finite(value) and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    check(name, value, ok, f"a finite number in {lo}{low:g}, {high:g}{hi}" if high is not None
+          else f"a finite number {'>' if low_open else '>='} {low:g}")
+
+
+def check_augment(spec) -> None:
+    check("augment.pad_mode", spec.pad_mode, spec.pad_mode in ("reflect", "zeros"), "reflect or zeros")
+    check("augment.padding", spec.padding, spec.padding >= 0, "a whole number >= 0")
+    check("augment.crop_size", spec.crop_size, spec.crop_size >= 1, "a whole number >= 1")
+    check("augment.std", spec.std, all(_finite(s) and s > 0 for s in spec.std), "three finite numbers > 0")
+    check("augment.mean", spec.mean, all(_finite(m) for m in spec.mean), "three finite numbers")
 
 
 @dataclass(frozen=True)
@@ -83,13 +121,34 @@ class TrainConfig:
     seed: int = 0
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     resume: bool = False
-    """Continue from the last saved epoch of this run (out_dir/.state/NAME)."""
+    """Continue an interrupted run from its saved state (out_dir/.state/NAME); refused if its config differs."""
+    fresh: bool = False
+    """Discard an interrupted run's saved state and start over (without it, such a state is refused)."""
+    checkpoint_every: int = 0
+    """Also save the resumable state every N optimizer steps (0: after every epoch only)."""
     progress: bool = True
     """Show a progress bar (main process only)."""
 
     @property
     def run_name(self) -> str:
         return self.name or self.model
+
+    def validate(self) -> None:
+        """Every numeric flag checked before any work: one sentence naming the flag."""
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            check_int(self, name, 1)
+        for name in ("train_per_class", "test_per_class", "eval_every", "checkpoint_every", "seed"):
+            check_int(self, name, 0)
+        check_float(self, "lr", 0.0, low_open=True)
+        check_float(self, "weight_decay", 0.0)
+        check_float(self, "momentum", 0.0, 1.0)
+        check_float(self, "warmup", 0.0, 1.0)
+        check_float(self, "grad_clip", 0.0)
+        check_float(self, "label_smoothing", 0.0, 1.0)
+        check_augment(self.augment)
+        if self.resume and self.fresh:
+            raise ValueError("--resume and --fresh exclude each other: --resume continues a saved state, "
+                             "--fresh discards it")
 
     def resolved_recipe(self, family: str) -> Recipe:
         base = RECIPES[family if self.recipe == "auto" else self.recipe]
@@ -109,8 +168,9 @@ class TrainConfig:
 class DistillConfig(TrainConfig):
     """Train a student with knowledge distillation from a trained teacher: online, or from a teacher-logit cache."""
 
-    teacher: str = "models_saved/cnn_teacher.pth"
-    """Teacher checkpoint (.pth or .safetensors with its .json beside it, as kdfast writes them)."""
+    teacher: Optional[str] = None
+    """Teacher checkpoint (.pth or .safetensors with its .json beside it): run online on every batch. With
+    --teacher-cache it is optional, and if given it must be the teacher the cache was built from."""
     alpha: float = 0.5
     """Weight of the hard-label CE; (1-alpha) weighs the soft KL term."""
     tau: float = 4.0
@@ -119,6 +179,15 @@ class DistillConfig(TrainConfig):
     """HDF5 teacher-logit cache (kdfast cache build): no teacher pass; epoch e trains on slot e mod S's views."""
     cache_slots: int = 0
     """Use only the first N slots of the cache (0 = all)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_float(self, "alpha", 0.0, 1.0, high_open=False)
+        check_float(self, "tau", 0.0, low_open=True)
+        check_int(self, "cache_slots", 0)
+        if not self.teacher and not self.teacher_cache:
+            raise ValueError("distillation needs a teacher: --teacher CKPT (run online) or --teacher-cache FILE "
+                             "(kdfast cache build)")
 
 
 @dataclass
@@ -136,6 +205,12 @@ class EvaluateConfig:
     """Default: the eval batch size recorded in the checkpoint's .json."""
     precision: Optional[Precision] = None
     """Default: the precision the checkpoint was evaluated with."""
+
+    def validate(self) -> None:
+        if self.test_per_class is not None:
+            check_int(self, "test_per_class", 0)
+        if self.batch_size is not None:
+            check_int(self, "batch_size", 1)
 
 
 @dataclass
@@ -180,7 +255,20 @@ class LabConfig:
     """Distil with the teacher run on every batch instead of from a teacher-logit cache (one slot per epoch)."""
     fresh: bool = False
     """Retrain every run; by default finished runs with the same config are kept and interrupted ones resumed."""
+    checkpoint_every: int = 0
+    """Also save each run's resumable state every N optimizer steps (0: after every epoch only)."""
     progress: bool = True
+
+    def validate(self) -> None:
+        for pair in ("cnn", "vit"):
+            for role in ("teacher_epochs", "student_epochs", "batch_size"):
+                check_int(self, f"{pair}_{role}", 1)
+        check_int(self, "eval_batch_size", 1)
+        for name in ("train_per_class", "test_per_class", "eval_every", "checkpoint_every", "seed"):
+            check_int(self, name, 0)
+        check_float(self, "alpha", 0.0, 1.0, high_open=False)
+        check_float(self, "tau", 0.0, low_open=True)
+        check("pairs", self.pairs, len(self.pairs) > 0, "one or more of cnn, vit")
 
 
 LAB_PRESETS = {

@@ -323,9 +323,10 @@ class TrainLoader:
         g = torch.Generator().manual_seed(_permutation_seed(self.seed, epoch))
         return torch.randperm(len(self.labels), generator=g)  # on CPU: identical everywhere
 
-    def epoch(self, epoch: int, aug_seed: int):
+    def epoch(self, epoch: int, aug_seed: int, start_step: int = 0):
+        """The epoch's batches from start_step on (a resumed epoch skips the steps already done)."""
         perm = self.permutation(epoch).to(self.device)
-        for step in range(len(self)):
+        for step in range(start_step, len(self)):
             start = step * self.batch_size + self.rank * self.local_batch
             idx = perm[start:start + self.local_batch]
             views = augment(self.images[idx], idx, aug_seed, self.spec)

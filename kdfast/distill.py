@@ -12,11 +12,11 @@ import torch
 import tyro
 
 from .cache import CachedTeacher, LogitCache
-from .checkpoint import load_teacher
+from .checkpoint import load_checkpoint, load_teacher, weights_sha256
 from .config import DistillConfig
-from .engine import Runtime, accuracy_and_loss, fit, make_runtime
-from .errors import user_errors_exit
-from .losses import check_kd_params, kd_loss
+from .engine import Runtime, accuracy_and_loss, fit, make_runtime, open_run
+from .errors import KdfastError, user_errors_exit
+from .losses import kd_loss
 from .models import model_entry
 from .train import build_student
 
@@ -37,6 +37,8 @@ def cached_teacher(cfg: DistillConfig, data, runtime: Runtime):
     """(teacher_logits(batch), aug seed per epoch, kd metadata) served from a logit cache; no teacher is loaded."""
     cache = LogitCache(cfg.teacher_cache)
     cache.check_matches(data, cfg.augment)
+    if cfg.teacher:
+        check_same_teacher(cfg.teacher, cache)
     slots = len(cache.seeds) if cfg.cache_slots <= 0 else min(cfg.cache_slots, len(cache.seeds))
     served = CachedTeacher(cache, slots, runtime.device)
     if cfg.epochs > slots:
@@ -49,21 +51,31 @@ def cached_teacher(cfg: DistillConfig, data, runtime: Runtime):
         "teacher_accuracy": accuracy_and_loss(test_logits, test_labels)["accuracy"]}
 
 
+def check_same_teacher(teacher: str, cache: LogitCache) -> None:
+    """--teacher beside --teacher-cache must be the teacher the cache was built from (same weights)."""
+    model, meta = load_checkpoint(teacher)
+    if weights_sha256(model) != cache.attrs["teacher_sha256"]:
+        raise KdfastError(f"--teacher {teacher} ({meta['model']}) is not the teacher --teacher-cache {cache.path} was "
+                          f"built from ({cache.attrs['teacher_model']}, weights {cache.attrs['teacher_sha256'][:16]}). "
+                          "Drop --teacher to use the cache, or build a cache from this teacher.")
+
+
 def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
-    check_kd_params(cfg.alpha, cfg.tau)  # refuse bad α, τ before any work
+    cfg.validate()  # refuse bad α, τ and every other number before any work
     runtime = runtime or make_runtime(cfg.precision)
-    data, model = build_student(cfg, runtime)
-    source = cached_teacher if cfg.teacher_cache else online_teacher
-    teacher_logits, aug_seed_for_epoch, kd = source(cfg, data, runtime)
-    label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
+    with open_run(cfg, runtime) as run_dir:
+        data, model = build_student(cfg, runtime)
+        source = cached_teacher if cfg.teacher_cache else online_teacher
+        teacher_logits, aug_seed_for_epoch, kd = source(cfg, data, runtime)
+        label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
 
-    def loss_step(model, batch):
-        target = teacher_logits(batch)
-        logits = model(batch.images)
-        return kd_loss(logits, target, batch.labels, cfg.alpha, cfg.tau, label_smoothing), logits
+        def loss_step(model, batch):
+            target = teacher_logits(batch)
+            logits = model(batch.images)
+            return kd_loss(logits, target, batch.labels, cfg.alpha, cfg.tau, label_smoothing), logits
 
-    return fit(model, loss_step, data, cfg, runtime, {"kd": {**kd, "alpha": cfg.alpha, "tau": cfg.tau}},
-               aug_seed_for_epoch)
+        return fit(model, loss_step, data, cfg, runtime, run_dir,
+                   {"kd": {**kd, "alpha": cfg.alpha, "tau": cfg.tau}}, aug_seed_for_epoch)
 
 
 @user_errors_exit

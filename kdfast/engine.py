@@ -1,27 +1,29 @@
 """The one training loop, on HF Accelerate: teachers, baseline students and KD students all run here."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from .augment import epoch_seed
-from .checkpoint import checkpoint_paths, save_checkpoint, write_json
+from .augment import epoch_seed, splitmix64
+from .checkpoint import save_checkpoint
 from .config import Recipe, TrainConfig
 from .data import Batch, Dataset, Split, TrainLoader, eval_batches
+from .errors import USER_ERRORS, Interrupted, KdfastError
 from .machine import accelerate_mixed_precision, resolve_precision
 from .models import count_parameters, model_entry
+from .rundir import RunDir, describe_progress
 
 LossStep = Callable[[nn.Module, Batch], "tuple[torch.Tensor, torch.Tensor]"]  # -> (loss, student logits)
 LOG_EVERY = 25  # steps between progress-bar updates (each one is a host-device sync)
@@ -119,168 +121,323 @@ def evaluate_model(model: nn.Module, split: Split, spec, runtime: Runtime, batch
     return accuracy_and_loss(predict(model, split, spec, runtime, batch_size, channels_last), split.labels)
 
 
-class _State:
-    """Saves and finds the resumable state of a run: Accelerate's state plus a progress record."""
-
-    def __init__(self, runtime: Runtime, state_dir: str):
-        self.runtime, self.dir = runtime, state_dir
-
-    def save(self, epoch_done: int, record: dict) -> None:
-        acc = self.runtime.accelerator
-        tmp = self.dir + ".tmp"
-        if acc.is_main_process and os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(tmp)
-        acc.wait_for_everyone()
-        if acc.is_main_process:  # swap in the new state only once it is whole
-            write_json(os.path.join(tmp, "progress.json"), {"epochs_done": epoch_done, **record})
-            old = self.dir + ".old"
-            if os.path.exists(self.dir):
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(self.dir, old)
-            os.replace(tmp, self.dir)
-            shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-
-    def load(self) -> dict | None:
-        for d in (self.dir, self.dir + ".old"):
-            if os.path.exists(os.path.join(d, "progress.json")):
-                self.runtime.accelerator.load_state(d)
-                with open(os.path.join(d, "progress.json")) as f:
-                    return json.load(f)
-        return None
-
-    def clear(self) -> None:
-        if self.runtime.accelerator.is_main_process:
-            for d in (self.dir, self.dir + ".tmp", self.dir + ".old"):
-                shutil.rmtree(d, ignore_errors=True)
+def step_seed(run_seed: int, epoch: int, step: int, rank: int) -> int:
+    """The torch RNG seed of one training step (drop-path masks): resuming at any step needs no RNG state."""
+    return (((run_seed * 1_000_003 + epoch) * 1_000_033 + step) * 131 + rank) % (1 << 62)
 
 
-def _append_metrics(path: str, record: dict, keep_epochs_below: int | None = None) -> None:
-    if keep_epochs_below is not None and os.path.exists(path):  # resuming: drop epochs that will be redone
-        with open(path) as f:
-            lines = [l for l in f if l.strip() and json.loads(l)["epoch"] < keep_epochs_below]
-        with open(path, "w") as f:
-            f.writelines(lines)
-    if record:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+class NonFiniteLoss(KdfastError):
+    """The loss became NaN or infinite: the run stops and writes no checkpoint."""
 
 
-def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, runtime: Runtime,
+class Preemption:
+    """SIGINT / SIGTERM while training: the current step finishes, the state is saved, the run exits.
+
+    A second signal interrupts at once (the state saved last is kept). Under several processes the
+    request is shared at check points, so every process stops at the same step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self, acc: Accelerator) -> int:
+        """The signal number asked for on any process (0: none); collective when there are several."""
+        if acc.num_processes == 1:
+            return self.signum
+        return int(acc.gather(torch.tensor([self.signum], device=acc.device)).max().item())
+
+
+def on_main(acc: Accelerator | PartialState, fn):
+    """fn() on the main process only; its (picklable) result, or the user error it raised, reaches every
+    process, so that a refusal on the main process never leaves the others waiting in a collective."""
+    result, error = None, None
+    if acc.is_main_process:
+        try:
+            result = fn()
+        except USER_ERRORS as e:
+            if acc.num_processes == 1:
+                raise
+            error = str(e)
+    if acc.num_processes > 1:
+        result, error = broadcast_object_list([result, error])
+    if error:
+        raise KdfastError(error)
+    return result
+
+
+@contextmanager
+def open_run(cfg: TrainConfig, runtime: Runtime):
+    """The run's directory, locked for the whole run, with `resume_from` decided (before any data work).
+
+    Refuses: an invalid name, a second writer of the same output, an interrupted state without
+    --resume / --fresh, a state written under another config.
+    """
+    run_dir = RunDir(cfg.out_dir, cfg.run_name)
+
+    def claim():
+        run_dir.prepare()
+        run_dir.lock.acquire(runtime.print)
+        try:
+            run_dir.remove_stale_temporaries(runtime.print)
+            return run_dir.check_resume(cfg.to_dict(), cfg.resume, cfg.fresh, runtime.print)
+        except BaseException:
+            run_dir.lock.release()
+            raise
+
+    run_dir.resume_from = on_main(runtime.accelerator, claim)
+    try:
+        yield run_dir
+    finally:
+        run_dir.lock.release()
+
+
+@dataclass
+class Training:
+    """What the steps of one run share: the prepared model and optimizer, schedule, loader, loss."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: TrainLoader
+    loss_step: LossStep
+    recipe: Recipe
+    runtime: Runtime
+    run_dir: RunDir
+    cfg: TrainConfig
+    # per-epoch sums (device tensors, this process's part) and the first non-finite step (-1: none)
+    sums: dict = field(default_factory=dict)
+    bad_step: torch.Tensor | None = None
+
+    @property
+    def acc(self) -> Accelerator:
+        return self.runtime.accelerator
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.acc.unwrap_model(self.model, keep_torch_compile=False)}
+
+    def reset_sums(self, saved: dict | None = None) -> None:
+        """Zero the epoch's sums; a resumed epoch starts from the saved global sums (on the main process)."""
+        dev = self.runtime.device
+        saved = saved if (saved and self.acc.is_main_process) else {}
+        self.sums = {"loss": torch.tensor(float(saved.get("loss", 0.0)), device=dev),
+                     "correct": torch.tensor(int(saved.get("correct", 0)), device=dev),
+                     "seen": torch.tensor(int(saved.get("seen", 0)), device=dev)}
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)
+
+    def global_sums(self) -> dict:
+        reduced = {k: self.acc.reduce(v.clone(), "sum") for k, v in self.sums.items()}
+        return {"loss": reduced["loss"].item(), "correct": int(reduced["correct"].item()),
+                "seen": int(reduced["seen"].item())}
+
+
+def train_step(tr: Training, batch: Batch, global_step: int) -> torch.Tensor:
+    """One optimizer step on one batch; returns the (detached) loss. No host-device sync."""
+    loss, logits = tr.loss_step(tr.model, batch)
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.acc.backward(loss)
+    if tr.recipe.grad_clip > 0:
+        tr.acc.clip_grad_norm_(tr.model.parameters(), tr.recipe.grad_clip)
+    tr.optimizer.step()
+    tr.scheduler.step()
+    loss = loss.detach()
+    tr.sums["loss"] += loss
+    tr.sums["correct"] += (logits.detach().argmax(1) == batch.labels).sum()
+    tr.sums["seen"] += len(batch.labels)
+    tr.bad_step = torch.where((tr.bad_step < 0) & ~torch.isfinite(loss), global_step, tr.bad_step)
+    return loss
+
+
+def check_finite(tr: Training) -> None:
+    """Stop at the first non-finite loss (collective under several processes); a host-device sync."""
+    bad = tr.bad_step if tr.acc.num_processes == 1 else tr.acc.gather(tr.bad_step[None]).max()
+    bad = int(bad.item())
+    if bad < 0:
+        return
+    saved = tr.run_dir.saved_state()
+    kept = (f"the last good state ({describe_progress(saved['progress'])}) is kept in {saved['dir']}" if saved
+            else "no state was saved before it")
+    steps = len(tr.loader)
+    raise NonFiniteLoss(f"[{tr.cfg.run_name}] the loss became NaN or infinite at step {bad % steps + 1} of epoch "
+                        f"{bad // steps + 1}; stopped, no checkpoint written; {kept}. Lower --lr (or raise --warmup / "
+                        "set --grad-clip), then start over with --fresh.")
+
+
+def save_progress(tr: Training, epoch: int, step: int, epoch_time: float, wall: float) -> None:
+    """Save the resumable state: `step` steps of epoch `epoch` are done (step 0: the epoch before is whole)."""
+    check_finite(tr)
+    sums = tr.global_sums()  # collective
+    if tr.acc.is_main_process:
+        progress = {"epoch": epoch, "step": step, "sums": sums, "epoch_time_s": epoch_time, "wall_time_s": wall}
+        tr.run_dir.save_state(tr.modules(), tr.optimizer, tr.scheduler, tr.acc.scaler, progress, tr.cfg.to_dict())
+    tr.acc.wait_for_everyone()
+
+
+def run_epoch(tr: Training, epoch: int, start_step: int, aug_seed: int, stop: Preemption,
+              time_before: float, wall_at) -> float:
+    """Train the rest of an epoch from start_step; returns its training time (s). Saves and raises on a stop."""
+    cfg, acc, loader = tr.cfg, tr.acc, tr.loader
+    check_every = 1 if acc.num_processes == 1 else LOG_EVERY  # a stop request is shared at check points
+    finite_every = 1 if tr.runtime.device.type == "cpu" else LOG_EVERY  # .item() is a sync on a GPU
+    bar = tqdm(total=len(loader), initial=start_step, desc=f"{cfg.run_name} {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
+    tr.model.train()  # evaluation left it in eval mode
+    t0 = time.perf_counter()
+    for step, batch in enumerate(loader.epoch(epoch, aug_seed, start_step), start=start_step):
+        torch.manual_seed(step_seed(cfg.seed, epoch, step, acc.process_index))
+        global_step = epoch * len(loader) + step
+        loss = train_step(tr, batch, global_step)
+        bar.update(1)
+        done = step + 1
+        if done % finite_every == 0:
+            check_finite(tr)
+        if step % LOG_EVERY == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{tr.scheduler.get_last_lr()[0]:.3g}")
+        signum = stop.requested(acc) if done % check_every == 0 or done == len(loader) else 0
+        if signum or (cfg.checkpoint_every and (global_step + 1) % cfg.checkpoint_every == 0 and done < len(loader)):
+            save_progress(tr, epoch, done, time_before + time.perf_counter() - t0, wall_at())
+        if signum:
+            bar.close()
+            name = signal.Signals(signum).name
+            raise Interrupted(signum, f"[{cfg.run_name}] {name}: stopped after step {done} of epoch {epoch + 1}; "
+                                      f"the state is saved in {tr.run_dir.state_dir}. Resume with the same command "
+                                      "and --resume.")
+    bar.close()
+    check_finite(tr)
+    if tr.runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time_before + time.perf_counter() - t0
+
+
+def setup_training(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, runtime: Runtime,
+                   run_dir: RunDir) -> Training:
+    acc = runtime.accelerator
+    entry = model_entry(cfg.model)
+    channels_last = entry.family == "cnn"
+    recipe = cfg.resolved_recipe(entry.family)
+    loader = TrainLoader(data.train, cfg.batch_size, cfg.seed, cfg.augment, runtime.device,
+                         acc.process_index, acc.num_processes, channels_last)
+    total_steps = cfg.epochs * len(loader)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, recipe))
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand, once per optimizer step
+    return Training(model, optimizer, scheduler, loader, loss_step, recipe, runtime, run_dir, cfg)
+
+
+def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, runtime: Runtime, run_dir: RunDir,
         extra_meta: dict | None = None, aug_seed_for_epoch: Callable[[int], int] | None = None) -> dict:
-    """Train `model` with `loss_step` for cfg.epochs; save the checkpoint; return its metadata.
+    """Train `model` with `loss_step` for cfg.epochs in an opened run directory; save the checkpoint; return its metadata.
 
     Epoch e trains on the views of augmentation seed aug_seed_for_epoch(e) (default: a seed per epoch
     derived from cfg.seed). Every process runs this; only the main process prints and writes files.
     """
     aug_seed_for_epoch = aug_seed_for_epoch or (lambda epoch: epoch_seed(cfg.seed, epoch))
     acc = runtime.accelerator
-    entry = model_entry(cfg.model)
-    channels_last = entry.family == "cnn"
-    recipe = cfg.resolved_recipe(entry.family)
-    paths = checkpoint_paths(cfg.out_dir, cfg.run_name)
-    loader = TrainLoader(data.train, cfg.batch_size, cfg.seed, cfg.augment, runtime.device,
-                         acc.process_index, acc.num_processes, channels_last)
-    total_steps = cfg.epochs * len(loader)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     params = count_parameters(model)
-    optimizer = build_optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, recipe))
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)  # stepped once per optimizer step, on every process
-    state = _State(runtime, paths["state"])
-
-    start_epoch, wall_before = 0, 0.0
-    progress = state.load() if cfg.resume else None
-    if progress:
-        start_epoch, wall_before = progress["epochs_done"], progress.get("wall_time_s", 0.0)
-        runtime.print(f"[{cfg.run_name}] resuming after epoch {start_epoch} from {paths['state']}")
-    if acc.is_main_process:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        _append_metrics(paths["metrics"], {}, keep_epochs_below=start_epoch)
+    tr = setup_training(model, loss_step, data, cfg, runtime, run_dir)
+    progress = {"epoch": 0, "step": 0, "wall_time_s": 0.0}
+    if run_dir.resume_from:
+        progress = run_dir.restore_state(run_dir.resume_from, tr.modules(), tr.optimizer, tr.scheduler, acc.scaler)
+        runtime.print(f"[{cfg.run_name}] resuming {describe_progress(progress)} from {run_dir.state_dir}")
+    records = []
+    if acc.is_main_process:  # epochs that will be redone are dropped
+        records = [r for r in run_dir.read_metrics() if r["epoch"] < progress["epoch"]]
+        run_dir.write_metrics(records)
     runtime.print(f"[{cfg.run_name}] {cfg.model}: {params:,} params | {len(data.train)} train / {len(data.test)} test "
-                  f"| {cfg.epochs} epochs x {len(loader)} steps of {cfg.batch_size} | {recipe.optimizer} lr {recipe.lr:g} "
-                  f"{recipe.schedule} | {runtime.precision} ({runtime.precision_reason}) on {runtime.device} "
-                  f"x{acc.num_processes}")
-
+                  f"| {cfg.epochs} epochs x {len(tr.loader)} steps of {cfg.batch_size} | {tr.recipe.optimizer} lr "
+                  f"{tr.recipe.lr:g} {tr.recipe.schedule} | {runtime.precision} ({runtime.precision_reason}) on "
+                  f"{runtime.device} x{acc.num_processes}")
     wall_start = time.perf_counter()
-    test = {"accuracy": float("nan")}
-    train_img_s = 0.0
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        loss_sum = torch.zeros((), device=runtime.device)
-        correct = torch.zeros((), device=runtime.device, dtype=torch.long)
-        seen = 0
-        t0 = time.perf_counter()
-        bar = tqdm(total=len(loader), desc=f"{cfg.run_name} {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
-        for step, batch in enumerate(loader.epoch(epoch, aug_seed_for_epoch(epoch))):
-            loss, logits = loss_step(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            if recipe.grad_clip > 0:
-                acc.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach()
-            correct += (logits.detach().argmax(1) == batch.labels).sum()
-            seen += len(batch.labels)
-            bar.update(1)
-            if step % LOG_EVERY == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
-        bar.close()
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_time = time.perf_counter() - t0
-        train_img_s = seen * acc.num_processes / epoch_time
-        train_loss = acc.reduce(loss_sum, "mean").item() / len(loader)
-        train_acc = acc.reduce(correct, "sum").item() / (seen * acc.num_processes)
-        record = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_accuracy": round(train_acc, 5),
-                  "lr": scheduler.get_last_lr()[0], "img_per_s": round(train_img_s, 1),
-                  "epoch_time_s": round(epoch_time, 2), "precision": runtime.precision}
-        if epoch + 1 == cfg.epochs:
-            eval_model = acc.unwrap_model(model, keep_torch_compile=False)  # what is saved and reloaded
-        elif cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
-            eval_model = model
-        else:
-            eval_model = None
-        if eval_model is not None:
-            test = evaluate_model(eval_model, data.test, cfg.augment, runtime, cfg.eval_batch_size, channels_last)
-            record.update(test_accuracy=test["accuracy"], test_loss=round(test["loss"], 5))
-        wall = wall_before + time.perf_counter() - wall_start
-        record["wall_time_s"] = round(wall, 1)
-        if acc.is_main_process:
-            _append_metrics(paths["metrics"], record)
-        runtime.print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} loss {train_loss:.4f} train {train_acc:.4f}"
-                      + (f" test {record['test_accuracy']:.4f}" if "test_accuracy" in record else "")
-                      + f" | {train_img_s:,.0f} img/s | {epoch_time:.1f}s")
-        state.save(epoch + 1, {"wall_time_s": wall, "config": cfg.to_dict()})
 
-    final_model = acc.unwrap_model(model, keep_torch_compile=False)
-    if start_epoch >= cfg.epochs or "samples" not in test:  # nothing left to train after a resume
-        test = evaluate_model(final_model, data.test, cfg.augment, runtime, cfg.eval_batch_size, channels_last)
+    def wall_at() -> float:
+        return progress["wall_time_s"] + time.perf_counter() - wall_start
+
+    test, train_img_s = {}, 0.0
+    with Preemption() as stop:
+        for epoch in range(progress["epoch"], cfg.epochs):
+            resumed = epoch == progress["epoch"] and progress.get("step", 0) > 0
+            tr.reset_sums(progress.get("sums") if resumed else None)
+            epoch_time = run_epoch(tr, epoch, progress["step"] if resumed else 0, aug_seed_for_epoch(epoch), stop,
+                                   progress.get("epoch_time_s", 0.0) if resumed else 0.0, wall_at)
+            record, test = end_epoch(tr, data, epoch, epoch_time)
+            train_img_s = record["img_per_s"]
+            record["wall_time_s"] = round(wall_at(), 1)
+            if acc.is_main_process:
+                records.append(record)
+                run_dir.write_metrics(records)
+            save_progress(tr, epoch + 1, 0, 0.0, wall_at())
+            signum = stop.requested(acc)
+            if signum:  # asked during the evaluation: the epoch is whole and saved
+                raise Interrupted(signum, f"[{cfg.run_name}] {signal.Signals(signum).name}: stopped after epoch "
+                                          f"{epoch + 1}; the state is saved in {run_dir.state_dir}. Resume with the "
+                                          "same command and --resume.")
+    return finish(tr, data, test, params, train_img_s, wall_at(), extra_meta)
+
+
+def end_epoch(tr: Training, data: Dataset, epoch: int, epoch_time: float) -> tuple[dict, dict]:
+    """The epoch's metrics record (train sums, img/s, and the test set when it is due), printed."""
+    cfg, acc = tr.cfg, tr.acc
+    sums = tr.global_sums()  # over the whole epoch and every process, resumed parts included
+    train_loss = sums["loss"] / (len(tr.loader) * acc.num_processes)  # mean of the per-process batch means
+    train_acc = sums["correct"] / max(1, sums["seen"])
+    img_s = sums["seen"] / max(epoch_time, 1e-9)
+    record = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_accuracy": round(train_acc, 5),
+              "lr": tr.scheduler.get_last_lr()[0], "img_per_s": round(img_s, 1),
+              "epoch_time_s": round(epoch_time, 2), "precision": tr.runtime.precision}
+    test = {}
+    if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+        model = acc.unwrap_model(tr.model, keep_torch_compile=False)  # what is saved and reloaded
+        test = evaluate_model(model, data.test, cfg.augment, tr.runtime, cfg.eval_batch_size, tr.loader.channels_last)
+        record.update(test_accuracy=test["accuracy"], test_loss=round(test["loss"], 5))
+    tr.runtime.print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} loss {train_loss:.4f} train {train_acc:.4f}"
+                     + (f" test {record['test_accuracy']:.4f}" if test else "")
+                     + f" | {img_s:,.0f} img/s | {epoch_time:.1f}s")
+    return record, test
+
+
+def finish(tr: Training, data: Dataset, test: dict, params: int, train_img_s: float, wall: float,
+           extra_meta: dict | None) -> dict:
+    """Evaluate if needed, write the checkpoint, remove the state; returns the checkpoint's metadata."""
+    cfg, acc, runtime = tr.cfg, tr.acc, tr.runtime
+    final_model = acc.unwrap_model(tr.model, keep_torch_compile=False)
+    if not test:  # nothing left to train after a resume
+        test = evaluate_model(final_model, data.test, cfg.augment, runtime, cfg.eval_batch_size, tr.loader.channels_last)
     # the reported accuracy is the last epoch's, measured on the unwrapped model with the eval batches and
     # precision recorded below: exactly what a reload with `kdfast evaluate` reproduces
-    wall = wall_before + time.perf_counter() - wall_start
     meta = {
-        "model": cfg.model, "family": entry.family, "parameters": params, "classes": data.classes,
+        "model": cfg.model, "family": model_entry(cfg.model).family, "parameters": params, "classes": data.classes,
         "test_accuracy": test["accuracy"], "test_samples": test["samples"],
         "epochs": cfg.epochs, "seed": cfg.seed, "train_img_per_s": round(train_img_s, 1),
         "wall_time_s": round(wall, 1), "precision": runtime.precision, "precision_reason": runtime.precision_reason,
         "device": str(runtime.device), "num_processes": acc.num_processes,
         "distributed_type": acc.distributed_type.value,
-        "eval_batch_size": cfg.eval_batch_size, "data": data.describe(), "recipe": recipe.__dict__,
+        "eval_batch_size": cfg.eval_batch_size, "data": data.describe(), "recipe": tr.recipe.__dict__,
         "config": cfg.to_dict(), **(extra_meta or {}),
     }
     if acc.is_main_process:
         save_checkpoint(cfg.out_dir, cfg.run_name, final_model, meta)
-        runtime.print(f"[{cfg.run_name}] test accuracy {test['accuracy']:.4f} | wall {wall:.1f}s | saved {paths['pth']}")
+        runtime.print(f"[{cfg.run_name}] test accuracy {test['accuracy']:.4f} | wall {wall:.1f}s | "
+                      f"saved {tr.run_dir.paths['pth']}")
+        tr.run_dir.clear_state()
     acc.wait_for_everyone()
-    state.clear()
     acc.free_memory()
     return meta

@@ -13,8 +13,21 @@ class KdfastError(RuntimeError):
 USER_ERRORS = (KdfastError, ValueError, FileNotFoundError)
 
 
+class Interrupted(Exception):
+    """A run stopped by SIGINT / SIGTERM after saving its state; exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def user_errors_exit(main):
-    """Wrap an entry point: user errors print `kdfast: error: ...` and exit 2 (KDFAST_DEBUG=1 shows the traceback)."""
+    """Wrap an entry point: user errors print `kdfast: error: ...` and exit 2 (KDFAST_DEBUG=1 shows the traceback);
+    a run stopped by a signal after saving its state exits 128 + signal, Ctrl-C elsewhere 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -25,5 +38,15 @@ def user_errors_exit(main):
                 raise
             print(f"kdfast: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except Interrupted as e:
+            if _is_main_process():
+                print(f"kdfast: {e}", file=sys.stderr)
+            raise SystemExit(128 + e.signum) from None
+        except KeyboardInterrupt:
+            if os.environ.get("KDFAST_DEBUG"):
+                raise
+            if _is_main_process():
+                print("kdfast: interrupted (Ctrl-C); files being written were left as they were before", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapper

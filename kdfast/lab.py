@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -17,14 +16,14 @@ import tyro
 
 from . import cache, distill, train
 from .cache import BuildConfig
-from .checkpoint import checkpoint_paths, write_json
+from .checkpoint import checkpoint_paths
 from .config import LAB_PRESETS, DistillConfig, LabConfig, TrainConfig
-from .engine import process_state
+from .engine import on_main, process_state
 from .errors import user_errors_exit
+from .files import FileLock, check_file_target, read_json, write_json
 from .machine import describe
 from .report import format_table, lab_report
-
-NOT_COMPARED = ("resume", "progress")  # config fields that do not change what a run produces
+from .rundir import comparable_config
 
 
 def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
@@ -36,7 +35,8 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                       train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
                       batch_size=getattr(cfg, f"{pair}_batch_size"), eval_every=cfg.eval_every,
                       eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, compile=cfg.compile,
-                      seed=cfg.seed, resume=not cfg.fresh, progress=cfg.progress)
+                      seed=cfg.seed, resume=not cfg.fresh, fresh=cfg.fresh, checkpoint_every=cfg.checkpoint_every,
+                      progress=cfg.progress)
         student_epochs = getattr(cfg, f"{pair}_student_epochs")
         teacher_path = checkpoint_paths(cfg.out_dir, f"{pair}_teacher")["pth"]
         teacher_cache = None if cfg.online else os.path.join(cfg.cache_dir, f"{pair}_teacher.h5")
@@ -59,31 +59,48 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
     return runs
 
 
-def _comparable(config: dict) -> dict:
-    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in NOT_COMPARED}
-
-
 def finished_run(run_cfg: TrainConfig) -> dict | None:
     """The saved metadata of a run already finished with this very config, else None."""
     path = checkpoint_paths(run_cfg.out_dir, run_cfg.run_name)["json"]
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        meta = json.load(f)
-    return meta if _comparable(meta.get("config", {})) == _comparable(run_cfg.to_dict()) else None
+    meta = read_json(path, "checkpoint description", "Delete it (and its checkpoint) to retrain, or pass --fresh.")
+    if "test_accuracy" not in meta:
+        return None
+    return meta if comparable_config(meta.get("config", {})) == comparable_config(run_cfg.to_dict()) else None
 
 
 def preset_overrides(cfg: LabConfig) -> dict:
     """The fields that change what the runs do and differ from the preset's values."""
     preset = LAB_PRESETS[cfg.preset]
-    ignored = {"data", "download", "cache_dir", "out_dir", "report", "pairs", "fresh", "progress"}
+    ignored = {"data", "download", "cache_dir", "out_dir", "report", "pairs", "fresh", "progress", "checkpoint_every"}
     return {f.name: getattr(cfg, f.name) for f in fields(LabConfig)
             if f.name not in ignored and getattr(cfg, f.name) != getattr(preset, f.name)}
 
 
 def run(cfg: LabConfig) -> dict:
-    """Run (or resume) the six runs and write report.json after each one; returns the report."""
+    """Run (or resume) the six runs and write report.json after each one; returns the report.
+
+    The report is locked for the whole lab (a second lab on the same report refuses at once); each run
+    locks its own checkpoint name and each cache build its file.
+    """
+    cfg.validate()
     state = process_state()
+    held = []  # the lock, on the main process only
+
+    def claim():
+        check_file_target(cfg.report, "--report")
+        held.append(FileLock(cfg.report + ".lock", f"the lab report {cfg.report}").acquire(state.print))
+
+    on_main(state, claim)
+    try:
+        return _run_locked(cfg, state)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _run_locked(cfg: LabConfig, state) -> dict:
     say = state.print  # main process only
     machine = describe()
     extra = {"preset": cfg.preset, "preset_overrides": preset_overrides(cfg),

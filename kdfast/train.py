@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 
 from .config import TrainConfig
 from .data import Dataset, load_dataset
-from .engine import Runtime, fit, make_runtime
+from .engine import Runtime, fit, make_runtime, open_run
 from .errors import user_errors_exit
 from .losses import cross_entropy
 from .models import create_model, model_entry
@@ -36,15 +36,17 @@ def build_student(cfg: TrainConfig, runtime: Runtime):
 
 def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
     """Train cfg.model with cross-entropy; returns the checkpoint's metadata (test accuracy included)."""
+    cfg.validate()
     runtime = runtime or make_runtime(cfg.precision)
-    data, model = build_student(cfg, runtime)
-    label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
+    with open_run(cfg, runtime) as run_dir:
+        data, model = build_student(cfg, runtime)
+        label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
 
-    def loss_step(model, batch):
-        logits = model(batch.images)
-        return cross_entropy(logits, batch.labels, label_smoothing), logits
+        def loss_step(model, batch):
+            logits = model(batch.images)
+            return cross_entropy(logits, batch.labels, label_smoothing), logits
 
-    return fit(model, loss_step, data, cfg, runtime, {"kd": None})
+        return fit(model, loss_step, data, cfg, runtime, run_dir, {"kd": None})
 
 
 @user_errors_exit

@@ -77,16 +77,16 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, image_folder, mon
 
     original_epoch = data_mod.TrainLoader.epoch
 
-    def epoch_that_dies(self, epoch, aug_seed):
+    def epoch_that_dies(self, epoch, aug_seed, start_step=0):
         if epoch == 2:
             raise Interrupt("killed during epoch 3")
-        yield from original_epoch(self, epoch, aug_seed)
+        yield from original_epoch(self, epoch, aug_seed, start_step)
 
     cfg = TrainConfig(name="whole", out_dir=str(tmp_path / "b"), resume=True, **common)
     monkeypatch.setattr(data_mod.TrainLoader, "epoch", epoch_that_dies)
     with pytest.raises(Interrupt):
         train.run(cfg)
-    assert os.path.exists(os.path.join(cfg.out_dir, ".state", "whole", "progress.json"))
+    assert os.path.exists(os.path.join(cfg.out_dir, ".state", "whole", "state.json"))
     monkeypatch.setattr(data_mod.TrainLoader, "epoch", original_epoch)
     resumed = train.run(cfg)
 
@@ -98,10 +98,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, image_folder, mon
 
 
 def test_distill_refuses_bad_kd_params_before_work(tmp_path):
-    with pytest.raises(ValueError, match="alpha must be in"):
-        distill.run(DistillConfig(alpha=2.0, data=str(tmp_path / "missing")))
-    with pytest.raises(ValueError, match="tau"):
-        distill.run(DistillConfig(tau=0.0, data=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="--alpha must be"):
+        distill.run(DistillConfig(alpha=2.0, data=str(tmp_path / "missing"), teacher="t.pth"))
+    with pytest.raises(ValueError, match="--tau must be"):
+        distill.run(DistillConfig(tau=0.0, data=str(tmp_path / "missing"), teacher="t.pth"))
 
 
 def test_distill_names_a_missing_teacher(tmp_path, image_folder):

@@ -1,0 +1,180 @@
+"""Writing files safely: atomic replacement, JSON without NaN, and one writer per output (a lock).
+
+Every file kdfast writes goes through `atomic_write` (a temporary name in the same folder, then
+`os.replace`), so a crash or a full disk leaves the previous file whole and no temporary behind.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import math
+import os
+import socket
+import time
+
+from .errors import KdfastError
+
+
+class OutputError(KdfastError):
+    """An output that cannot be written (disk full, a file where a folder should be, a lock held)."""
+
+
+def finite_json(obj):
+    """obj with every NaN / inf float replaced by None: metrics and records never hold bare NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: str) -> str:
+    return f"{path}.tmp{os.getpid()}"
+
+
+def write_temp(path: str, write) -> str:
+    """write(tmp) to a temporary name beside `path`, synced; the temporary is removed if anything fails."""
+    tmp = temp_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException as e:
+        remove_quietly(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"{path}: could not be written ({e.strerror or e}); the previous file, if any, is "
+                              "unchanged. Free disk space or fix the path, then run again.") from None
+        raise
+    return tmp
+
+
+def atomic_write(path: str, write) -> None:
+    """Replace `path` with what write(tmp) produces, or leave it as it was."""
+    os.replace(write_temp(path, write), path)
+    _fsync_dir(path)
+
+
+def dump_json(obj, f) -> None:
+    json.dump(finite_json(obj), f, indent=2, allow_nan=False)
+    f.write("\n")
+
+
+def write_json(path: str, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            dump_json(obj, f)
+
+    atomic_write(path, write)
+
+
+def read_json(path: str, what: str = "file", fix: str = "Delete it or restore it from a backup.") -> dict:
+    """A JSON object from a file kdfast wrote, or one line naming the file when it is damaged."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise KdfastError(f"{path}: damaged {what}, not valid JSON ({e}). {fix}") from None
+    except IsADirectoryError:
+        raise KdfastError(f"{path}: a folder, expected a {what}. {fix}") from None
+    if not isinstance(obj, dict):
+        raise KdfastError(f"{path}: damaged {what}, expected a JSON object. {fix}")
+    return obj
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def ensure_dir(path: str, flag: str) -> None:
+    """Create a folder, or say in one line why it cannot be one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"{flag} {path}: a file is in the way, not a folder. Choose a folder, or move the file.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot create the folder ({e.strerror or e}). Choose another path.") from None
+
+
+def check_file_target(path: str, flag: str) -> None:
+    """An output file path whose place is usable: not a folder, its folder creatable."""
+    if os.path.isdir(path):
+        raise OutputError(f"{flag} {path}: a folder is in the way, expected a file name. Choose a file path.")
+    ensure_dir(os.path.dirname(os.path.abspath(path)), flag)
+
+
+class LockedError(OutputError):
+    """Another process is writing the same output."""
+
+
+class FileLock:
+    """An exclusive lock on one output, held for a whole run: `path` (NAME.lock) with the holder's pid in it.
+
+    flock(2) is released by the kernel when the holder dies, so a lock left by a killed process never
+    blocks: the next run takes it over and says so. A second live writer is refused at once.
+    """
+
+    def __init__(self, path: str, what: str):
+        self.path, self.what, self.fd = path, what, None
+
+    def acquire(self, say=print) -> "FileLock":
+        ensure_dir(os.path.dirname(os.path.abspath(self.path)), "lock folder")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OutputError(f"{self.path}: cannot lock ({e.strerror}); is the folder on a file system "
+                                      "without locks? Use a local --out-dir.") from None
+                raise LockedError(f"{self.path}: {self.what} is being written by another process ({holder}). "
+                                  "Wait for it to finish, or choose another --name / --out-dir.") from None
+            try:  # the file may have been unlinked by its previous holder between our open and flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if previous:
+            say(f"{self.path}: taking over the lock of {previous}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        remove_quietly(self.path)  # while still held: nobody can lock the old file after this
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire() if self.fd is None else self
+
+    def __exit__(self, *exc):
+        self.release()
