@@ -1,4 +1,5 @@
-"""Distillation throughput: student alone, online KD (teacher pass per batch), cached KD (HDF5 logits), cache build.
+"""Distillation throughput: student alone, online KD (teacher pass per batch), cached KD (HDF5 logits), cache build,
+and one row per distillation method (kd, dkd, each with logit standardization, from the cache; FitNets online).
 
     python benchmarks/kd_throughput.py --data ../shared/data/cifar10-jpeg.tar.gz
 
@@ -23,12 +24,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kdfast.augment import AugmentSpec  # noqa: E402
 from kdfast.cache import BuildConfig, build  # noqa: E402
-from kdfast.checkpoint import save_checkpoint  # noqa: E402
+from kdfast.checkpoint import load_teacher, save_checkpoint  # noqa: E402
 from kdfast.config import DistillConfig  # noqa: E402
 from kdfast.data import TrainLoader, load_dataset  # noqa: E402
 from kdfast.distill import cached_teacher, online_teacher  # noqa: E402
 from kdfast.engine import make_runtime  # noqa: E402
+from kdfast.hints import FeatureHook, HintedStudent, feature_shape, hint_layers, make_regressor  # noqa: E402
 from kdfast.losses import cross_entropy, kd_loss  # noqa: E402
+from kdfast.methods import method_entry  # noqa: E402
 from kdfast.machine import describe  # noqa: E402
 from kdfast.models import create_model, model_entry  # noqa: E402
 
@@ -90,17 +93,71 @@ def bench_pair(teacher_name, student_name, data, args, runtime, workdir) -> dict
     student.train()
     modes = {"cached": train_step(cached), "student": train_step(None), "online": train_step(online),
              "teacher": online}  # the last one is teacher inference alone
+    modes.update(method_steps(cfg, cached, ckpt, student_name, data, runtime))
     best = {name: float("inf") for name in modes}
     for _ in range(args.rounds):  # rounds interleave the modes; the best round of each counts
         for name, step in modes.items():
             best[name] = min(best[name], seconds_per_image(step, batches, args.warmup, device))
     t_student, t_online, t_cached, t_teacher = (best[n] for n in ("student", "online", "cached", "teacher"))
     limit = 1 + t_teacher / t_student
+    methods = {name: {"img_s": 1 / best[name], "over_student": t_student / best[name]}
+               for name in modes if name.startswith("method ")}
     return {"pair": f"{teacher_name} -> {student_name}", "student_only_img_s": 1 / t_student,
             "online_kd_img_s": 1 / t_online, "cached_kd_img_s": 1 / t_cached, "teacher_inference_img_s": 1 / t_teacher,
             "cache_build_img_s": build_img_s, "cached_over_student": t_student / t_cached,
             "cached_over_online": t_online / t_cached, "limit_cached_over_online": limit,
-            "reached_of_limit": (t_online / t_cached) / limit}
+            "reached_of_limit": (t_online / t_cached) / limit, "methods": methods}
+
+
+def method_steps(cfg: DistillConfig, cached, ckpt: str, student_name: str, data, runtime) -> dict:
+    """A full training step (forward, the method's loss, backward, SGD) for each method, as `kdfast distill` runs it."""
+    acc, device = runtime.accelerator, runtime.device
+    channels_last = model_entry(student_name).family == "cnn"
+
+    def fresh(model):
+        model = model.to(device)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    steps = {}
+    for name, std in (("kd", False), ("kd", True), ("dkd", False), ("dkd", True)):
+        loss_fn = method_entry(name).build(DistillConfig(**{**cfg.__dict__, "method": name, "logit_std": std}), 0.0)
+        model = fresh(create_model(student_name, num_classes=len(data.classes)))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(batch, loss_fn=loss_fn, model=model, opt=opt):
+            target = cached(batch)
+            with acc.autocast():
+                logits = model(batch.images)
+            loss = loss_fn(logits, target, batch.labels, 0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        steps[f"method {name}{' + logit std' if std else ''} (cached)"] = step
+
+    teacher, meta = load_teacher(ckpt, data.classes, device)
+    layers = hint_layers(None, meta["model"], student_name)
+    student = create_model(student_name, num_classes=len(data.classes))
+    shape = tuple(data.train.images.shape[1:])
+    reg = make_regressor(feature_shape(student, layers[1], "student", shape, "cpu"),
+                         feature_shape(teacher, layers[0], "teacher", shape, device), layers)
+    hinted = fresh(HintedStudent(student, layers[1], reg))
+    hook = FeatureHook(teacher, layers[0], "teacher")
+    loss_fn = method_entry("fitnets").build(cfg, 0.0)
+    opt = torch.optim.SGD(hinted.parameters(), lr=0.01, momentum=0.9)
+
+    def fitnets_step(batch):
+        with torch.no_grad(), acc.autocast():
+            target, feature = hook.capture(lambda: teacher(batch.images))
+        with acc.autocast():
+            logits, hint = hinted(batch.images)
+        loss = loss_fn(logits, target, batch.labels, 0, (hint, feature))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    steps["method fitnets (online teacher)"] = fitnets_step
+    return steps
 
 
 def main(argv=None):
@@ -138,6 +195,10 @@ def main(argv=None):
               f"{r['cached_kd_img_s']:>10,.0f} {r['teacher_inference_img_s']:>12,.0f} {r['cache_build_img_s']:>12,.0f} "
               f"{r['cached_over_student']:>15.2f} {r['cached_over_online']:>14.2f} {r['limit_cached_over_online']:>7.2f} "
               f"{r['reached_of_limit']:>8.0%}")
+    print("\nimg/s per distillation method (full training steps), and the ratio to the student alone")
+    for r in rows:
+        for name, m in r["methods"].items():
+            print(f"{r['pair']:<26} {name[len('method '):]:<32} {m['img_s']:>10,.0f} {m['over_student']:>7.2f}")
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = os.path.join(args.out, f"kd-throughput-{runtime.device.type}-{stamp}.json")

@@ -11,6 +11,7 @@ COMMANDS = {
     "evaluate": ("kdfast.evaluate", "evaluate a checkpoint on the test set"),
     "lab": ("kdfast.lab", "the whole course lab: six checkpoints and report.json (--preset smoke|cpu|full)"),
     "models": (None, "list the registered models"),
+    "methods": (None, "list the distillation methods (kdfast distill --method NAME)"),
 }
 
 
@@ -36,6 +37,14 @@ def main(argv: list[str] | None = None):
         for name in list_models():
             entry = model_entry(name)
             print(f"{name:<12} {entry.family:<4} {entry.description}")
+        return 0
+    if command == "methods":
+        from .methods import list_methods, method_entry
+
+        for name in list_methods():
+            entry = method_entry(name)
+            source = "teacher logits: cache or online" if entry.needs == "logits" else "teacher features: online"
+            print(f"{name:<9} {source:<32} {entry.description}")
         return 0
     importlib.import_module(COMMANDS[command][0]).main(rest)
     return 0

@@ -179,12 +179,35 @@ class DistillConfig(TrainConfig):
     """HDF5 teacher-logit cache (kdfast cache build): no teacher pass; epoch e trains on slot e mod S's views."""
     cache_slots: int = 0
     """Use only the first N slots of the cache (0 = all)."""
+    method: str = "kd"
+    """Distillation method: kd (Hinton), dkd (decoupled KD), fitnets (hints + KD, teacher online); `kdfast methods`."""
+    logit_std: bool = False
+    """Logit standardization (Sun et al. 2024): z-score teacher and student logits before the softened softmax."""
+    dkd_alpha: float = 1.0
+    """DKD: weight of the target-class term (TCKD)."""
+    dkd_beta: float = 8.0
+    """DKD: weight of the non-target-class term (NCKD)."""
+    dkd_warmup: float = 0.1
+    """DKD: fraction of the epochs over which the KD term ramps up linearly (mdistiller: 20 of 240 epochs)."""
+    hint: Optional[str] = None
+    """FitNets: TEACHER_LAYER:STUDENT_LAYER (module names); default: the middle stage / block of each model."""
+    hint_weight: float = 100.0
+    """FitNets (joint schedule): L = L_KD + hint_weight * MSE(regressed student features, teacher features)."""
+    fitnets_schedule: Literal["joint", "two-stage"] = "joint"
+    """FitNets: joint loss, or the paper's two stages (hints alone, then KD alone)."""
+    hint_epochs: float = 0.2
+    """FitNets two-stage: fraction of the epochs spent on hint training alone."""
 
     def validate(self) -> None:
         super().validate()
         check_float(self, "alpha", 0.0, 1.0, high_open=False)
         check_float(self, "tau", 0.0, low_open=True)
         check_int(self, "cache_slots", 0)
+        check_float(self, "dkd_alpha", 0.0)
+        check_float(self, "dkd_beta", 0.0)
+        check_float(self, "dkd_warmup", 0.0, 1.0, high_open=False)
+        check_float(self, "hint_weight", 0.0)
+        check_float(self, "hint_epochs", 0.0, 1.0)
         if not self.teacher and not self.teacher_cache:
             raise ValueError("distillation needs a teacher: --teacher CKPT (run online) or --teacher-cache FILE "
                              "(kdfast cache build)")
@@ -257,6 +280,10 @@ class LabConfig:
     """Retrain every run; by default finished runs with the same config are kept and interrupted ones resumed."""
     checkpoint_every: int = 0
     """Also save each run's resumable state every N optimizer steps (0: after every epoch only)."""
+    methods: tuple[str, ...] = ()
+    """Extra KD students, one per method (dkd, fitnets, ...), reported under each pair's details."""
+    logit_std: bool = False
+    """Logit standardization for the KD student(s)."""
     progress: bool = True
 
     def validate(self) -> None:

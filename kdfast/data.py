@@ -289,6 +289,7 @@ class Batch:
     labels: torch.Tensor  # (B,) int64
     indices: torch.Tensor  # (B,) int64, sample indices into the split
     aug_seed: int | None  # augmentation seed of these views (None: no augmentation)
+    epoch: int = -1  # the training epoch (0-based) of these batches; -1 outside training
 
 
 def _permutation_seed(seed: int, epoch: int) -> int:
@@ -330,7 +331,7 @@ class TrainLoader:
             start = step * self.batch_size + self.rank * self.local_batch
             idx = perm[start:start + self.local_batch]
             views = augment(self.images[idx], idx, aug_seed, self.spec)
-            yield Batch(normalize(views, self.spec, self.channels_last), self.labels[idx], idx, aug_seed)
+            yield Batch(normalize(views, self.spec, self.channels_last), self.labels[idx], idx, aug_seed, epoch)
 
 
 def eval_batches(split: Split, batch_size: int, spec: AugmentSpec, device, process_index: int = 0,

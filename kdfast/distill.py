@@ -1,7 +1,9 @@
-"""Knowledge distillation: a student trained on L = α·CE + (1−α)·τ²·KL from a teacher.
+"""Knowledge distillation: a student trained from a teacher with a registered method (kdfast/methods.py).
 
     python -m kdfast.distill --model resnet8 --teacher models_saved/cnn_teacher.pth --alpha 0.5 --tau 4
     python -m kdfast.distill --model resnet8 --teacher-cache cache/cnn_teacher.h5     # no teacher pass
+    python -m kdfast.distill --model resnet8 --teacher-cache cache/cnn_teacher.h5 --method dkd --logit-std
+    python -m kdfast.distill --model resnet8 --teacher models_saved/cnn_teacher.pth --method fitnets
     accelerate launch -m kdfast.distill ...
 """
 from __future__ import annotations
@@ -16,7 +18,8 @@ from .checkpoint import load_checkpoint, load_teacher, weights_sha256
 from .config import DistillConfig
 from .engine import Runtime, accuracy_and_loss, fit, make_runtime, open_run
 from .errors import KdfastError, user_errors_exit
-from .losses import kd_loss
+from .hints import HintedStudent, FeatureHook, feature_shape, hint_layers, make_regressor
+from .methods import method_entry
 from .models import model_entry
 from .train import build_student
 
@@ -60,22 +63,71 @@ def check_same_teacher(teacher: str, cache: LogitCache) -> None:
                           "Drop --teacher to use the cache, or build a cache from this teacher.")
 
 
+def logit_method_run(cfg: DistillConfig, runtime: Runtime, run_dir, loss_fn) -> dict:
+    """A method on teacher logits: served from the cache, or the teacher run online on every batch."""
+    data, model = build_student(cfg, runtime)
+    source = cached_teacher if cfg.teacher_cache else online_teacher
+    teacher_logits, aug_seed_for_epoch, kd = source(cfg, data, runtime)
+
+    def loss_step(model, batch):
+        target = teacher_logits(batch)
+        logits = model(batch.images)
+        return loss_fn(logits, target, batch.labels, batch.epoch), logits
+
+    return fit(model, loss_step, data, cfg, runtime, run_dir, {"kd": {**kd, **method_meta(cfg)}}, aug_seed_for_epoch)
+
+
+def feature_method_run(cfg: DistillConfig, runtime: Runtime, run_dir, loss_fn) -> dict:
+    """FitNets: the teacher online (eval, inference) with a hook on its hint layer; the student with its regressor."""
+    if cfg.teacher_cache:
+        raise ValueError(f"--method {cfg.method} needs the teacher's features, which a logit cache does not hold: "
+                         "pass --teacher CKPT without --teacher-cache")
+    data, student = build_student(cfg, runtime)
+    teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device)
+    layers = hint_layers(cfg.hint, meta["model"], cfg.model)
+    image_shape = tuple(data.train.images.shape[1:])
+    shapes = (feature_shape(student, layers[1], "student", image_shape, "cpu"),
+              feature_shape(teacher, layers[0], "teacher", image_shape, runtime.device))
+    hinted = HintedStudent(student, layers[1], make_regressor(shapes[0], shapes[1], layers))
+    teacher_hook = FeatureHook(teacher, layers[0], "teacher")
+    runtime.print(f"[{cfg.run_name}] FitNets hint: teacher {layers[0]} {shapes[1][1:]} <- regressor <- student "
+                  f"{layers[1]} {shapes[0][1:]}, {cfg.fitnets_schedule} schedule")
+
+    def loss_step(model, batch):
+        with torch.no_grad(), runtime.accelerator.autocast():
+            target, teacher_feature = teacher_hook.capture(lambda: teacher(batch.images))
+        logits, hint = model(batch.images)
+        return loss_fn(logits, target, batch.labels, batch.epoch, (hint, teacher_feature)), logits
+
+    kd = {"mode": "online", "teacher": cfg.teacher, "teacher_model": meta["model"],
+          "teacher_accuracy": meta.get("test_accuracy"), "hint": f"{layers[0]}:{layers[1]}"}
+    try:
+        return fit(hinted, loss_step, data, cfg, runtime, run_dir, {"kd": {**kd, **method_meta(cfg)}},
+                   export=lambda m: m.student)
+    finally:
+        teacher_hook.remove()
+        hinted.remove_hooks()
+
+
+def method_meta(cfg: DistillConfig) -> dict:
+    """What the checkpoint's .json and the report record of the method and its parameters."""
+    meta = {"method": cfg.method, "alpha": cfg.alpha, "tau": cfg.tau, "logit_std": cfg.logit_std}
+    if cfg.method == "dkd":  # its CE weight is 1; alpha and beta weigh its two KD terms
+        meta.update(alpha=None, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta, dkd_warmup=cfg.dkd_warmup)
+    if cfg.method == "fitnets":
+        meta.update(hint_weight=cfg.hint_weight, fitnets_schedule=cfg.fitnets_schedule, hint_epochs=cfg.hint_epochs)
+    return meta
+
+
 def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
     cfg.validate()  # refuse bad α, τ and every other number before any work
-    runtime = runtime or make_runtime(cfg.precision)
+    method = method_entry(cfg.method)
+    runtime = runtime or make_runtime(cfg.precision, find_unused_parameters=method.needs == "features")
     with open_run(cfg, runtime) as run_dir:
-        data, model = build_student(cfg, runtime)
-        source = cached_teacher if cfg.teacher_cache else online_teacher
-        teacher_logits, aug_seed_for_epoch, kd = source(cfg, data, runtime)
         label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
-
-        def loss_step(model, batch):
-            target = teacher_logits(batch)
-            logits = model(batch.images)
-            return kd_loss(logits, target, batch.labels, cfg.alpha, cfg.tau, label_smoothing), logits
-
-        return fit(model, loss_step, data, cfg, runtime, run_dir,
-                   {"kd": {**kd, "alpha": cfg.alpha, "tau": cfg.tau}}, aug_seed_for_epoch)
+        loss_fn = method.build(cfg, label_smoothing)
+        runner = feature_method_run if method.needs == "features" else logit_method_run
+        return runner(cfg, runtime, run_dir, loss_fn)
 
 
 @user_errors_exit

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, parse_flag_from_env
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from .augment import epoch_seed, splitmix64
@@ -53,14 +53,20 @@ def process_state() -> PartialState:
     return PartialState(cpu=_use_cpu())
 
 
-def make_runtime(precision: str = "auto") -> Runtime:
-    """An Accelerator with the precision that is really fast here (see machine.resolve_precision)."""
+def make_runtime(precision: str = "auto", find_unused_parameters: bool = False) -> Runtime:
+    """An Accelerator with the precision that is really fast here (see machine.resolve_precision).
+
+    find_unused_parameters: for losses that leave some parameters without a gradient in some steps
+    (FitNets' stages), which DDP must then be told about.
+    """
     device_type = process_state().device.type
     used, reason = resolve_precision(precision, device_type)
     if device_type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     AcceleratorState._reset_state()  # lets one process run several runs (the lab, tests) in turn
-    accelerator = Accelerator(cpu=_use_cpu(), mixed_precision=accelerate_mixed_precision(used))
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    accelerator = Accelerator(cpu=_use_cpu(), mixed_precision=accelerate_mixed_precision(used),
+                              kwargs_handlers=handlers)
     return Runtime(accelerator, used, reason)
 
 
@@ -220,6 +226,7 @@ class Training:
     runtime: Runtime
     run_dir: RunDir
     cfg: TrainConfig
+    export: Callable[[nn.Module], nn.Module]  # the trained module -> the model that is evaluated and saved
     # per-epoch sums (device tensors, this process's part) and the first non-finite step (-1: none)
     sums: dict = field(default_factory=dict)
     bad_step: torch.Tensor | None = None
@@ -230,6 +237,10 @@ class Training:
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.acc.unwrap_model(self.model, keep_torch_compile=False)}
+
+    def exported(self) -> nn.Module:
+        """The model to evaluate and save: unwrapped, without helpers such as a hint regressor."""
+        return self.export(self.acc.unwrap_model(self.model, keep_torch_compile=False))
 
     def reset_sums(self, saved: dict | None = None) -> None:
         """Zero the epoch's sums; a resumed epoch starts from the saved global sums (on the main process)."""
@@ -325,7 +336,7 @@ def run_epoch(tr: Training, epoch: int, start_step: int, aug_seed: int, stop: Pr
 
 
 def setup_training(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, runtime: Runtime,
-                   run_dir: RunDir) -> Training:
+                   run_dir: RunDir, export: Callable[[nn.Module], nn.Module]) -> Training:
     acc = runtime.accelerator
     entry = model_entry(cfg.model)
     channels_last = entry.family == "cnn"
@@ -340,20 +351,24 @@ def setup_training(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: Tr
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand, once per optimizer step
-    return Training(model, optimizer, scheduler, loader, loss_step, recipe, runtime, run_dir, cfg)
+    return Training(model, optimizer, scheduler, loader, loss_step, recipe, runtime, run_dir, cfg, export)
 
 
 def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, runtime: Runtime, run_dir: RunDir,
-        extra_meta: dict | None = None, aug_seed_for_epoch: Callable[[int], int] | None = None) -> dict:
+        extra_meta: dict | None = None, aug_seed_for_epoch: Callable[[int], int] | None = None,
+        export: Callable[[nn.Module], nn.Module] | None = None) -> dict:
     """Train `model` with `loss_step` for cfg.epochs in an opened run directory; save the checkpoint; return its metadata.
 
     Epoch e trains on the views of augmentation seed aug_seed_for_epoch(e) (default: a seed per epoch
-    derived from cfg.seed). Every process runs this; only the main process prints and writes files.
+    derived from cfg.seed). `export(model)` is what is evaluated and saved (default: the model itself;
+    FitNets trains the student with its regressor and exports the student). Every process runs this;
+    only the main process prints and writes files.
     """
     aug_seed_for_epoch = aug_seed_for_epoch or (lambda epoch: epoch_seed(cfg.seed, epoch))
+    export = export or (lambda m: m)
     acc = runtime.accelerator
-    params = count_parameters(model)
-    tr = setup_training(model, loss_step, data, cfg, runtime, run_dir)
+    params = count_parameters(export(model))
+    tr = setup_training(model, loss_step, data, cfg, runtime, run_dir, export)
     progress = {"epoch": 0, "step": 0, "wall_time_s": 0.0}
     if run_dir.resume_from:
         progress = run_dir.restore_state(run_dir.resume_from, tr.modules(), tr.optimizer, tr.scheduler, acc.scaler)
@@ -405,8 +420,7 @@ def end_epoch(tr: Training, data: Dataset, epoch: int, epoch_time: float) -> tup
               "epoch_time_s": round(epoch_time, 2), "precision": tr.runtime.precision}
     test = {}
     if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-        model = acc.unwrap_model(tr.model, keep_torch_compile=False)  # what is saved and reloaded
-        test = evaluate_model(model, data.test, cfg.augment, tr.runtime, cfg.eval_batch_size, tr.loader.channels_last)
+        test = evaluate_model(tr.exported(), data.test, cfg.augment, tr.runtime, cfg.eval_batch_size, tr.loader.channels_last)
         record.update(test_accuracy=test["accuracy"], test_loss=round(test["loss"], 5))
     tr.runtime.print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} loss {train_loss:.4f} train {train_acc:.4f}"
                      + (f" test {record['test_accuracy']:.4f}" if test else "")
@@ -418,7 +432,7 @@ def finish(tr: Training, data: Dataset, test: dict, params: int, train_img_s: fl
            extra_meta: dict | None) -> dict:
     """Evaluate if needed, write the checkpoint, remove the state; returns the checkpoint's metadata."""
     cfg, acc, runtime = tr.cfg, tr.acc, tr.runtime
-    final_model = acc.unwrap_model(tr.model, keep_torch_compile=False)
+    final_model = tr.exported()
     if not test:  # nothing left to train after a resume
         test = evaluate_model(final_model, data.test, cfg.augment, runtime, cfg.eval_batch_size, tr.loader.channels_last)
     # the reported accuracy is the last epoch's, measured on the unwrapped model with the eval batches and

@@ -22,6 +22,7 @@ from .engine import on_main, process_state
 from .errors import user_errors_exit
 from .files import FileLock, check_file_target, read_json, write_json
 from .machine import describe
+from .methods import method_entry
 from .report import format_table, lab_report
 from .rundir import comparable_config
 
@@ -55,7 +56,13 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
         runs.append((f"{pair}_student_with_kd", distill,
                      DistillConfig(model=student, name=f"{pair}_student_with_kd", epochs=student_epochs,
                                    teacher=teacher_path, teacher_cache=teacher_cache, alpha=cfg.alpha, tau=cfg.tau,
-                                   **common)))
+                                   logit_std=cfg.logit_std, **common)))
+        for method in cfg.methods:  # extra students, one per method, from the same teacher (and cache)
+            needs_features = method_entry(method).needs == "features"
+            runs.append((f"{pair}_student_{method}", distill, DistillConfig(
+                model=student, name=f"{pair}_student_{method}", epochs=student_epochs, method=method,
+                teacher=teacher_path, teacher_cache=None if needs_features else teacher_cache, alpha=cfg.alpha,
+                tau=cfg.tau, logit_std=cfg.logit_std, **common)))
     return runs
 
 
@@ -85,6 +92,10 @@ def run(cfg: LabConfig) -> dict:
     locks its own checkpoint name and each cache build its file.
     """
     cfg.validate()
+    for method in cfg.methods:
+        method_entry(method)
+        if method == "kd":
+            raise ValueError("--methods: kd is the lab's KD student already (student_with_kd); list other methods")
     state = process_state()
     held = []  # the lock, on the main process only
 

@@ -34,9 +34,71 @@ def kd_loss(
     alpha: float,
     tau: float,
     label_smoothing: float = 0.0,
+    standardized: bool = False,
 ) -> torch.Tensor:
-    """L = α·CE(y, p_s) + (1−α)·τ²·KL(p_t^τ ‖ p_s^τ)  (Hinton et al. 2015), batch mean."""
+    """L = α·CE(y, p_s) + (1−α)·τ²·KL(p_t^τ ‖ p_s^τ)  (Hinton et al. 2015), batch mean.
+
+    standardized=True z-scores both logits before the softened softmax (logit standardization); the hard
+    CE keeps the raw student logits.
+    """
     check_kd_params(alpha, tau)
     hard = cross_entropy(student_logits, labels, label_smoothing)
+    if standardized:
+        student_logits, teacher_logits = standardize(student_logits), standardize(teacher_logits.detach())
     soft = soft_kl(student_logits, teacher_logits, tau)
     return alpha * hard + (1.0 - alpha) * tau**2 * soft
+
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Z-score of each sample's logits over the classes (Sun et al., CVPR 2024, "logit standardization").
+
+    The softened softmax of standardized logits is invariant to shifting and (positively) scaling the logits,
+    so the student matches the teacher's logit *relations*, not their magnitude.
+    """
+    logits = logits.float()
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True)
+    return (logits - mean) / (std + eps)
+
+
+def _binary_kl(p_t: torch.Tensor, p_s: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """KL([p_t, 1-p_t] ‖ [p_s, 1-p_s]) per sample."""
+    return (p_t * (torch.log(p_t + eps) - torch.log(p_s + eps))
+            + (1 - p_t) * (torch.log1p(-p_t + eps) - torch.log1p(-p_s + eps)))
+
+
+def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+              tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (TCKD, NCKD, teacher's target probability) of Decoupled KD (Zhao et al., CVPR 2022), no τ² factor.
+
+    TCKD = KL(b_t ‖ b_s) over the binary (target, rest) probabilities; NCKD = KL(p̂_t ‖ p̂_s) over the
+    non-target classes renormalized. Identity (their Eq. 4): KL(p_t ‖ p_s) = TCKD + (1 − p_t[target])·NCKD.
+    """
+    s, t = student_logits.float() / tau, teacher_logits.detach().float() / tau
+    target = F.one_hot(labels, s.shape[-1]).bool()
+    p_s_target = F.softmax(s, dim=-1)[target]
+    p_t_target = F.softmax(t, dim=-1)[target]
+    tckd = _binary_kl(p_t_target, p_s_target)
+    masked = torch.finfo(torch.float32).min / 4  # drops the target class from the softmax
+    log_q_s = F.log_softmax(s.masked_fill(target, masked), dim=-1)
+    log_q_t = F.log_softmax(t.masked_fill(target, masked), dim=-1)
+    nckd = (log_q_t.exp() * (log_q_t - log_q_s)).masked_fill(target, 0.0).sum(-1)
+    return tckd, nckd, p_t_target
+
+
+def dkd_loss(student_logits, teacher_logits, labels, alpha: float, beta: float, tau: float, warmup: float = 1.0,
+             ce_weight: float = 1.0, label_smoothing: float = 0.0, standardized: bool = False) -> torch.Tensor:
+    """ce_weight·CE + warmup·τ²·(α·TCKD + β·NCKD), batch mean (mdistiller's DKD: ce 1, α 1, β 8, τ 4)."""
+    s, t = (standardize(student_logits), standardize(teacher_logits.detach())) if standardized else \
+        (student_logits, teacher_logits)
+    tckd, nckd, _ = dkd_terms(s, t, labels, tau)
+    hard = cross_entropy(student_logits, labels, label_smoothing)
+    return ce_weight * hard + warmup * tau**2 * (alpha * tckd.mean() + beta * nckd.mean())
+
+
+def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """FitNets' hint loss: mean squared error between the regressed student features and the teacher's."""
+    if student_features.shape != teacher_features.shape:
+        raise ValueError(f"hint features differ in shape: student {tuple(student_features.shape)} (after the "
+                         f"regressor), teacher {tuple(teacher_features.shape)}")
+    return F.mse_loss(student_features.float(), teacher_features.detach().float())

@@ -12,7 +12,8 @@ def run_details(meta: dict, extra: dict) -> dict:
     kd = meta.get("kd") or {}
     return {
         "model": meta["model"], "parameters": meta["parameters"], "epochs": meta["epochs"],
-        "alpha": kd.get("alpha"), "tau": kd.get("tau"), "kd_mode": kd.get("mode"),
+        "method": kd.get("method", "kd" if kd else None), "alpha": kd.get("alpha"), "tau": kd.get("tau"),
+        "logit_std": kd.get("logit_std"), "kd_mode": kd.get("mode"),
         "teacher_cache_slots": kd.get("cache_slots"), "seed": meta["seed"],
         "device": meta["device"], "num_processes": meta["num_processes"], "precision": meta["precision"],
         "wall_time_s": meta["wall_time_s"], "train_img_per_s": meta["train_img_per_s"],
@@ -31,14 +32,22 @@ def lab_report(results: dict[str, dict], extra: dict) -> dict:
             if meta is not None:
                 entry[key] = meta["test_accuracy"]
                 details[suffix] = run_details(meta, extra)
+        methods = {name[len(f"{pair}_student_"):]: meta for name, meta in results.items()
+                   if name.startswith(f"{pair}_student_") and name[len(pair) + 1:] not in LAB_RUNS.values()}
+        if methods:  # extra KD students (kdfast lab --methods): their accuracy beside the lab's three
+            details["methods"] = {m: {"test_accuracy": meta["test_accuracy"], **run_details(meta, extra)}
+                                  for m, meta in methods.items()}
         if entry:
             report[pair] = {**entry, "details": details}
     return report
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'pair':<5} {'teacher':>9} {'no KD':>9} {'with KD':>9}   (test accuracy)"]
+    methods = sorted({m for entry in report.values() for m in entry.get("details", {}).get("methods", {})})
+    lines = [f"{'pair':<5} {'teacher':>9} {'no KD':>9} {'with KD':>9}" + "".join(f" {m:>9}" for m in methods)
+             + "   (test accuracy)"]
     for pair, entry in report.items():
-        cells = [entry.get(k) for k in LAB_RUNS]
+        extra = entry.get("details", {}).get("methods", {})
+        cells = [entry.get(k) for k in LAB_RUNS] + [extra.get(m, {}).get("test_accuracy") for m in methods]
         lines.append(f"{pair:<5} " + " ".join(f"{c:>9.4f}" if c is not None else f"{'-':>9}" for c in cells))
     return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Distillation methods by name: each says what it needs from the teacher and binds a pure loss of losses.py.
+
+    kd       Hinton et al. 2015: α·CE + (1−α)·τ²·KL(p_t^τ ‖ p_s^τ)                     teacher logits
+    dkd      Zhao et al. 2022: CE + warm-up·τ²·(α·TCKD + β·NCKD)                        teacher logits
+    fitnets  Romero et al. 2015: KD + β·MSE(regressor(student layer), teacher layer)   teacher features (online)
+
+Logit methods read the teacher's logits from a logit cache (no teacher pass) or run it online; every logit
+term can use logit standardization (`--logit-std`, Sun et al. 2024).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import DistillConfig
+from .losses import dkd_loss, hint_loss, kd_loss
+
+# loss(student_logits, teacher_logits, labels, epoch, hints) -> scalar; hints = (regressed student, teacher) features
+MethodLoss = Callable[..., "object"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    needs: str  # "logits": cached or online teacher logits; "features": the teacher online, with forward hooks
+    build: Callable[[DistillConfig, float], MethodLoss]  # (config, label smoothing) -> loss
+    description: str
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(needs: str):
+    def wrap(fn):
+        _METHODS[fn.__name__] = Method(fn.__name__, needs, fn, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_entry(name: str) -> Method:
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, list_methods(), n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"--method: unknown method {name!r}.{hint} Known methods: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def warmup_factor(epoch: int, fraction: float, epochs: int) -> float:
+    """Linear warm-up over the first `fraction` of the epochs: (epoch + 1) / warm-up epochs, capped at 1."""
+    warm = max(1, round(fraction * epochs))
+    return min((epoch + 1) / warm, 1.0)
+
+
+@register_method("logits")
+def kd(cfg: DistillConfig, label_smoothing: float) -> MethodLoss:
+    """Hinton KD: alpha*CE + (1-alpha)*tau^2*KL(p_t^tau || p_s^tau) (the lab's loss, the default)."""
+    def loss(student_logits, teacher_logits, labels, epoch, hints=None):
+        return kd_loss(student_logits, teacher_logits, labels, cfg.alpha, cfg.tau, label_smoothing, cfg.logit_std)
+
+    return loss
+
+
+@register_method("logits")
+def dkd(cfg: DistillConfig, label_smoothing: float) -> MethodLoss:
+    """Decoupled KD (Zhao et al. 2022): CE + warm-up*tau^2*(dkd_alpha*TCKD + dkd_beta*NCKD)."""
+    def loss(student_logits, teacher_logits, labels, epoch, hints=None):
+        warm = warmup_factor(epoch, cfg.dkd_warmup, cfg.epochs)
+        return dkd_loss(student_logits, teacher_logits, labels, cfg.dkd_alpha, cfg.dkd_beta, cfg.tau, warm,
+                        label_smoothing=label_smoothing, standardized=cfg.logit_std)
+
+    return loss
+
+
+@register_method("features")
+def fitnets(cfg: DistillConfig, label_smoothing: float) -> MethodLoss:
+    """FitNets (Romero et al. 2015): KD + hint_weight*MSE(regressed student layer, teacher layer); or two stages."""
+    kd_term = kd(cfg, label_smoothing)
+    hint_epochs = max(1, round(cfg.hint_epochs * cfg.epochs))
+
+    def loss(student_logits, teacher_logits, labels, epoch, hints):
+        if cfg.fitnets_schedule == "two-stage":  # stage 1: hints alone (the layers after the guided one get no
+            if epoch < hint_epochs:              # gradient); stage 2: KD alone
+                return hint_loss(*hints)
+            return kd_term(student_logits, teacher_logits, labels, epoch)
+        return kd_term(student_logits, teacher_logits, labels, epoch) + cfg.hint_weight * hint_loss(*hints)
+
+    return loss
