@@ -9,6 +9,7 @@ COMMANDS = {
     "distill": ("kdfast.distill", "train a student with knowledge distillation from a teacher checkpoint"),
     "cache": ("kdfast.cache", "build / info / verify a teacher-logit cache (HDF5): KD with no teacher pass"),
     "evaluate": ("kdfast.evaluate", "evaluate a checkpoint on the test set"),
+    "sweep": ("kdfast.sweep", "an alpha x tau grid with seeds from one teacher-logit cache: table, best point"),
     "lab": ("kdfast.lab", "the whole course lab: six checkpoints and report.json (--preset smoke|cpu|full)"),
     "models": (None, "list the registered models"),
     "methods": (None, "list the distillation methods (kdfast distill --method NAME)"),

@@ -298,6 +298,54 @@ class LabConfig:
         check("pairs", self.pairs, len(self.pairs) > 0, "one or more of cnn, vit")
 
 
+@dataclass
+class SweepConfig:
+    """An alpha x tau grid of KD students from one teacher-logit cache, each point with several seeds, plus the no-KD
+    baseline per seed. Finished points are kept: run the same command again to continue an interrupted sweep."""
+
+    pair: Literal["cnn", "vit"] = "cnn"
+    """Picks the defaults of --model (resnet8 / vit_student) and --teacher-cache (cache/<pair>_teacher.h5, the lab's)."""
+    model: Optional[str] = None
+    teacher_cache: Optional[str] = None
+    alphas: tuple[float, ...] = (0.1, 0.5, 0.9)
+    """Weights of the hard-label CE to try."""
+    taus: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    """Temperatures to try."""
+    seeds: int = 2
+    """Seeds 0..N-1 at every point (initialisation and batch order; the views and teacher logits come from the cache)."""
+    method: str = "kd"
+    """A method that reads teacher logits (kd, dkd); `kdfast methods`."""
+    logit_std: bool = False
+    epochs: int = 30
+    batch_size: int = 256
+    eval_batch_size: int = 500
+    eval_every: int = 0
+    """Test every N epochs (the last epoch always; its accuracy is the one reported)."""
+    data: Optional[str] = None
+    """Default: the data the cache was built on."""
+    cache_dir: str = "cache"
+    train_per_class: Optional[int] = None
+    """Default: the subset the cache was built on."""
+    test_per_class: Optional[int] = None
+    precision: Precision = "auto"
+    out_dir: str = "runs/sweep"
+    """Every run's checkpoint and metrics, and sweep.json, sweep.csv, sweep.md."""
+    fresh: bool = False
+    """Retrain every point (default: finished points are kept, an interrupted one resumes)."""
+    checkpoint_every: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("seeds", "epochs", "batch_size", "eval_batch_size"):
+            check_int(self, name, 1)
+        for name in ("eval_every", "checkpoint_every"):
+            check_int(self, name, 0)
+        check("alphas", self.alphas, len(self.alphas) > 0 and all(_finite(a) and 0 <= a <= 1 for a in self.alphas),
+              "one or more numbers in [0, 1]")
+        check("taus", self.taus, len(self.taus) > 0 and all(_finite(t) and t > 0 for t in self.taus),
+              "one or more numbers > 0")
+
+
 LAB_PRESETS = {
     "smoke": LabConfig(preset="smoke", train_per_class=100, test_per_class=50, cnn_teacher_epochs=2,
                        cnn_student_epochs=2, vit_teacher_epochs=2, vit_student_epochs=2, cnn_batch_size=100,

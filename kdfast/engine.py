@@ -71,12 +71,17 @@ def make_runtime(precision: str = "auto", find_unused_parameters: bool = False) 
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """Weight decay on weights only: not on biases, norms, position embeddings or class tokens."""
+    """Weight decay on weights only: not on biases, norms, position embeddings or class tokens.
+
+    A model that stacks several students (together.StackedModel) says each tensor's plain name and ndim.
+    """
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    named = model.decay_params() if hasattr(model, "decay_params") else \
+        [(n, p, p.ndim) for n, p in model.named_parameters()]
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p, ndim in named:
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+            (no_decay if ndim <= 1 or name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)

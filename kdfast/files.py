@@ -83,6 +83,14 @@ def write_json(path: str, obj) -> None:
     atomic_write(path, write)
 
 
+def write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 def read_json(path: str, what: str = "file", fix: str = "Delete it or restore it from a backup.") -> dict:
     """A JSON object from a file kdfast wrote, or one line naming the file when it is damaged."""
     try:

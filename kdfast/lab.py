@@ -20,11 +20,11 @@ from .checkpoint import checkpoint_paths
 from .config import LAB_PRESETS, DistillConfig, LabConfig, TrainConfig
 from .engine import on_main, process_state
 from .errors import user_errors_exit
-from .files import FileLock, check_file_target, read_json, write_json
+from .files import FileLock, check_file_target, write_json
 from .machine import describe
 from .methods import method_entry
 from .report import format_table, lab_report
-from .rundir import comparable_config
+from .rundir import finished_run
 
 
 def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
@@ -64,17 +64,6 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                 teacher=teacher_path, teacher_cache=None if needs_features else teacher_cache, alpha=cfg.alpha,
                 tau=cfg.tau, logit_std=cfg.logit_std, **common)))
     return runs
-
-
-def finished_run(run_cfg: TrainConfig) -> dict | None:
-    """The saved metadata of a run already finished with this very config, else None."""
-    path = checkpoint_paths(run_cfg.out_dir, run_cfg.run_name)["json"]
-    if not os.path.exists(path):
-        return None
-    meta = read_json(path, "checkpoint description", "Delete it (and its checkpoint) to retrain, or pass --fresh.")
-    if "test_accuracy" not in meta:
-        return None
-    return meta if comparable_config(meta.get("config", {})) == comparable_config(run_cfg.to_dict()) else None
 
 
 def preset_overrides(cfg: LabConfig) -> dict:
@@ -134,6 +123,9 @@ def _run_locked(cfg: LabConfig, state) -> dict:
             say(f"[lab] {name}: {meta['test_accuracy']:.4f} test accuracy, wall time {time.perf_counter() - t0:.1f}s")
         results[name] = meta
         report = lab_report(results, extra)
+        warning = report.get(pair, {}).get("details", {}).get("warning")
+        if warning and name.endswith("student_no_kd"):
+            say(f"[lab] warning: {pair}: {warning}")
         if state.is_main_process:
             write_json(cfg.report, report)
     say(f"\n[lab] preset {cfg.preset}: total wall time {time.perf_counter() - t_lab:.1f}s; wrote {cfg.report}")

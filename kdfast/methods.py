@@ -9,12 +9,12 @@ term can use logit standardization (`--logit-std`, Sun et al. 2024).
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Callable
 
 from .config import DistillConfig
 from .losses import dkd_loss, hint_loss, kd_loss
+from .models.registry import Registry, first_doc_line
 
 # loss(student_logits, teacher_logits, labels, epoch, hints) -> scalar; hints = (regressed student, teacher) features
 MethodLoss = Callable[..., "object"]
@@ -28,27 +28,23 @@ class Method:
     description: str
 
 
-_METHODS: dict[str, Method] = {}
+_METHODS = Registry("method", flag="--method")
 
 
 def register_method(needs: str):
     def wrap(fn):
-        _METHODS[fn.__name__] = Method(fn.__name__, needs, fn, (fn.__doc__ or "").strip().splitlines()[0])
+        _METHODS.add(Method(fn.__name__, needs, fn, first_doc_line(fn)))
         return fn
 
     return wrap
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def method_entry(name: str) -> Method:
-    if name not in _METHODS:
-        close = difflib.get_close_matches(name, list_methods(), n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"--method: unknown method {name!r}.{hint} Known methods: {', '.join(list_methods())}")
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def warmup_factor(epoch: int, fraction: float, epochs: int) -> float:

@@ -37,6 +37,10 @@ def lab_report(results: dict[str, dict], extra: dict) -> dict:
         if methods:  # extra KD students (kdfast lab --methods): their accuracy beside the lab's three
             details["methods"] = {m: {"test_accuracy": meta["test_accuracy"], **run_details(meta, extra)}
                                   for m, meta in methods.items()}
+        teacher, no_kd = entry.get("teacher_accuracy"), entry.get("student_accuracy_without_kd")
+        if teacher is not None and no_kd is not None and teacher <= no_kd:
+            details["warning"] = (f"the teacher ({teacher:.4f}) is not more accurate than the student trained without "
+                                  f"KD ({no_kd:.4f}): KD from it is expected to hurt. Train the teacher longer.")
         if entry:
             report[pair] = {**entry, "details": details}
     return report

@@ -232,6 +232,17 @@ class RunDir:
         atomic_write(self.paths["metrics"], write)
 
 
+def finished_run(run_cfg) -> dict | None:
+    """The saved metadata (NAME.json) of a run already finished with this very config (a TrainConfig), else None."""
+    path = checkpoint_paths(run_cfg.out_dir, run_cfg.run_name)["json"]
+    if not os.path.exists(path):
+        return None
+    meta = read_json(path, "checkpoint description", "Delete it (and its checkpoint) to retrain, or pass --fresh.")
+    if "test_accuracy" not in meta:
+        return None
+    return meta if comparable_config(meta.get("config", {})) == comparable_config(run_cfg.to_dict()) else None
+
+
 def describe_progress(progress: dict) -> str:
     step = progress.get("step", 0)
     return f"after epoch {progress['epoch']}" + (f", step {step} of epoch {progress['epoch'] + 1}" if step else "")

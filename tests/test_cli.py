@@ -6,7 +6,8 @@ import pytest
 from kdfast import cli, lab
 
 
-@pytest.mark.parametrize("module", ["kdfast.train", "kdfast.distill", "kdfast.evaluate", "kdfast.lab", "kdfast.cache",
+@pytest.mark.parametrize("module", ["kdfast.train", "kdfast.distill", "kdfast.evaluate", "kdfast.lab", "kdfast.sweep",
+                                    "kdfast.cache",
                                     "kdfast.cache build", "kdfast.cache info", "kdfast.cache verify"])
 def test_every_entry_point_has_help(module):
     out = subprocess.run([sys.executable, "-m", *module.split(), "--help"], capture_output=True, text=True, timeout=120)
@@ -17,6 +18,9 @@ def test_every_entry_point_has_help(module):
 def test_kdfast_command_lists_commands(capsys):
     assert cli.main(["--help"]) == 0
     assert "distill" in capsys.readouterr().out
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "dkd" in out and "fitnets" in out and "teacher features: online" in out
     assert cli.main(["nope"]) == 2
 
 

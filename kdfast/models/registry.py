@@ -16,29 +16,50 @@ class ModelEntry:
     description: str
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
+class Registry:
+    """Entries by name, with close-match suggestions for unknown names (models here, methods in kdfast.methods)."""
+
+    def __init__(self, kind: str, flag: str = ""):
+        self.kind, self.flag, self.entries = kind, flag, {}
+
+    def add(self, entry) -> None:
+        self.entries[entry.name] = entry
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def get(self, name: str):
+        if name not in self.entries:
+            close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.4)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            prefix = f"{self.flag}: " if self.flag else ""
+            raise ValueError(f"{prefix}unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(self.names())}")
+        return self.entries[name]
+
+
+def first_doc_line(fn) -> str:
+    return (fn.__doc__ or "").strip().splitlines()[0]
+
+
+_REGISTRY = Registry("model")
 
 
 def register_model(family: str):
     """Decorator: register a builder function under its own name."""
 
     def wrap(fn):
-        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, family, (fn.__doc__ or "").strip().splitlines()[0])
+        _REGISTRY.add(ModelEntry(fn.__name__, fn, family, first_doc_line(fn)))
         return fn
 
     return wrap
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def model_entry(name: str) -> ModelEntry:
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

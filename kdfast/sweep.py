@@ -1,0 +1,184 @@
+"""An alpha x tau grid of KD students from one teacher-logit cache, with seeds, mean and spread, the best point.
+
+    kdfast sweep --pair cnn --alphas 0.1 0.5 0.9 --taus 1 2 4 8 --seeds 2 --epochs 30
+    kdfast sweep --pair cnn --method dkd --logit-std --taus 2 4 --alphas 0.5
+
+Every point reads the same cache (no teacher pass). Each run is an ordinary kdfast run in --out-dir (its
+checkpoint reloads with `kdfast evaluate`); a finished one is kept and an interrupted one resumes, so the
+same command continues a sweep after a crash or Ctrl-C. The accuracy of a run is its last epoch's, read
+from its metrics file. Results: sweep.json, sweep.csv (one row per run) and sweep.md (the grid).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import statistics
+import sys
+
+import tyro
+
+from . import distill, train
+from .cache import LogitCache
+from .config import DistillConfig, SweepConfig, TrainConfig
+from .engine import accuracy_and_loss, on_main, process_state
+from .errors import user_errors_exit
+from .files import FileLock, ensure_dir, write_json, write_text
+from .methods import method_entry
+from .rundir import RunDir, finished_run
+
+PAIR_DEFAULTS = {"cnn": ("resnet8", "cache/cnn_teacher.h5"), "vit": ("vit_student", "cache/vit_teacher.h5")}
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def plan(cfg: SweepConfig, cache_attrs: dict) -> list[tuple[dict, TrainConfig]]:
+    """(point, run config) for every run: the no-KD baseline and every (alpha, tau), for each seed."""
+    model = cfg.model or PAIR_DEFAULTS[cfg.pair][0]
+    teacher_cache = cfg.teacher_cache or PAIR_DEFAULTS[cfg.pair][1]
+    built = lambda key, value: cache_attrs.get(key, 0) if value is None else value  # noqa: E731
+    common = dict(model=model, data=cfg.data or cache_attrs.get("data_source"), cache_dir=cfg.cache_dir,
+                  train_per_class=built("train_per_class", cfg.train_per_class),
+                  test_per_class=built("test_per_class", cfg.test_per_class), out_dir=cfg.out_dir,
+                  epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+                  eval_every=cfg.eval_every, precision=cfg.precision, resume=not cfg.fresh, fresh=cfg.fresh,
+                  checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+    runs = []
+    for seed in range(cfg.seeds):
+        runs.append(({"kind": "no_kd", "alpha": None, "tau": None, "seed": seed},
+                     TrainConfig(name=f"nokd-s{seed}", seed=seed, **common)))
+        for alpha in cfg.alphas:
+            for tau in cfg.taus:
+                name = f"{cfg.method}{'-ls' if cfg.logit_std else ''}-a{_num(alpha)}-t{_num(tau)}-s{seed}"
+                runs.append(({"kind": cfg.method, "alpha": alpha, "tau": tau, "seed": seed},
+                             DistillConfig(name=name, seed=seed, teacher_cache=teacher_cache, method=cfg.method,
+                                           alpha=alpha, tau=tau, logit_std=cfg.logit_std, **common)))
+    return runs
+
+
+def last_epoch_accuracy(run_cfg: TrainConfig) -> dict:
+    """The run's numbers from its metrics file (last line: the last epoch, always evaluated)."""
+    records = RunDir(run_cfg.out_dir, run_cfg.run_name).read_metrics()
+    last = records[-1]
+    return {"test_accuracy": last["test_accuracy"], "epochs": last["epoch"] + 1, "img_per_s": last["img_per_s"],
+            "wall_time_s": last["wall_time_s"]}
+
+
+def summarize(rows: list[dict], teacher_accuracy: float | None) -> dict:
+    """Mean, sample std and spread (max - min) over seeds for each point; the best point and its gain over no KD."""
+    points: dict[tuple, list[float]] = {}
+    for r in rows:
+        points.setdefault((r["kind"], r["alpha"], r["tau"]), []).append(r["test_accuracy"])
+    stats = []
+    for (kind, alpha, tau), accs in points.items():
+        stats.append({"kind": kind, "alpha": alpha, "tau": tau, "seeds": len(accs), "accuracies": accs,
+                      "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                      "spread": max(accs) - min(accs)})
+    base = next((s for s in stats if s["kind"] == "no_kd"), None)
+    kd = [s for s in stats if s["kind"] != "no_kd"]
+    best = max(kd, key=lambda s: s["mean"]) if kd else None
+    summary = {"points": stats, "no_kd": base, "best": best, "teacher_accuracy": teacher_accuracy, "warnings": []}
+    if best and base:
+        gain = best["mean"] - base["mean"]
+        summary["gain_over_no_kd"] = gain
+        summary["gain_beyond_spread"] = gain > max(best["spread"], base["spread"])
+    if base and teacher_accuracy is not None and teacher_accuracy <= base["mean"]:
+        summary["warnings"].append(teacher_warning(teacher_accuracy, base["mean"]))
+    return summary
+
+
+def teacher_warning(teacher: float, student: float) -> str:
+    return (f"the teacher ({teacher:.4f}) is not more accurate than the student trained without KD ({student:.4f}): "
+            "KD from it is expected to hurt. Train the teacher longer.")
+
+
+def markdown(cfg: SweepConfig, summary: dict) -> str:
+    grid = {(s["alpha"], s["tau"]): s for s in summary["points"] if s["kind"] != "no_kd"}
+    lines = [f"{cfg.method}{' + logit std' if cfg.logit_std else ''}: test accuracy of the last epoch, mean ± std "
+             f"over {cfg.seeds} seed(s), {cfg.epochs} epochs", "",
+             "| alpha \\ tau | " + " | ".join(_num(t) for t in cfg.taus) + " |",
+             "| --- |" + " ---: |" * len(cfg.taus)]
+    for a in cfg.alphas:
+        cells = [f"{grid[(a, t)]['mean']:.4f} ± {grid[(a, t)]['std']:.4f}" if (a, t) in grid else "-" for t in cfg.taus]
+        lines.append(f"| {_num(a)} | " + " | ".join(cells) + " |")
+    base, best = summary["no_kd"], summary["best"]
+    lines.append("")
+    if base:
+        lines.append(f"no KD: {base['mean']:.4f} ± {base['std']:.4f} (spread {base['spread']:.4f}; "
+                     + ", ".join(f"{a:.4f}" for a in base["accuracies"]) + ")")
+    if summary.get("teacher_accuracy") is not None:
+        lines.append(f"teacher (from the cache's test logits): {summary['teacher_accuracy']:.4f}")
+    if best and base:
+        verdict = "beyond" if summary["gain_beyond_spread"] else "within"
+        lines.append(f"best: alpha {_num(best['alpha'])}, tau {_num(best['tau'])}: {best['mean']:.4f} ± {best['std']:.4f} "
+                     f"(spread {best['spread']:.4f}), {summary['gain_over_no_kd']:+.4f} over no KD: {verdict} the "
+                     f"seed spread (no KD {base['spread']:.4f}, best {best['spread']:.4f})")
+    lines += [f"warning: {w}" for w in summary["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(cfg: SweepConfig, rows: list[dict], summary: dict) -> None:
+    write_json(os.path.join(cfg.out_dir, "sweep.json"), {"config": cfg.__dict__, "runs": rows, "summary": summary})
+    buf = io.StringIO()
+    fields = ["name", "kind", "alpha", "tau", "seed", "test_accuracy", "epochs", "img_per_s", "wall_time_s"]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(os.path.join(cfg.out_dir, "sweep.csv"), buf.getvalue())
+    write_text(os.path.join(cfg.out_dir, "sweep.md"), markdown(cfg, summary))
+
+
+def run(cfg: SweepConfig) -> dict:
+    cfg.validate()
+    if method_entry(cfg.method).needs != "logits":
+        raise ValueError(f"--method {cfg.method}: a sweep reads teacher logits from the cache; choose a logit method "
+                         "(kd, dkd)")
+    state = process_state()
+    cache = LogitCache(cfg.teacher_cache or PAIR_DEFAULTS[cfg.pair][1])
+    attrs, (test_logits, test_labels) = cache.attrs, cache.test_logits()
+    cache.close()
+    teacher_accuracy = accuracy_and_loss(test_logits, test_labels)["accuracy"]
+    held = []
+
+    def claim():
+        ensure_dir(cfg.out_dir, "--out-dir")
+        held.append(FileLock(os.path.join(cfg.out_dir, "sweep.lock"), f"the sweep in {cfg.out_dir}").acquire(state.print))
+
+    on_main(state, claim)
+    try:
+        return _run_locked(cfg, state, attrs, teacher_accuracy)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _run_locked(cfg: SweepConfig, state, attrs: dict, teacher_accuracy: float) -> dict:
+    runs = plan(cfg, attrs)
+    rows, summary = [], {}
+    for i, (point, run_cfg) in enumerate(runs):
+        done = None if cfg.fresh else finished_run(run_cfg)
+        label = f"[sweep {i + 1}/{len(runs)}] {run_cfg.run_name}"
+        if done is not None:
+            state.print(f"{label}: finished earlier, kept")
+        else:
+            (distill if isinstance(run_cfg, DistillConfig) else train).run(run_cfg)
+        rows.append({"name": run_cfg.run_name, **point, **last_epoch_accuracy(run_cfg)})
+        summary = summarize(rows, teacher_accuracy)
+        if point["kind"] == "no_kd" and summary["warnings"]:
+            state.print(f"[sweep] warning: {summary['warnings'][0]}")
+        if state.is_main_process:
+            write_results(cfg, rows, summary)
+    state.print("\n" + markdown(cfg, summary) + f"\nwrote {os.path.join(cfg.out_dir, 'sweep.md')} (.json, .csv)")
+    return {"runs": rows, "summary": summary}
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> dict:
+    cfg = tyro.cli(SweepConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast sweep")
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

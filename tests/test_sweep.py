@@ -1,0 +1,101 @@
+"""kdfast sweep: an alpha x tau grid from one cache, resumable after a killed process; its table equals the runs'
+metrics; the no-KD baseline and the teacher warning."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kdfast import sweep, train
+from kdfast.cache import BuildConfig, build
+from kdfast.config import SweepConfig, TrainConfig
+from kdfast.report import lab_report
+
+from .conftest import write_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    data = write_image_folder(str(root / "tiny"))
+    common = dict(data=data, cache_dir=str(root / "c"), batch_size=6, eval_batch_size=5, precision="fp32",
+                  progress=False)
+    train.run(TrainConfig(model="resnet8", name="teacher", epochs=2, out_dir=str(root / "m"), **common))
+    return build(BuildConfig(teacher=str(root / "m" / "teacher.pth"), out=str(root / "t.h5"), seeds=2, data=data,
+                             cache_dir=str(root / "c"), batch_size=7, precision="fp32", progress=False)), common
+
+
+def sweep_args(cache_path, common, out):
+    return ["--teacher-cache", cache_path, "--model", "resnet8", "--alphas", "0.3", "0.7", "--taus", "2", "--seeds",
+            "2", "--epochs", "2", "--batch-size", "6", "--eval-batch-size", "5", "--precision", "fp32",
+            "--cache-dir", common["cache_dir"], "--out-dir", str(out), "--no-progress"]
+
+
+def test_sweep_killed_resumes_without_redoing_finished_points(cache, tmp_path):
+    cache_path, common = cache
+    out = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdfast.sweep", *sweep_args(cache_path, common, out)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "kd-a0.3-t2-s0.json"
+    t0 = time.time()
+    while not first.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 180
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out) if p.endswith(".json") and p != "sweep.json"}
+    assert "nokd-s0.json" in finished and "kd-a0.3-t2-s0.json" in finished
+    cfg = sweep.tyro.cli(SweepConfig, args=sweep_args(cache_path, common, out))
+    result = sweep.run(cfg)
+    for name, mtime in finished.items():  # kept, not redone
+        assert os.stat(out / name).st_mtime_ns == mtime, name
+    rows = result["runs"]
+    assert len(rows) == 2 * (1 + 2)
+    for row in rows:  # the table's numbers are the runs' metrics files, last epoch
+        last = [json.loads(l) for l in open(out / f"{row['name']}.metrics.jsonl")][-1]
+        assert row["test_accuracy"] == last["test_accuracy"] and last["epoch"] == 1
+    with open(out / "sweep.csv") as f:
+        assert [r["name"] for r in csv.DictReader(f)] == [r["name"] for r in rows]
+    md = (out / "sweep.md").read_text()
+    assert "| alpha \\ tau | 2 |" in md and "no KD:" in md and "best: alpha" in md
+    best = result["summary"]["best"]
+    assert f"{best['mean']:.4f}" in md
+
+
+def test_summary_mean_spread_best_and_gain():
+    rows = [{"kind": "no_kd", "alpha": None, "tau": None, "seed": s, "test_accuracy": a} for s, a in ((0, 0.60), (1, 0.62))]
+    rows += [{"kind": "kd", "alpha": 0.5, "tau": 4.0, "seed": s, "test_accuracy": a} for s, a in ((0, 0.70), (1, 0.66))]
+    rows += [{"kind": "kd", "alpha": 0.9, "tau": 4.0, "seed": s, "test_accuracy": a} for s, a in ((0, 0.63), (1, 0.63))]
+    s = sweep.summarize(rows, teacher_accuracy=0.8)
+    assert s["best"]["alpha"] == 0.5 and s["best"]["mean"] == pytest.approx(0.68)
+    assert s["best"]["spread"] == pytest.approx(0.04) and s["no_kd"]["spread"] == pytest.approx(0.02)
+    assert s["gain_over_no_kd"] == pytest.approx(0.07) and s["gain_beyond_spread"] and not s["warnings"]
+    assert sweep.summarize(rows, teacher_accuracy=0.6)["warnings"]  # teacher no better than no KD
+
+
+def test_lab_report_warns_when_the_teacher_is_not_better():
+    def meta(acc):
+        return {"model": "m", "parameters": 1, "epochs": 1, "seed": 0, "device": "cpu", "num_processes": 1,
+                "precision": "fp32", "wall_time_s": 1.0, "train_img_per_s": 1.0, "test_accuracy": acc,
+                "data": {"source": "s", "fingerprint": "f", "train_size": 1, "test_size": 1}}
+
+    report = lab_report({"cnn_teacher": meta(0.5), "cnn_student_no_kd": meta(0.6)}, {})
+    assert "not more accurate" in report["cnn"]["details"]["warning"]
+    report = lab_report({"cnn_teacher": meta(0.7), "cnn_student_no_kd": meta(0.6)}, {})
+    assert "warning" not in report["cnn"]["details"]
+
+
+def test_sweep_refuses_feature_methods_and_bad_grids(cache, tmp_path):
+    cache_path, _ = cache
+    with pytest.raises(ValueError, match="logit method"):
+        sweep.run(SweepConfig(teacher_cache=cache_path, method="fitnets", out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="--alphas"):
+        sweep.run(SweepConfig(teacher_cache=cache_path, alphas=(1.5,), out_dir=str(tmp_path)))
