@@ -88,6 +88,8 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling / safetensors / zip errors: all mean "not a whole checkpoint"
         first = (str(e).strip().splitlines() or [""])[0][:200]
+        if "weights_only" in first:  # torch's hint to unpickle arbitrary code is not advice kdfast gives
+            first = "holds more than tensors, or is not a torch.save file"
         raise KdfastError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); the file is truncated, "
                           "damaged or not a kdfast checkpoint. Copy it again, or train the model again.") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -11,6 +11,7 @@ COMMANDS = {
     "evaluate": ("kdfast.evaluate", "evaluate a checkpoint on the test set"),
     "sweep": ("kdfast.sweep", "an alpha x tau grid with seeds from one teacher-logit cache: table, best point"),
     "lab": ("kdfast.lab", "the whole course lab: six checkpoints and report.json (--preset smoke|cpu|full)"),
+    "report": ("kdfast.labreport", "rebuild report.json and report.md (table, curves, sweep) from a lab's saved runs"),
     "models": (None, "list the registered models"),
     "methods": (None, "list the distillation methods (kdfast distill --method NAME)"),
 }

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 import tyro
 
-from . import cache, distill, train
+from . import cache, distill, labreport, train
 from .cache import BuildConfig
 from .checkpoint import checkpoint_paths
 from .config import LAB_PRESETS, DistillConfig, LabConfig, TrainConfig
@@ -128,7 +128,9 @@ def _run_locked(cfg: LabConfig, state) -> dict:
             say(f"[lab] warning: {pair}: {warning}")
         if state.is_main_process:
             write_json(cfg.report, report)
-    say(f"\n[lab] preset {cfg.preset}: total wall time {time.perf_counter() - t_lab:.1f}s; wrote {cfg.report}")
+            labreport.write(cfg.out_dir, cfg.report, report, results, extra, total_wall=time.perf_counter() - t_lab)
+    md = os.path.splitext(cfg.report)[0] + ".md"
+    say(f"\n[lab] preset {cfg.preset}: total wall time {time.perf_counter() - t_lab:.1f}s; wrote {cfg.report} and {md}")
     for name, meta in results.items():
         say(f"[lab]   {name:<22} {meta['model']:<12} {meta['epochs']:>4} epochs {meta['wall_time_s']:>8.1f}s "
               f"{meta['train_img_per_s']:>9,.0f} img/s  acc {meta['test_accuracy']:.4f}")

@@ -18,7 +18,7 @@ import sys
 
 import tyro
 
-from . import distill, train
+from . import distill, plots, train
 from .cache import LogitCache
 from .config import DistillConfig, SweepConfig, TrainConfig
 from .engine import accuracy_and_loss, on_main, process_state
@@ -127,7 +127,12 @@ def write_results(cfg: SweepConfig, rows: list[dict], summary: dict) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(os.path.join(cfg.out_dir, "sweep.csv"), buf.getvalue())
-    write_text(os.path.join(cfg.out_dir, "sweep.md"), markdown(cfg, summary))
+    means = {(p["alpha"], p["tau"]): p["mean"] for p in summary["points"] if p["kind"] != "no_kd"}
+    base = summary["no_kd"]["mean"] if summary["no_kd"] else None
+    plots.sweep_heatmap(list(cfg.alphas), list(cfg.taus), means, base, os.path.join(cfg.out_dir, "sweep_heatmap.png"),
+                        f"{cfg.method}{' + logit std' if cfg.logit_std else ''}, mean of {cfg.seeds} seed(s)\n"
+                        f"hatched: not above no KD ({base:.3f})" if base is not None else "")
+    write_text(os.path.join(cfg.out_dir, "sweep.md"), markdown(cfg, summary) + "\n![alpha x tau](sweep_heatmap.png)\n")
 
 
 def run(cfg: SweepConfig) -> dict:

@@ -49,6 +49,20 @@ def test_smoke_lab_end_to_end(tmp_path, image_folder, monkeypatch):
         assert result["accuracy"] == meta["test_accuracy"]
     assert not os.path.exists(os.path.join(cfg.out_dir, ".state", "cnn_teacher"))  # finished runs leave no state
 
+    # report.md beside report.json names every run and shows the curves; `kdfast report` rebuilds both
+    md_path = tmp_path / "report.md"
+    md = md_path.read_text()
+    assert all(f"| {name} |" in md for name in NAMES)
+    for pair in ("cnn", "vit"):
+        assert f"report_{pair}_curves.png" in md and (tmp_path / f"report_{pair}_curves.png").stat().st_size > 1000
+    md_path.unlink()
+    from kdfast import labreport
+
+    labreport.run(labreport.ReportConfig(out_dir=cfg.out_dir, report=cfg.report))
+    with open(cfg.report) as f:
+        assert json.load(f) == report
+    assert all(f"| {name} |" in md_path.read_text() for name in NAMES)
+
     # a second run of the same lab keeps every finished run
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("retrained a finished run"))
     monkeypatch.setattr(distill, "run", lambda *a, **k: pytest.fail("retrained a finished run"))

@@ -547,3 +547,26 @@ def test_planted_cifar_batches_are_never_unpickled(tmp_path):
     with pytest.raises(DataError, match="cifar"):
         load_dataset(str(tmp_path / "cifar"), str(tmp_path / "cache"))
     assert not marker.exists()
+
+
+def test_cache_build_and_lab_report_are_one_writer_each(data, teacher, tmp_path):
+    from kdfast import lab
+    from kdfast.cache import BuildConfig, build
+    from kdfast.config import LabConfig
+
+    out = tmp_path / "t.h5"
+    held = FileLock(str(out) + ".lock", "x").acquire()
+    try:
+        with pytest.raises(LockedError, match=re.escape(str(out) + ".lock")):
+            build(BuildConfig(teacher=str(teacher), out=str(out), seeds=1, data=data["data"],
+                              cache_dir=data["cache_dir"], precision="fp32", progress=False))
+    finally:
+        held.release()
+    report = tmp_path / "report.json"
+    held = FileLock(str(report) + ".lock", "x").acquire()
+    try:
+        with pytest.raises(LockedError, match="report.json.lock"):
+            lab.run(LabConfig(data=data["data"], report=str(report), out_dir=str(tmp_path / "m"), progress=False))
+    finally:
+        held.release()
+    assert not (tmp_path / "m").exists() and not out.exists()

@@ -66,6 +66,7 @@ def test_sweep_killed_resumes_without_redoing_finished_points(cache, tmp_path):
         assert [r["name"] for r in csv.DictReader(f)] == [r["name"] for r in rows]
     md = (out / "sweep.md").read_text()
     assert "| alpha \\ tau | 2 |" in md and "no KD:" in md and "best: alpha" in md
+    assert "![alpha x tau](sweep_heatmap.png)" in md and (out / "sweep_heatmap.png").stat().st_size > 1000
     best = result["summary"]["best"]
     assert f"{best['mean']:.4f}" in md
 

@@ -1,0 +1,137 @@
+"""report.md: the lab's runs as a page people read (table, curves, a sweep when one was run), from saved runs.
+
+    kdfast report models_saved --report report.json [--sweep runs/sweep]
+
+`kdfast lab` writes report.md beside report.json after every run; `kdfast report DIR` rebuilds both from the
+checkpoints and metrics files in DIR (report.json keeps exactly the lab's schema).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Optional
+
+import tyro
+
+from . import plots
+from .errors import KdfastError, user_errors_exit
+from .files import read_json, write_json, write_text
+from .report import format_table, lab_report
+from .rundir import RunDir
+
+ROLE_LABELS = {"teacher": "teacher", "student_no_kd": "student, no KD", "student_with_kd": "student, KD"}
+
+
+@dataclass
+class ReportConfig:
+    """Rebuild report.json and report.md (table of the runs, accuracy curves, sweep) from a lab's saved runs."""
+
+    out_dir: Annotated[str, tyro.conf.Positional] = "models_saved"
+    """The lab's --out-dir: NAME.json and NAME.metrics.jsonl of each run."""
+    report: str = "report.json"
+    """Where report.json is (report.md and the figures go beside it)."""
+    sweep: Optional[str] = None
+    """A sweep's --out-dir whose sweep.md and heatmap are included."""
+
+
+def saved_results(out_dir: str) -> dict[str, dict]:
+    """name -> checkpoint metadata of every lab run saved in out_dir (cnn_teacher, vit_student_dkd, ...)."""
+    order = {"teacher": 0, "student_no_kd": 1, "student_with_kd": 2}
+    found = []
+    for path in glob.glob(os.path.join(out_dir, "*_*.json")):
+        name = os.path.basename(path)[:-5]
+        pair, _, role = name.partition("_")
+        if pair in ("cnn", "vit") and (role == "teacher" or role.startswith("student_")):
+            found.append(((pair, order.get(role, 3), role), name, path))
+    results = {}
+    for _, name, path in sorted(found):
+        meta = read_json(path, "checkpoint description")
+        if "test_accuracy" in meta:
+            results[name] = meta
+    return results
+
+
+def curves(out_dir: str, results: dict, pair: str) -> dict[str, list[tuple[int, float]]]:
+    out = {}
+    for name in results:
+        if name.startswith(pair + "_"):
+            role = name[len(pair) + 1:]
+            label = ROLE_LABELS.get(role, "student, " + role.replace("student_", ""))
+            out[label] = [(r["epoch"] + 1, r["test_accuracy"]) for r in RunDir(out_dir, name).read_metrics()
+                          if r.get("test_accuracy") is not None]
+    return out
+
+
+def markdown(report: dict, results: dict, extra: dict, images: dict[str, str], sweep_md: str | None,
+             total_wall: float | None) -> str:
+    lines = ["# kdfast lab report", "",
+             f"preset `{extra.get('preset')}`" + (f" (overrides: {extra.get('preset_overrides')})"
+                                                  if extra.get("preset_overrides") else "")
+             + f" · machine: {extra.get('machine')} · {extra.get('date')}"
+             + (f" · total wall time {total_wall:.0f} s" if total_wall else ""), "",
+             "| run | model | epochs | test accuracy | wall time (s) | train img/s | precision | KD |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for name, meta in results.items():
+        kd = meta.get("kd") or {}
+        how = "" if not kd else (f"{kd.get('method', 'kd')} α {kd.get('alpha')} τ {kd.get('tau')}, {kd.get('mode')}"
+                                 + (", logit std" if kd.get("logit_std") else ""))
+        lines.append(f"| {name} | {meta['model']} | {meta['epochs']} | {meta['test_accuracy']:.4f} | "
+                     f"{meta['wall_time_s']:.0f} | {meta['train_img_per_s']:,.0f} | {meta['precision']} | {how} |")
+    lines += ["", "```", format_table(report), "```", ""]
+    for pair, entry in report.items():
+        if entry.get("details", {}).get("warning"):
+            lines.append(f"**Warning ({pair}):** {entry['details']['warning']}\n")
+    for label, image in images.items():
+        lines += [f"## {label}", "", f"![{label}]({image})", ""]
+    if sweep_md:
+        lines += ["## Sweep", "", sweep_md]
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir: str, report_path: str, report: dict, results: dict, extra: dict, sweep_dir: str | None = None,
+          total_wall: float | None = None) -> str:
+    """Write report.md and its figures beside report_path; returns the report.md path."""
+    folder = os.path.dirname(os.path.abspath(report_path))
+    stem = os.path.splitext(os.path.basename(report_path))[0]
+    images = {}
+    for pair in report:
+        points = curves(out_dir, results, pair)
+        if any(points.values()):
+            image = f"{stem}_{pair}_curves.png"
+            plots.accuracy_curves(points, os.path.join(folder, image), f"{pair}: test accuracy per epoch")
+            images[f"{pair}: test accuracy per epoch"] = image
+    sweep_md = None
+    if sweep_dir and os.path.exists(os.path.join(sweep_dir, "sweep.md")):
+        with open(os.path.join(sweep_dir, "sweep.md")) as f:
+            sweep_md = f.read().replace("](sweep_heatmap.png)", f"]({os.path.relpath(sweep_dir, folder)}/sweep_heatmap.png)")
+    path = os.path.join(folder, stem + ".md")
+    write_text(path, markdown(report, results, extra, images, sweep_md, total_wall))
+    return path
+
+
+def run(cfg: ReportConfig) -> str:
+    results = saved_results(cfg.out_dir)
+    if not results:
+        raise KdfastError(f"{cfg.out_dir}: no lab runs saved here (cnn_teacher.json, ...). Point at the lab's --out-dir.")
+    old = read_json(cfg.report, "lab report") if os.path.exists(cfg.report) else {}
+    extra = {}
+    for entry in old.values():  # preset, machine and date as the lab recorded them
+        for details in entry.get("details", {}).values():
+            if isinstance(details, dict) and "preset" in details:
+                extra = {k: details.get(k) for k in ("preset", "preset_overrides", "machine", "date")}
+    report = lab_report(results, extra)
+    write_json(cfg.report, report)
+    path = write(cfg.out_dir, cfg.report, report, results, extra, cfg.sweep)
+    print(f"wrote {cfg.report} and {path}")
+    return path
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None):
+    return run(tyro.cli(ReportConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast report"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""PNG figures for the reports (matplotlib, no display): the alpha x tau heatmap of a sweep, test accuracy per
+epoch of a lab's runs, accuracy against cache slots. Each function takes plain numbers and a path."""
+from __future__ import annotations
+
+import os
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def sweep_heatmap(alphas: list[float], taus: list[float], means: dict, no_kd: float | None, path: str,
+                  title: str = "") -> str:
+    """means[(alpha, tau)] -> mean accuracy; each cell shows it and its difference to no KD; cells not above the
+    no-KD baseline are hatched, and the baseline is a line on the colour bar."""
+    plt = _pyplot()
+    grid = [[means.get((a, t), float("nan")) for t in taus] for a in alphas]
+    fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(taus), 1.2 + 0.8 * len(alphas)))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    bar = fig.colorbar(image, ax=ax, label="test accuracy")
+    if no_kd is not None:
+        bar.ax.axhline(no_kd, color="red", linewidth=2)
+        bar.ax.text(1.05, no_kd, " no KD", color="red", va="center", transform=bar.ax.get_yaxis_transform())
+    for i, a in enumerate(alphas):
+        for j, t in enumerate(taus):
+            value = grid[i][j]
+            if value != value:  # NaN: a point not run
+                continue
+            delta = f"\n{value - no_kd:+.3f}" if no_kd is not None else ""
+            ax.text(j, i, f"{value:.3f}{delta}", ha="center", va="center", color="white", fontsize=8)
+            if no_kd is not None and value <= no_kd:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="red"))
+    ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus])
+    ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_xlabel("tau (temperature)")
+    ax.set_ylabel("alpha (weight of the hard-label CE)")
+    ax.set_title(title or "KD sweep: mean test accuracy (hatched: not above no KD)", fontsize=9)
+    return _save(fig, path)
+
+
+def accuracy_curves(curves: dict[str, list[tuple[int, float]]], path: str, title: str = "") -> str:
+    """curves[label] -> [(epoch, test accuracy)]; one line per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, points in curves.items():
+        if points:
+            ax.plot([e for e, _ in points], [a for _, a in points], marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def accuracy_vs_slots(points: list[tuple[int, float]], path: str, no_kd: float | None = None, title: str = "") -> str:
+    """points: (cache slots, test accuracy) of cached-KD runs of one student; the no-KD baseline as a line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    points = sorted(points)
+    ax.plot([s for s, _ in points], [a for _, a in points], marker="o", label="cached KD")
+    if no_kd is not None:
+        ax.axhline(no_kd, color="red", linestyle="--", label="no KD")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("cache slots (augmentation seeds)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    _pyplot().close(fig)
+    return path
