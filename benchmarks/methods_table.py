@@ -63,6 +63,7 @@ def run_all(jobs: list[tuple[str, list[str]]], parallel: int, log_dir: str, thre
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=list(PAIRS), default="cnn")
+    p.add_argument("--teacher-model", default=None, help="another registered teacher than the pair's (e.g. resnet20)")
     p.add_argument("--data", default=os.environ.get("KDFAST_DATA", "data"))
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--out", default="runs/methods")
@@ -77,6 +78,7 @@ def main(argv=None):
     p.add_argument("extra", nargs="*", help="more flags for every run, after --, e.g. -- --train-per-class 1000")
     args = p.parse_args(argv)
     teacher_model, student_model = PAIRS[args.pair]
+    teacher_model = args.teacher_model or teacher_model
     os.makedirs(args.out, exist_ok=True)
     teacher = os.path.join(args.out, "teacher.pth")
     cache = os.path.join(args.out, "teacher.h5")
