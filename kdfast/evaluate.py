@@ -18,6 +18,7 @@ from .errors import user_errors_exit
 
 
 def run(cfg: EvaluateConfig) -> dict:
+    cfg.validate()
     meta = read_meta(cfg.checkpoint)
     recorded = meta.get("config", {})
     runtime = make_runtime(cfg.precision or meta.get("precision", "auto"))

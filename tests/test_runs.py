@@ -385,6 +385,11 @@ def test_bad_numbers_are_refused_at_start_up(data, tmp_path, capsys, flag, value
     assert os.listdir(tmp_path) == []  # refused before anything was written
 
 
+def test_bad_evaluate_numbers_are_refused(capsys):
+    err = one_line_error(capsys, evaluate.main, ["--checkpoint", "x.pth", "--batch-size", "0"])
+    assert "--batch-size must be" in err
+
+
 @pytest.mark.parametrize("flag,value", [("--alpha", "nan"), ("--tau", "0"), ("--cache-slots", "-1")])
 def test_bad_kd_numbers_are_refused(data, tmp_path, capsys, flag, value):
     err = one_line_error(capsys, distill.main, cli_args(data, tmp_path, "--teacher", "t.pth", flag, value))
