@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from .augment import epoch_seed, splitmix64
+from .augment import epoch_seed
 from .checkpoint import save_checkpoint
 from .config import Recipe, TrainConfig
 from .data import Batch, Dataset, Split, TrainLoader, eval_batches
