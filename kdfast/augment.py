@@ -7,12 +7,16 @@ logits cacheable per augmentation seed.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# the normalization of each dataset: --augment.mean/--augment.std left at CIFAR-10's take the dataset's
+DATASET_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,12 @@ class AugmentSpec:
     flip: bool = True
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
+
+    def for_dataset(self, dataset: str) -> "AugmentSpec":
+        """The dataset's mean and std where these are still CIFAR-10's defaults (explicit values are kept)."""
+        mean, std = DATASET_STATS[dataset]
+        return replace(self, mean=mean if self.mean == CIFAR10_MEAN else self.mean,
+                       std=std if self.std == CIFAR10_STD else self.std)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -29,7 +29,7 @@ import tyro
 from . import __version__
 from .augment import AugmentSpec, augment, epoch_seed, normalize
 from .checkpoint import load_teacher, weights_sha256
-from .config import Precision, check_augment, check_int
+from .config import DatasetName, Precision, check_augment, check_int
 from .data import Dataset, load_dataset
 from .engine import Runtime, accuracy_and_loss, make_runtime, on_main, predict
 from .errors import KdfastError, user_errors_exit
@@ -61,6 +61,8 @@ class BuildConfig:
     """Number of slots (augmentation seeds). One per epoch makes cached KD equal online KD."""
     seed: int = 0
     """Run seed: slot k holds the views that epoch k of a run with this --seed trains on."""
+    dataset: DatasetName = "cifar10"
+    """Which torchvision dataset a torchvision folder holds; also picks the normalization."""
     data: Optional[str] = None
     """Data source (default: $KDFAST_DATA, else ./data); must be the data the student trains on."""
     cache_dir: str = "cache"
@@ -75,6 +77,9 @@ class BuildConfig:
     overwrite: bool = False
     """Replace an existing cache (or partial build) made with other settings."""
     progress: bool = True
+
+    def __post_init__(self):
+        self.augment = self.augment.for_dataset(self.dataset)
 
     def validate(self) -> None:
         for name in ("seeds", "batch_size"):
@@ -368,13 +373,15 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str) -> str:
 
     acc = runtime.accelerator
     with acc.main_process_first():
-        data = load_dataset(cfg.data, cfg.cache_dir, False, cfg.train_per_class, cfg.test_per_class, log=runtime.print)
+        data = load_dataset(cfg.data, cfg.cache_dir, False, cfg.train_per_class, cfg.test_per_class, log=runtime.print,
+                            dataset=cfg.dataset)
     teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device)
     if cfg.topk >= len(data.classes):
         raise ValueError(f"--topk must be 0 (dense) or between 1 and {len(data.classes) - 1}, got {cfg.topk}")
     channels_last = model_entry(meta["model"]).family == "cnn"
     seeds = [epoch_seed(cfg.seed, k) for k in range(cfg.seeds)]
-    attrs = {**expected_attrs(data, cfg.augment), "data_source": data.source, "train_per_class": cfg.train_per_class,
+    attrs = {**expected_attrs(data, cfg.augment), "data_source": data.source, "dataset": cfg.dataset,
+             "train_per_class": cfg.train_per_class,
              "test_per_class": cfg.test_per_class, "seeds": seeds, "topk": cfg.topk, "teacher_model": meta["model"],
              "teacher_sha256": weights_sha256(teacher), "teacher_checkpoint": os.path.abspath(cfg.teacher),
              "precision": runtime.precision, "kdfast_version": __version__,
@@ -458,7 +465,8 @@ def verify(cfg: VerifyConfig) -> dict:
         return a.get(key, 0) if getattr(cfg, key) is None else getattr(cfg, key)
 
     data = load_dataset(cfg.data or a.get("data_source"), cfg.cache_dir, False, built_with("train_per_class"),
-                        built_with("test_per_class"), log=runtime.print)  # the data the cache was built on
+                        built_with("test_per_class"), log=runtime.print,
+                        dataset=a.get("dataset", "cifar10"))  # the data the cache was built on
     spec = AugmentSpec.from_dict(a["augment"])
     cache.check_matches(data, spec)
     g = torch.Generator().manual_seed(cfg.seed)

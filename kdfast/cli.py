@@ -12,7 +12,7 @@ COMMANDS = {
     "sweep": ("kdfast.sweep", "an alpha x tau grid with seeds from one teacher-logit cache: table, best point"),
     "lab": ("kdfast.lab", "the whole course lab: six checkpoints and report.json (--preset smoke|cpu|full)"),
     "report": ("kdfast.labreport", "rebuild report.json and report.md (table, curves, sweep) from a lab's saved runs"),
-    "models": (None, "list the registered models"),
+    "models": (None, "list the registered models and how to name any timm / torchvision model"),
     "methods": (None, "list the distillation methods (kdfast distill --method NAME)"),
 }
 
@@ -36,9 +36,14 @@ def main(argv: list[str] | None = None):
     if command == "models":
         from .models import list_models, model_entry
 
+        from .models.library import NAMING
+
         for name in list_models():
             entry = model_entry(name)
             print(f"{name:<12} {entry.family:<4} {entry.description}")
+        print(f"\nAny library model works too, for teachers and students (--model): {NAMING}. Its family (cnn: SGD "
+              "recipe and channels_last; vit: AdamW) is vit when it has attention layers, else cnn; --recipe "
+              "overrides it. --pretrained downloads the library's weights once, then reads its local cache.")
         return 0
     if command == "methods":
         from .methods import list_methods, method_entry

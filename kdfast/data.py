@@ -1,7 +1,9 @@
 """CIFAR-style data: decode once into uint8 tensors, cache them, and load batches on the device.
 
-Sources (``--data PATH`` or ``KDFAST_DATA``):
-  * a torchvision CIFAR-10 folder (``cifar-10-batches-py`` inside it; downloaded when missing and online),
+Sources (``--data PATH`` or ``KDFAST_DATA``; default ``./data``):
+  * a torchvision CIFAR-10 / CIFAR-100 folder (``cifar-10-batches-py`` / ``cifar-100-python`` inside it),
+    downloaded by torchvision (progress bar, MD5 check) when missing: always into the default ``./data``,
+    into an explicit folder with ``--download``,
   * a folder or ``.tar.gz`` holding ``train/<class>/*`` and ``test/<class>/*`` images (jpg/png).
 """
 from __future__ import annotations
@@ -26,6 +28,20 @@ CACHE_FORMAT = 1
 
 class DataError(KdfastError):
     """Data that cannot be used, with a message naming the path and the fix."""
+
+
+@dataclass(frozen=True)
+class TorchvisionSet:
+    title: str
+    cls: str  # the torchvision.datasets class
+    folder: str  # what torchvision keeps under the root
+    size_mb: int
+
+
+DATASETS = {"cifar10": TorchvisionSet("CIFAR-10", "CIFAR10", "cifar-10-batches-py", 170),
+            "cifar100": TorchvisionSet("CIFAR-100", "CIFAR100", "cifar-100-python", 169)}
+LOCAL_COPY = ("a folder or .tar.gz with train/<class>/* and test/<class>/* images, or a folder holding "
+              "torchvision's cifar-10-batches-py/ or cifar-100-python/")
 
 
 @dataclass
@@ -162,18 +178,22 @@ def _read_archive(path: str, image_size: int):
     return _assemble(files, path, image_size, blobs.__getitem__)
 
 
-def _read_torchvision_cifar10(root: str, download: bool):
+def _read_torchvision(root: str, dataset: str, download: bool, log=print):
+    """torchvision's CIFAR-10 / CIFAR-100 (it checks each file's MD5 before unpickling it), downloaded if asked."""
     import torchvision
 
+    info = DATASETS[dataset]
+    have = os.path.isdir(os.path.join(root, info.folder))
+    if download and not have:
+        log(f"{info.title} is not in {root}: downloading it with torchvision ({info.size_mb} MB, MD5-checked) ...")
     try:
-        sets = [torchvision.datasets.CIFAR10(root, train=t, download=download) for t in (True, False)]
+        sets = [getattr(torchvision.datasets, info.cls)(root, train=t, download=download) for t in (True, False)]
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-        raise DataError(f"{root}: no CIFAR-10 in torchvision's format here ({e}). Run with --download to fetch it "
-                        f"(needs internet), or point --data / {DATA_ENV} at a folder or .tar.gz holding "
-                        "train/<class>/* and test/<class>/* images.") from None
+        raise DataError(f"{root}: no {info.title} in torchvision's format here ({e}). Add --download to fetch it "
+                        f"(needs internet), or point --data / {DATA_ENV} at {LOCAL_COPY}.") from None
     except OSError as e:  # URLError is an OSError: no network
-        raise DataError(f"{root}: downloading CIFAR-10 failed ({e}). Without internet, point --data / {DATA_ENV} "
-                        "at a local copy: a folder or .tar.gz with train/<class>/* and test/<class>/* images.") from None
+        raise DataError(f"{root}: downloading {info.title} failed ({e}); no network? Without internet, point --data "
+                        f"or {DATA_ENV} at a local copy: {LOCAL_COPY}.") from None
     splits = [Split(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets, dtype=torch.int64))
               for s in sets]
     return splits[0], splits[1], list(sets[0].classes)
@@ -190,9 +210,12 @@ def source_kind(path: str) -> str:
     return "torchvision"
 
 
-def _source_key(path: str, kind: str) -> str:
+def _source_key(path: str, kind: str, dataset: str) -> str:
     """A cheap key for the decoded-tensor cache: file content for archives, names/sizes/mtimes for folders."""
     h = hashlib.sha256(f"{CACHE_FORMAT}:{kind}".encode())
+    if kind == "torchvision":  # only the dataset's own folder: CIFAR-10 and -100 may share a root
+        h.update(dataset.encode())
+        path = os.path.join(path, DATASETS[dataset].folder)
     if kind == "archive":
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -248,29 +271,36 @@ def subset_per_class(split: Split, per_class: int) -> Split:
 
 def load_dataset(source: str | None = None, cache_dir: str = "cache", download: bool = False,
                  train_per_class: int = 0, test_per_class: int = 0, image_size: int = 32,
-                 log=print) -> Dataset:
-    """Decode a source once into uint8 tensors (cached under cache_dir), optionally class-balanced subsets."""
+                 log=print, dataset: str = "cifar10") -> Dataset:
+    """Decode a source once into uint8 tensors (cached under cache_dir), optionally class-balanced subsets.
+
+    With no source and no $KDFAST_DATA the source is ./data, where torchvision downloads the dataset when it
+    is missing; an explicit source is downloaded into only with download=True.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    download = download or (source is None and not os.environ.get(DATA_ENV))
     source = resolve_source(source)
     if not os.path.exists(source) and not download:
-        raise DataError(f"{source}: no such file or folder. Point --data (or {DATA_ENV}) at CIFAR-10: a torchvision "
-                        "folder, or a folder / .tar.gz with train/<class>/* and test/<class>/* images; "
-                        "or add --download to fetch it with torchvision (needs internet).")
+        raise DataError(f"{source}: no such file or folder. Point --data (or {DATA_ENV}) at {LOCAL_COPY}; or add "
+                        f"--download to fetch {DATASETS[dataset].title} there with torchvision (needs internet).")
     kind = source_kind(source) if os.path.exists(source) else "torchvision"
     ds = None
-    if kind != "torchvision" or os.path.isdir(os.path.join(source, "cifar-10-batches-py")):
-        cache_file = _cache_path(cache_dir, source, _source_key(source, kind))
+    if kind != "torchvision" or os.path.isdir(os.path.join(source, DATASETS[dataset].folder)):
+        cache_file = _cache_path(cache_dir, source, _source_key(source, kind, dataset))
         ds = _load_cache(cache_file) if os.path.exists(cache_file) else None
     if ds is None:
-        log(f"decoding {source} ({kind}) into uint8 tensors, once ...")
         if kind == "archive":
+            log(f"decoding {source} ({kind}) into uint8 tensors, once ...")
             train, test, classes = _read_archive(source, image_size)
         elif kind == "folder":
+            log(f"decoding {source} ({kind}) into uint8 tensors, once ...")
             train, test, classes = _read_image_folder(source, image_size)
         else:
-            train, test, classes = _read_torchvision_cifar10(source, download)
+            train, test, classes = _read_torchvision(source, dataset, download, log)
         ds = Dataset(train, test, classes, fingerprint(train, test, classes), os.path.abspath(source))
         try:
-            cache_file = _cache_path(cache_dir, source, _source_key(source, source_kind(source)))
+            cache_file = _cache_path(cache_dir, source, _source_key(source, source_kind(source), dataset))
             _save_cache(cache_file, ds)
             log(f"cached decoded data in {cache_file}")
         except OSError as e:

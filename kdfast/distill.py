@@ -16,7 +16,7 @@ import tyro
 from .cache import CachedTeacher, LogitCache
 from .checkpoint import load_checkpoint, load_teacher, weights_sha256
 from .config import DistillConfig
-from .engine import Runtime, accuracy_and_loss, fit, make_runtime, open_run
+from .engine import Runtime, accuracy_and_loss, fit, logging_dir, make_runtime, open_run
 from .errors import KdfastError, user_errors_exit
 from .hints import HintedStudent, FeatureHook, feature_shape, hint_layers, make_regressor
 from .methods import method_entry
@@ -122,7 +122,8 @@ def method_meta(cfg: DistillConfig) -> dict:
 def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
     cfg.validate()  # refuse bad α, τ and every other number before any work
     method = method_entry(cfg.method)
-    runtime = runtime or make_runtime(cfg.precision, find_unused_parameters=method.needs == "features")
+    runtime = runtime or make_runtime(cfg.precision, find_unused_parameters=method.needs == "features",
+                                      log_with=cfg.log_with, logging_dir=logging_dir(cfg))
     with open_run(cfg, runtime) as run_dir:
         label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
         loss_fn = method.build(cfg, label_smoothing)

@@ -26,7 +26,8 @@ def run(cfg: EvaluateConfig) -> dict:
     test_per_class = recorded.get("test_per_class", 0) if cfg.test_per_class is None else cfg.test_per_class
     source = cfg.data or meta.get("data", {}).get("source")
     with runtime.accelerator.main_process_first():
-        data = load_dataset(source, cfg.cache_dir, False, 0, test_per_class, log=runtime.print)
+        data = load_dataset(source, cfg.cache_dir, False, 0, test_per_class, log=runtime.print,
+                            dataset=recorded.get("dataset", "cifar10"))
     if data.classes != meta["classes"]:
         raise ValueError(f"{cfg.checkpoint}: trained on classes {meta['classes']}, but {data.source} has {data.classes}")
     channels_last = meta.get("family") == "cnn"

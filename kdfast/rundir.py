@@ -31,7 +31,9 @@ STATE_VERSION = 1
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters, no '..'"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # config fields that do not change what a run computes: a resume may differ in these
-NOT_COMPARED = ("resume", "fresh", "progress", "checkpoint_every", "log_every")
+NOT_COMPARED = ("resume", "fresh", "progress", "checkpoint_every", "log_every", "log_with")
+# fields added since a state or checkpoint may have been written, with the value that older runs had
+ADDED_FIELDS = {"dataset": "cifar10"}
 
 
 class StateError(KdfastError):
@@ -46,7 +48,8 @@ def check_name(name: str, flag: str = "--name") -> str:
 
 def comparable_config(config: dict) -> dict:
     """The fields of a run's config that change what it computes, as they read back from JSON."""
-    return {k: v for k, v in json.loads(json.dumps(finite_json(config))).items() if k not in NOT_COMPARED}
+    config = {**ADDED_FIELDS, **json.loads(json.dumps(finite_json(config)))}
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED}
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

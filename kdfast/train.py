@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 
 from .config import TrainConfig
 from .data import Dataset, load_dataset
-from .engine import Runtime, fit, make_runtime, open_run
+from .engine import Runtime, fit, logging_dir, make_runtime, open_run
 from .errors import user_errors_exit
 from .losses import cross_entropy
 from .models import create_model, model_entry
@@ -22,7 +22,7 @@ def load_run_data(cfg: TrainConfig, runtime: Runtime) -> Dataset:
     """The run's dataset; the main process decodes and caches it first, the others then read the cache."""
     with runtime.accelerator.main_process_first():
         return load_dataset(cfg.data, cfg.cache_dir, cfg.download, cfg.train_per_class, cfg.test_per_class,
-                            log=runtime.print)
+                            log=runtime.print, dataset=cfg.dataset)
 
 
 def build_student(cfg: TrainConfig, runtime: Runtime):
@@ -37,7 +37,7 @@ def build_student(cfg: TrainConfig, runtime: Runtime):
 def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
     """Train cfg.model with cross-entropy; returns the checkpoint's metadata (test accuracy included)."""
     cfg.validate()
-    runtime = runtime or make_runtime(cfg.precision)
+    runtime = runtime or make_runtime(cfg.precision, log_with=cfg.log_with, logging_dir=logging_dir(cfg))
     with open_run(cfg, runtime) as run_dir:
         data, model = build_student(cfg, runtime)
         label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing

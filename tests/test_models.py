@@ -39,13 +39,24 @@ def test_unknown_name_suggests_close_matches():
         create_model("resnet_8")
 
 
-def test_pretrained_weights_missing_from_cache_say_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="not in the local torch hub cache"):
-        create_model("resnet18", pretrained=True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    import huggingface_hub.constants as hc
+def test_pretrained_weights_neither_cached_nor_downloadable_say_so(tmp_path, monkeypatch):
+    """Offline: torchvision's URL refused (a closed port on 127.0.0.1), the hub in offline mode, empty caches."""
+    import socket
 
+    import huggingface_hub.constants as hc
+    from torchvision.models import ResNet18_Weights
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.value, "url", f"http://127.0.0.1:{port}/resnet18-f37072fd.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ValueError, match="--pretrained: could not get the weights of torchvision:resnet18"):
+        create_model("resnet18", pretrained=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ValueError, match="could not get the weights of timm:vit_tiny_patch16_224.augreg.*without --pretrained"):
         create_model("vit_tiny", pretrained=True)
+
+

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,7 +60,20 @@ def list_models() -> list[str]:
 
 
 def model_entry(name: str) -> ModelEntry:
-    return _REGISTRY.get(name)
+    """A registered model, or a library one (timm:NAME, torchvision:NAME[@SIZE], see kdfast.models.library)."""
+    from . import library
+
+    if library.is_library_name(name):
+        lib, model, size = library.check_name(name)
+        resized = f", input resized to {size}x{size} on the device" if size else ""
+        return ModelEntry(name, functools.partial(library.build, name), library.family(name),
+                          f"{lib}'s {model}{resized}")
+    try:
+        return _REGISTRY.get(name)
+    except ValueError as e:
+        libs = [lib for lib in library.LIBRARIES if name in library.library_models(lib)]
+        hint = f" {name!r} is a library model: --model {libs[0]}:{name}." if libs else ""
+        raise ValueError(f"{e}.{hint} Library models: {library.NAMING}.") from None
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

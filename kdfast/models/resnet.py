@@ -1,13 +1,12 @@
 """CNNs: torchvision's ResNet-18 with a CIFAR stem, and the akamaster CIFAR ResNet family."""
 from __future__ import annotations
 
-import os
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from .library import torchvision_pretrained
 from .registry import register_model
 
 
@@ -86,27 +85,12 @@ def resnet20(num_classes: int = 10, shortcut: str = "B", pretrained: bool = Fals
     return CifarResNet(3, num_classes, shortcut)
 
 
-def _torchvision_cached_weights(weights) -> str:
-    """Path of torchvision weights in the local torch hub cache, or a clear error."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"--pretrained: {path} is not in the local torch hub cache. Download it once where you are online "
-            f"(python -c 'import torchvision; torchvision.models.resnet18(weights=\"IMAGENET1K_V1\")'), "
-            "or train from scratch without --pretrained."
-        )
-    return path
-
-
 @register_model("cnn")
 def resnet18(num_classes: int = 10, pretrained: bool = False) -> nn.Module:
     """ResNet-18 (torchvision) with the CIFAR stem: 3x3 stride-1 conv1, no max-pool; 11.2M params."""
     model = torchvision.models.resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     model.maxpool = nn.Identity()
-    if pretrained:
-        path = _torchvision_cached_weights(torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith(("conv1.", "fc."))}  # shapes differ
-        model.load_state_dict(state, strict=False)
+    if pretrained:  # ImageNet weights, but for the 3x3 stem and the head (their shapes differ)
+        torchvision_pretrained(model, "resnet18", skip=("conv1.", "fc."))
     return model

@@ -1,0 +1,136 @@
+"""Library models by name: ``timm:NAME`` and ``torchvision:NAME``, built with ``num_classes`` set.
+
+``@SIZE`` after a name resizes the input on the device before the model (bilinear), for models made for their
+pretraining size: ``timm:vit_tiny_patch16_224@224``. The resize is part of the model, so it follows the
+augmented crop exactly as the crop follows (seed, sample), and a logit cache of such a teacher is keyed like
+any other. ``--pretrained`` downloads the library's weights once (timm: the Hugging Face hub; torchvision:
+torch hub, with its hash check) and reads them from the local cache afterwards.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LIBRARIES = ("timm", "torchvision")
+NAMING = ("timm:NAME (any of timm.list_models(), e.g. timm:resnet18, timm:mobilenetv3_small_100), "
+          "torchvision:NAME (any of torchvision.models.list_models(), e.g. torchvision:mobilenet_v3_small); "
+          "add @SIZE to resize the 32x32 input on the device for models made for a fixed size "
+          "(timm:vit_tiny_patch16_224@224)")
+
+
+class ResizeInput(nn.Module):
+    """Resize the (augmented, normalized) batch to size x size on the device, then run the model."""
+
+    def __init__(self, model: nn.Module, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, x):
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.model(x)
+
+
+def is_library_name(name: str) -> bool:
+    return ":" in name
+
+
+def parse(name: str) -> tuple[str, str, int | None]:
+    """'timm:vit_tiny_patch16_224@224' -> ('timm', 'vit_tiny_patch16_224', 224)."""
+    library, _, rest = name.partition(":")
+    model, _, size = rest.partition("@")
+    if library not in LIBRARIES or not model:
+        raise ValueError(f"--model {name!r}: library models are named {NAMING}")
+    if size and (not size.isdigit() or not 8 <= int(size) <= 1024):
+        raise ValueError(f"--model {name!r}: @SIZE must be a whole number of pixels between 8 and 1024")
+    return library, model, int(size) if size else None
+
+
+@functools.lru_cache(maxsize=2)
+def library_models(library: str) -> tuple[str, ...]:
+    if library == "timm":
+        import timm
+
+        return tuple(timm.list_models())
+    import torchvision
+
+    return tuple(torchvision.models.list_models())
+
+
+def check_name(name: str) -> tuple[str, str, int | None]:
+    """The parsed name, or one sentence with the library's closest names."""
+    library, model, size = parse(name)
+    known = library_models(library)
+    if model not in known:
+        close = difflib.get_close_matches(model, known, n=4, cutoff=0.5)
+        hint = f" Did you mean {', '.join(f'{library}:{c}' for c in close)}?" if close else ""
+        raise ValueError(f"--model {name!r}: {library} has no model {model!r}.{hint} "
+                         f"List them with python -c \"import {library}; print({_lister(library)})\".")
+    return library, model, size
+
+
+def _lister(library: str) -> str:
+    return "timm.list_models()" if library == "timm" else "torchvision.models.list_models()"
+
+
+def pretrained_error(what: str, e: Exception) -> ValueError:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return ValueError(f"--pretrained: could not get the weights of {what} ({type(e).__name__}: {first}). They are "
+                      "neither in the local cache (timm: $HF_HOME or ~/.cache/huggingface; torchvision: $TORCH_HOME or "
+                      "~/.cache/torch/hub) nor downloadable here. Run once with internet (or copy that cache over), "
+                      "or train from scratch without --pretrained.")
+
+
+def torchvision_pretrained(model: nn.Module, name: str, skip=()) -> nn.Module:
+    """Load torchvision's default weights for `name` into `model`; tensors whose shapes differ (the head for
+    another number of classes) or whose names start with `skip` keep their initialisation."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        state = weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # URLError (offline), a hash mismatch, a damaged file: all mean "no weights"
+        raise pretrained_error(f"torchvision:{name} ({weights.url})", e) from None
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith(tuple(skip))}
+    model.load_state_dict(keep, strict=False)
+    return model
+
+
+def timm_model(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
+    """timm.create_model, with a download failure said in one sentence."""
+    import timm
+
+    if not pretrained:
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+    except Exception as e:  # offline, not cached, gated, damaged: the hub's and httpx's errors have no common base
+        raise pretrained_error(f"timm:{name}", e) from None
+
+
+def build(name: str, num_classes: int = 10, pretrained: bool = False) -> nn.Module:
+    library, model_name, size = check_name(name)
+    if library == "timm":
+        model = timm_model(model_name, num_classes, pretrained)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(model_name, num_classes=num_classes)
+        if pretrained:
+            torchvision_pretrained(model, model_name)
+    return ResizeInput(model, size) if size else model
+
+
+@functools.lru_cache(maxsize=64)
+def family(name: str) -> str:
+    """'vit' for models with attention (they get the AdamW recipe), else 'cnn' (SGD, channels_last)."""
+    with torch.device("meta"):
+        model = build(name)
+    attention = any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
+                    for m in model.modules())
+    return "vit" if attention else "cnn"
