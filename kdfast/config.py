@@ -12,6 +12,8 @@ from typing import Literal, Optional
 from .augment import AugmentSpec
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DatasetName = Literal["cifar10", "cifar100"]
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow", "aim", "all"]
 
 
 def check(flag: str, value, ok: bool, rule: str) -> None:
@@ -51,6 +53,12 @@ def check_augment(spec) -> None:
     check("augment.mean", spec.mean, all(_finite(m) for m in spec.mean), "three finite numbers")
 
 
+def check_grid(alphas, taus, alpha_flag: str = "alphas", tau_flag: str = "taus") -> None:
+    check(alpha_flag, alphas, len(alphas) > 0 and all(_finite(a) and 0 <= a <= 1 for a in alphas),
+          "one or more numbers in [0, 1]")
+    check(tau_flag, taus, len(taus) > 0 and all(_finite(t) and t > 0 for t in taus), "one or more numbers > 0")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Optimizer and schedule of one model family."""
@@ -80,14 +88,19 @@ class TrainConfig:
     """Train one model with cross-entropy on CIFAR-style data: a teacher, or a student without KD."""
 
     model: str = "resnet8"
-    """Registered model name: resnet18, resnet8, resnet20, vit_tiny, vit_student."""
+    """A registered model (resnet18, resnet8, resnet20, vit_tiny, vit_student) or a library model:
+    timm:NAME, torchvision:NAME, with @SIZE to resize the input on the device (timm:vit_tiny_patch16_224@224);
+    `kdfast models`."""
     name: Optional[str] = None
     """Checkpoint name in out_dir (NAME.pth, .safetensors, .json, .metrics.jsonl); default: the model name."""
     out_dir: str = "models_saved"
+    dataset: DatasetName = "cifar10"
+    """Which torchvision dataset a torchvision folder (or the download) holds; also picks the normalization."""
     data: Optional[str] = None
-    """Data source: torchvision CIFAR-10 folder, or a folder / .tar.gz with train/<class>/* and test/<class>/*. Default: $KDFAST_DATA, else ./data."""
+    """Data source: a torchvision CIFAR folder, or a folder / .tar.gz with train/<class>/* and test/<class>/*.
+    Default: $KDFAST_DATA, else ./data, where the dataset is downloaded when missing."""
     download: bool = False
-    """Download CIFAR-10 with torchvision into --data when it is missing (needs internet)."""
+    """Also download into an explicit --data folder when the dataset is missing there (./data always does)."""
     cache_dir: str = "cache"
     """Where decoded datasets (and teacher-logit caches) are kept."""
     train_per_class: int = 0
@@ -113,7 +126,8 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     label_smoothing: Optional[float] = None
     pretrained: bool = False
-    """Start from the library's pretrained weights (must be in the local cache)."""
+    """Start from the library's pretrained weights (timm: Hugging Face hub, torchvision: torch hub; downloaded
+    once, then read from the local cache)."""
     precision: Precision = "auto"
     """auto = bf16 on GPUs that have it (fp16 on older ones); on CPUs bf16 only with AMX/AVX512-BF16, else fp32."""
     compile: bool = False
@@ -128,10 +142,16 @@ class TrainConfig:
     """Also save the resumable state every N optimizer steps (0: after every epoch only)."""
     progress: bool = True
     """Show a progress bar (main process only)."""
+    log_with: Tracker = "none"
+    """Also log each epoch's metrics and the resolved config to experiment trackers through Accelerate
+    (tensorboard writes to OUT_DIR/logs/NAME; wandb, mlflow, aim need their package and login)."""
+
+    def __post_init__(self):
+        self.augment = self.augment.for_dataset(self.dataset)
 
     @property
     def run_name(self) -> str:
-        return self.name or self.model
+        return self.name or self.model.replace(":", "-").replace("@", "-")
 
     def validate(self) -> None:
         """Every numeric flag checked before any work: one sentence naming the flag."""
@@ -240,14 +260,15 @@ class EvaluateConfig:
 class LabConfig:
     """The whole course lab: two teachers, two baseline students, two KD students, then report.json.
 
-    Presets (--preset): smoke (minutes on any CPU: a class-balanced subset, 2 epochs), cpu (about an hour
-    on a 2-core AMX CPU: full data, few epochs), full (the real recipe for one GPU). Any field below
+    Presets (--preset): smoke (minutes on any CPU: a class-balanced subset, 2 epochs), cpu (KD that visibly
+    helps in about 90 minutes on a 2-core AMX CPU: a third of the data, two seeds of KD against no KD), full (the real recipe for one GPU). Any field below
     overrides the preset's value.
     """
 
     preset: Literal["smoke", "cpu", "full"] = "smoke"
+    dataset: DatasetName = "cifar10"
     data: Optional[str] = None
-    """Data source (default: $KDFAST_DATA, else ./data)."""
+    """Data source (default: $KDFAST_DATA, else ./data, where the dataset is downloaded when missing)."""
     download: bool = False
     cache_dir: str = "cache"
     out_dir: str = "models_saved"
@@ -258,7 +279,18 @@ class LabConfig:
     cnn_teacher: str = "resnet18"
     cnn_student: str = "resnet8"
     vit_teacher: str = "vit_tiny"
+    """Registered or library model (`kdfast models`); vit_tiny_224 is ViT-Tiny at its pretraining size (16x16
+    patches, input resized to 224 on the device): with --vit-teacher-pretrained and a small --vit-teacher-lr it
+    fine-tunes timm's ImageNet weights."""
     vit_student: str = "vit_student"
+    cnn_teacher_pretrained: bool = False
+    """Start the CNN teacher from its library's pretrained weights (downloaded once)."""
+    vit_teacher_pretrained: bool = False
+    """Start the ViT teacher from timm's pretrained weights (downloaded once): a fine-tune."""
+    cnn_teacher_lr: Optional[float] = None
+    """Default: the CNN recipe's (0.1 per 256 images)."""
+    vit_teacher_lr: Optional[float] = None
+    """Default: the ViT recipe's (1e-3 per 256 images); a fine-tune wants about 1e-4."""
     cnn_teacher_epochs: int = 30
     cnn_student_epochs: int = 30
     vit_teacher_epochs: int = 30
@@ -284,12 +316,27 @@ class LabConfig:
     """Extra KD students, one per method (dkd, fitnets, ...), reported under each pair's details."""
     logit_std: bool = False
     """Logit standardization for the KD student(s)."""
+    sweep_alphas: tuple[float, ...] = ()
+    """With --sweep-taus: after each pair's runs, an alpha x tau sweep of its student from the pair's logit cache
+    (kdfast sweep, with the no-KD baseline per seed) in OUT_DIR/sweep_<pair>, shown in report.md."""
+    sweep_taus: tuple[float, ...] = ()
+    sweep_seeds: int = 2
+    """Seeds per sweep point (0..N-1)."""
     progress: bool = True
+    log_with: Tracker = "none"
+    """Experiment trackers for every run (see kdfast train --help)."""
 
     def validate(self) -> None:
+        check("sweep_taus", self.sweep_taus, bool(self.sweep_alphas) == bool(self.sweep_taus),
+              "given together with --sweep-alphas (both or neither)")
+        if self.sweep_alphas:
+            check_grid(self.sweep_alphas, self.sweep_taus, "sweep_alphas", "sweep_taus")
+            check_int(self, "sweep_seeds", 1)
+            check("online", self.online, not self.online, "off when sweeping: a sweep reads the logit cache")
         for pair in ("cnn", "vit"):
             for role in ("teacher_epochs", "student_epochs", "batch_size"):
                 check_int(self, f"{pair}_{role}", 1)
+            check_float(self, f"{pair}_teacher_lr", 0.0, low_open=True)
         check_int(self, "eval_batch_size", 1)
         for name in ("train_per_class", "test_per_class", "eval_every", "checkpoint_every", "seed"):
             check_int(self, name, 0)
@@ -334,16 +381,26 @@ class SweepConfig:
     """Retrain every point (default: finished points are kept, an interrupted one resumes)."""
     checkpoint_every: int = 0
     progress: bool = True
+    log_with: Tracker = "none"
+    """Experiment trackers for every run (see kdfast train --help)."""
+    together: Literal["auto", "on", "off"] = "auto"
+    """Train the points of one seed together in one pass (kdfast.group; same batches, each its own loss, metrics
+    and checkpoint): auto = on a GPU, off on a CPU, where it measured slower beyond 2 students
+    (benchmarks/together.py)."""
+    group_size: int = 0
+    """At most this many students per pass (0: all the points of a seed)."""
+    cache_slots: tuple[int, ...] = (0,)
+    """Cache slots to train every point with (0: all): several values add sweep_slots.png, accuracy against slots."""
 
     def validate(self) -> None:
+        check_int(self, "group_size", 0)
+        check("cache_slots", self.cache_slots, len(self.cache_slots) > 0 and all(
+            isinstance(s, int) and s >= 0 for s in self.cache_slots), "one or more whole numbers >= 0 (0: all)")
         for name in ("seeds", "epochs", "batch_size", "eval_batch_size"):
             check_int(self, name, 1)
         for name in ("eval_every", "checkpoint_every"):
             check_int(self, name, 0)
-        check("alphas", self.alphas, len(self.alphas) > 0 and all(_finite(a) and 0 <= a <= 1 for a in self.alphas),
-              "one or more numbers in [0, 1]")
-        check("taus", self.taus, len(self.taus) > 0 and all(_finite(t) and t > 0 for t in self.taus),
-              "one or more numbers > 0")
+        check_grid(self.alphas, self.taus)
 
 
 LAB_PRESETS = {
@@ -352,8 +409,12 @@ LAB_PRESETS = {
                        vit_batch_size=100),
     # measured on a 2-core AMX CPU in bf16 (img/s): resnet18 train 119 / infer 479, resnet8 train 2160,
     # vit_tiny train 79 / infer 632, vit_student train 178; online KD pays the teacher pass too
-    "cpu": LabConfig(preset="cpu", cnn_teacher_epochs=2, cnn_student_epochs=5, vit_teacher_epochs=2,
-                     vit_student_epochs=1, eval_every=0),
+    # a class-balanced third of CIFAR-10 (1,000 train / 300 test images per class): teachers trained twice as many
+    # epochs as their students, so they are clearly better; KD (alpha 0.1, tau 4: the best point of a 3x3 ResNet-8
+    # sweep on this subset) against no KD over two seeds, with the lab's sweep
+    "cpu": LabConfig(preset="cpu", train_per_class=1000, test_per_class=300, cnn_teacher_epochs=12,
+                     cnn_student_epochs=6, vit_teacher_epochs=10, vit_student_epochs=5, alpha=0.1, tau=4.0,
+                     eval_every=1, sweep_alphas=(0.1,), sweep_taus=(4.0,), sweep_seeds=2),
     "full": LabConfig(preset="full", cnn_teacher_epochs=100, cnn_student_epochs=200, vit_teacher_epochs=200,
                       vit_student_epochs=200, cnn_batch_size=512, vit_batch_size=512, eval_every=5),
 }

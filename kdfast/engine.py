@@ -1,7 +1,9 @@
 """The one training loop, on HF Accelerate: teachers, baseline students and KD students all run here."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import signal
 import threading
 import time
@@ -24,6 +26,7 @@ from .errors import USER_ERRORS, Interrupted, KdfastError
 from .machine import accelerate_mixed_precision, resolve_precision
 from .models import count_parameters, model_entry
 from .rundir import RunDir, describe_progress
+from .together import clip_per_student
 
 LossStep = Callable[[nn.Module, Batch], "tuple[torch.Tensor, torch.Tensor]"]  # -> (loss, student logits)
 LOG_EVERY = 25  # steps between progress-bar updates (each one is a host-device sync)
@@ -53,11 +56,13 @@ def process_state() -> PartialState:
     return PartialState(cpu=_use_cpu())
 
 
-def make_runtime(precision: str = "auto", find_unused_parameters: bool = False) -> Runtime:
+def make_runtime(precision: str = "auto", find_unused_parameters: bool = False, log_with: str = "none",
+                 logging_dir: str | None = None) -> Runtime:
     """An Accelerator with the precision that is really fast here (see machine.resolve_precision).
 
     find_unused_parameters: for losses that leave some parameters without a gradient in some steps
-    (FitNets' stages), which DDP must then be told about.
+    (FitNets' stages), which DDP must then be told about. log_with: Accelerate's experiment trackers
+    ("none", "tensorboard", "wandb", "mlflow", "aim", "all"), writing under logging_dir where they write files.
     """
     device_type = process_state().device.type
     used, reason = resolve_precision(precision, device_type)
@@ -65,8 +70,9 @@ def make_runtime(precision: str = "auto", find_unused_parameters: bool = False) 
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     AcceleratorState._reset_state()  # lets one process run several runs (the lab, tests) in turn
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    trackers = {} if log_with == "none" else {"log_with": log_with, "project_dir": logging_dir}
     accelerator = Accelerator(cpu=_use_cpu(), mixed_precision=accelerate_mixed_precision(used),
-                              kwargs_handlers=handlers)
+                              kwargs_handlers=handlers, **trackers)
     return Runtime(accelerator, used, reason)
 
 
@@ -232,6 +238,8 @@ class Training:
     run_dir: RunDir
     cfg: TrainConfig
     export: Callable[[nn.Module], nn.Module]  # the trained module -> the model that is evaluated and saved
+    students: int = 0  # K students trained together (kdfast.group): losses and sums are (K,) vectors; 0: one model
+    last_img_s: float = 0.0  # kdfast.group: the last epoch's img/s per student
     # per-epoch sums (device tensors, this process's part) and the first non-finite step (-1: none)
     sums: dict = field(default_factory=dict)
     bad_step: torch.Tensor | None = None
@@ -251,32 +259,41 @@ class Training:
         """Zero the epoch's sums; a resumed epoch starts from the saved global sums (on the main process)."""
         dev = self.runtime.device
         saved = saved if (saved and self.acc.is_main_process) else {}
-        self.sums = {"loss": torch.tensor(float(saved.get("loss", 0.0)), device=dev),
-                     "correct": torch.tensor(int(saved.get("correct", 0)), device=dev),
+        zero = [0.0] * self.students if self.students else 0.0
+        self.sums = {"loss": torch.tensor(saved.get("loss", zero), dtype=torch.float32, device=dev),
+                     "correct": torch.tensor(saved.get("correct", zero), device=dev).long(),
                      "seen": torch.tensor(int(saved.get("seen", 0)), device=dev)}
         self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)
 
     def global_sums(self) -> dict:
         reduced = {k: self.acc.reduce(v.clone(), "sum") for k, v in self.sums.items()}
-        return {"loss": reduced["loss"].item(), "correct": int(reduced["correct"].item()),
+        return {"loss": reduced["loss"].tolist(), "correct": reduced["correct"].tolist(),
                 "seen": int(reduced["seen"].item())}
 
 
 def train_step(tr: Training, batch: Batch, global_step: int) -> torch.Tensor:
-    """One optimizer step on one batch; returns the (detached) loss. No host-device sync."""
+    """One optimizer step on one batch; returns the (detached) loss. No host-device sync.
+
+    K students together: the loss is their (K,) losses and the logits (K, B, classes); the gradient of the sum
+    reaches each student's own parameters only, and clipping is per student.
+    """
     loss, logits = tr.loss_step(tr.model, batch)
     tr.optimizer.zero_grad(set_to_none=True)
-    tr.acc.backward(loss)
+    tr.acc.backward(loss.sum() if tr.students else loss)
     if tr.recipe.grad_clip > 0:
-        tr.acc.clip_grad_norm_(tr.model.parameters(), tr.recipe.grad_clip)
+        if tr.students:
+            tr.acc.unscale_gradients()  # fp16: clip the true gradients, as clip_grad_norm_ does
+            clip_per_student(tr.acc.unwrap_model(tr.model), tr.recipe.grad_clip)
+        else:
+            tr.acc.clip_grad_norm_(tr.model.parameters(), tr.recipe.grad_clip)
     tr.optimizer.step()
     tr.scheduler.step()
     loss = loss.detach()
     tr.sums["loss"] += loss
-    tr.sums["correct"] += (logits.detach().argmax(1) == batch.labels).sum()
+    tr.sums["correct"] += (logits.detach().argmax(-1) == batch.labels).sum(-1)
     tr.sums["seen"] += len(batch.labels)
-    tr.bad_step = torch.where((tr.bad_step < 0) & ~torch.isfinite(loss), global_step, tr.bad_step)
-    return loss
+    tr.bad_step = torch.where((tr.bad_step < 0) & ~torch.isfinite(loss).all(), global_step, tr.bad_step)
+    return loss.sum()
 
 
 def check_finite(tr: Training) -> None:
@@ -392,7 +409,7 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
         return progress["wall_time_s"] + time.perf_counter() - wall_start
 
     test, train_img_s = {}, 0.0
-    with Preemption() as stop:
+    with Preemption() as stop, tracking(tr):
         for epoch in range(progress["epoch"], cfg.epochs):
             resumed = epoch == progress["epoch"] and progress.get("step", 0) > 0
             tr.reset_sums(progress.get("sums") if resumed else None)
@@ -404,6 +421,9 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
             if acc.is_main_process:
                 records.append(record)
                 run_dir.write_metrics(records)
+            if cfg.log_with != "none":  # the same numbers as the metrics line, at step = epochs done
+                acc.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"},
+                        step=epoch + 1)
             save_progress(tr, epoch + 1, 0, 0.0, wall_at())
             signum = stop.requested(acc)
             if signum:  # asked during the evaluation: the epoch is whole and saved
@@ -411,6 +431,37 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
                                           f"{epoch + 1}; the state is saved in {run_dir.state_dir}. Resume with the "
                                           "same command and --resume.")
     return finish(tr, data, test, params, train_img_s, wall_at(), extra_meta)
+
+
+def logging_dir(cfg: TrainConfig) -> str:
+    """Where file-writing trackers (tensorboard, aim, mlflow's local store) put a run: OUT_DIR/logs/NAME."""
+    return os.path.join(cfg.out_dir, "logs")
+
+
+def tracker_config(cfg: TrainConfig) -> dict:
+    """The resolved config as flat scalars (what every tracker accepts as hyperparameters)."""
+    flat = {}
+    for key, value in cfg.to_dict().items():
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, v in items:
+            name = f"{key}.{sub}" if sub else key
+            flat[name] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return flat
+
+
+@contextmanager
+def tracking(tr: Training):
+    """Accelerate's trackers for the run (--log-with): opened with the resolved config, closed at the end."""
+    cfg, acc = tr.cfg, tr.acc
+    if cfg.log_with == "none":
+        yield
+        return
+    acc.init_trackers(cfg.run_name, config={**tracker_config(cfg), **{f"recipe.{k}": v for k, v in
+                                                                       tr.recipe.__dict__.items()}})
+    try:
+        yield
+    finally:
+        acc.end_training()
 
 
 def end_epoch(tr: Training, data: Dataset, epoch: int, epoch_time: float) -> tuple[dict, dict]:

@@ -1,7 +1,7 @@
 """The course lab end to end: six runs (KD students from a teacher-logit cache), six checkpoints, report.json.
 
     python -m kdfast.lab --preset smoke      # minutes on any CPU
-    python -m kdfast.lab --preset cpu        # about an hour on a 2-core AMX CPU
+    python -m kdfast.lab --preset cpu        # KD that visibly helps, about 90 minutes on a 2-core AMX CPU
     accelerate launch -m kdfast.lab --preset full
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 
 import tyro
 
-from . import cache, distill, labreport, train
+from . import cache, distill, labreport, sweep, train
 from .cache import BuildConfig
 from .checkpoint import checkpoint_paths
-from .config import LAB_PRESETS, DistillConfig, LabConfig, TrainConfig
+from .config import LAB_PRESETS, DistillConfig, LabConfig, SweepConfig, TrainConfig
 from .engine import on_main, process_state
 from .errors import user_errors_exit
 from .files import FileLock, check_file_target, write_json
@@ -32,7 +32,7 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
     runs = []
     for pair in cfg.pairs:
         teacher, student = getattr(cfg, f"{pair}_teacher"), getattr(cfg, f"{pair}_student")
-        common = dict(data=cfg.data, download=cfg.download, cache_dir=cfg.cache_dir, out_dir=cfg.out_dir,
+        common = dict(dataset=cfg.dataset, data=cfg.data, download=cfg.download, log_with=cfg.log_with, cache_dir=cfg.cache_dir, out_dir=cfg.out_dir,
                       train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
                       batch_size=getattr(cfg, f"{pair}_batch_size"), eval_every=cfg.eval_every,
                       eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, compile=cfg.compile,
@@ -43,13 +43,16 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
         teacher_cache = None if cfg.online else os.path.join(cfg.cache_dir, f"{pair}_teacher.h5")
         runs += [
             (f"{pair}_teacher", train,
-             TrainConfig(model=teacher, name=f"{pair}_teacher", epochs=getattr(cfg, f"{pair}_teacher_epochs"), **common)),
+             TrainConfig(model=teacher, name=f"{pair}_teacher", epochs=getattr(cfg, f"{pair}_teacher_epochs"),
+                         pretrained=getattr(cfg, f"{pair}_teacher_pretrained"), lr=getattr(cfg, f"{pair}_teacher_lr"),
+                         **common)),
             (f"{pair}_student_no_kd", train,
              TrainConfig(model=student, name=f"{pair}_student_no_kd", epochs=student_epochs, **common)),
         ]
         if teacher_cache:  # one slot per student epoch: the cached student sees exactly what an online one would
             runs.append((f"{pair}_teacher_cache", cache, BuildConfig(
                 teacher=teacher_path, out=teacher_cache, seeds=student_epochs, seed=cfg.seed, data=cfg.data,
+                dataset=cfg.dataset,
                 cache_dir=cfg.cache_dir, train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
                 batch_size=max(cfg.eval_batch_size, 500), precision=cfg.precision, overwrite=True,
                 progress=cfg.progress)))
@@ -66,10 +69,23 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
     return runs
 
 
+def run_sweep(cfg: LabConfig, pair: str) -> str:
+    """The --sweep-alphas x --sweep-taus grid of the pair's student from the lab's cache; returns its folder."""
+    out = os.path.join(cfg.out_dir, f"sweep_{pair}")
+    sweep.run(SweepConfig(
+        pair=pair, model=getattr(cfg, f"{pair}_student"), teacher_cache=os.path.join(cfg.cache_dir, f"{pair}_teacher.h5"),
+        alphas=cfg.sweep_alphas, taus=cfg.sweep_taus, seeds=cfg.sweep_seeds, epochs=getattr(cfg, f"{pair}_student_epochs"),
+        batch_size=getattr(cfg, f"{pair}_batch_size"), eval_batch_size=cfg.eval_batch_size, eval_every=cfg.eval_every,
+        cache_dir=cfg.cache_dir, precision=cfg.precision, out_dir=out, fresh=cfg.fresh,
+        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, log_with=cfg.log_with))
+    return out
+
+
 def preset_overrides(cfg: LabConfig) -> dict:
     """The fields that change what the runs do and differ from the preset's values."""
     preset = LAB_PRESETS[cfg.preset]
-    ignored = {"data", "download", "cache_dir", "out_dir", "report", "pairs", "fresh", "progress", "checkpoint_every"}
+    ignored = {"data", "download", "cache_dir", "out_dir", "report", "pairs", "fresh", "progress", "checkpoint_every",
+               "log_with"}
     return {f.name: getattr(cfg, f.name) for f in fields(LabConfig)
             if f.name not in ignored and getattr(cfg, f.name) != getattr(preset, f.name)}
 
@@ -128,7 +144,13 @@ def _run_locked(cfg: LabConfig, state) -> dict:
             say(f"[lab] warning: {pair}: {warning}")
         if state.is_main_process:
             write_json(cfg.report, report)
-            labreport.write(cfg.out_dir, cfg.report, report, results, extra, total_wall=time.perf_counter() - t_lab)
+            labreport.write(cfg.out_dir, cfg.report, report, results, extra, labreport.saved_sweeps(cfg.out_dir),
+                            time.perf_counter() - t_lab)
+    sweeps = {}
+    for pair in cfg.pairs if cfg.sweep_alphas else ():  # after every run: a sweep reads the pair's cache
+        sweeps[f"Sweep: {pair}"] = run_sweep(cfg, pair)
+        if state.is_main_process:
+            labreport.write(cfg.out_dir, cfg.report, report, results, extra, sweeps, time.perf_counter() - t_lab)
     md = os.path.splitext(cfg.report)[0] + ".md"
     say(f"\n[lab] preset {cfg.preset}: total wall time {time.perf_counter() - t_lab:.1f}s; wrote {cfg.report} and {md}")
     for name, meta in results.items():

@@ -33,7 +33,7 @@ class ReportConfig:
     report: str = "report.json"
     """Where report.json is (report.md and the figures go beside it)."""
     sweep: Optional[str] = None
-    """A sweep's --out-dir whose sweep.md and heatmap are included."""
+    """A sweep's --out-dir whose sweep.md and heatmap are included (a lab's own sweeps, OUT_DIR/sweep_<pair>, always are)."""
 
 
 def saved_results(out_dir: str) -> dict[str, dict]:
@@ -64,7 +64,13 @@ def curves(out_dir: str, results: dict, pair: str) -> dict[str, list[tuple[int, 
     return out
 
 
-def markdown(report: dict, results: dict, extra: dict, images: dict[str, str], sweep_md: str | None,
+def saved_sweeps(out_dir: str) -> dict[str, str]:
+    """The sweeps a lab ran (OUT_DIR/sweep_cnn, sweep_vit), by title."""
+    return {f"Sweep: {pair}": os.path.join(out_dir, f"sweep_{pair}") for pair in ("cnn", "vit")
+            if os.path.exists(os.path.join(out_dir, f"sweep_{pair}", "sweep.md"))}
+
+
+def markdown(report: dict, results: dict, extra: dict, images: dict[str, str], sweeps_md: dict[str, str],
              total_wall: float | None) -> str:
     lines = ["# kdfast lab report", "",
              f"preset `{extra.get('preset')}`" + (f" (overrides: {extra.get('preset_overrides')})"
@@ -85,13 +91,13 @@ def markdown(report: dict, results: dict, extra: dict, images: dict[str, str], s
             lines.append(f"**Warning ({pair}):** {entry['details']['warning']}\n")
     for label, image in images.items():
         lines += [f"## {label}", "", f"![{label}]({image})", ""]
-    if sweep_md:
-        lines += ["## Sweep", "", sweep_md]
+    for title, text in sweeps_md.items():
+        lines += [f"## {title}", "", text]
     return "\n".join(lines) + "\n"
 
 
-def write(out_dir: str, report_path: str, report: dict, results: dict, extra: dict, sweep_dir: str | None = None,
-          total_wall: float | None = None) -> str:
+def write(out_dir: str, report_path: str, report: dict, results: dict, extra: dict,
+          sweeps: dict[str, str] | None = None, total_wall: float | None = None) -> str:
     """Write report.md and its figures beside report_path; returns the report.md path."""
     folder = os.path.dirname(os.path.abspath(report_path))
     stem = os.path.splitext(os.path.basename(report_path))[0]
@@ -102,12 +108,14 @@ def write(out_dir: str, report_path: str, report: dict, results: dict, extra: di
             image = f"{stem}_{pair}_curves.png"
             plots.accuracy_curves(points, os.path.join(folder, image), f"{pair}: test accuracy per epoch")
             images[f"{pair}: test accuracy per epoch"] = image
-    sweep_md = None
-    if sweep_dir and os.path.exists(os.path.join(sweep_dir, "sweep.md")):
-        with open(os.path.join(sweep_dir, "sweep.md")) as f:
-            sweep_md = f.read().replace("](sweep_heatmap.png)", f"]({os.path.relpath(sweep_dir, folder)}/sweep_heatmap.png)")
+    sweeps_md = {}
+    for title, sweep_dir in (sweeps or {}).items():
+        if os.path.exists(os.path.join(sweep_dir, "sweep.md")):
+            with open(os.path.join(sweep_dir, "sweep.md")) as f:
+                sweeps_md[title] = f.read().replace("](sweep_heatmap.png)",
+                                                    f"]({os.path.relpath(sweep_dir, folder)}/sweep_heatmap.png)")
     path = os.path.join(folder, stem + ".md")
-    write_text(path, markdown(report, results, extra, images, sweep_md, total_wall))
+    write_text(path, markdown(report, results, extra, images, sweeps_md, total_wall))
     return path
 
 
@@ -123,7 +131,8 @@ def run(cfg: ReportConfig) -> str:
                 extra = {k: details.get(k) for k in ("preset", "preset_overrides", "machine", "date")}
     report = lab_report(results, extra)
     write_json(cfg.report, report)
-    path = write(cfg.out_dir, cfg.report, report, results, extra, cfg.sweep)
+    sweeps = {**saved_sweeps(cfg.out_dir), **({"Sweep": cfg.sweep} if cfg.sweep else {})}
+    path = write(cfg.out_dir, cfg.report, report, results, extra, sweeps)
     print(f"wrote {cfg.report} and {path}")
     return path
 

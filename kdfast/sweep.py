@@ -2,6 +2,8 @@
 
     kdfast sweep --pair cnn --alphas 0.1 0.5 0.9 --taus 1 2 4 8 --seeds 2 --epochs 30
     kdfast sweep --pair cnn --method dkd --logit-std --taus 2 4 --alphas 0.5
+    kdfast sweep --pair cnn --alphas 0.1 --taus 4 --cache-slots 1 2 4 0     # accuracy against cache slots
+    kdfast sweep --pair cnn --together on        # the KD points of a seed in one fused pass (kdfast.group)
 
 Every point reads the same cache (no teacher pass). Each run is an ordinary kdfast run in --out-dir (its
 checkpoint reloads with `kdfast evaluate`); a finished one is kept and an interrupted one resumes, so the
@@ -12,13 +14,14 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
 import statistics
 import sys
 
 import tyro
 
-from . import distill, plots, train
+from . import distill, group, plots, train
 from .cache import LogitCache
 from .config import DistillConfig, SweepConfig, TrainConfig
 from .engine import accuracy_and_loss, on_main, process_state
@@ -40,6 +43,7 @@ def plan(cfg: SweepConfig, cache_attrs: dict) -> list[tuple[dict, TrainConfig]]:
     teacher_cache = cfg.teacher_cache or PAIR_DEFAULTS[cfg.pair][1]
     built = lambda key, value: cache_attrs.get(key, 0) if value is None else value  # noqa: E731
     common = dict(model=model, data=cfg.data or cache_attrs.get("data_source"), cache_dir=cfg.cache_dir,
+                  dataset=cache_attrs.get("dataset", "cifar10"), log_with=cfg.log_with,
                   train_per_class=built("train_per_class", cfg.train_per_class),
                   test_per_class=built("test_per_class", cfg.test_per_class), out_dir=cfg.out_dir,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
@@ -49,12 +53,12 @@ def plan(cfg: SweepConfig, cache_attrs: dict) -> list[tuple[dict, TrainConfig]]:
     for seed in range(cfg.seeds):
         runs.append(({"kind": "no_kd", "alpha": None, "tau": None, "seed": seed},
                      TrainConfig(name=f"nokd-s{seed}", seed=seed, **common)))
-        for alpha in cfg.alphas:
-            for tau in cfg.taus:
-                name = f"{cfg.method}{'-ls' if cfg.logit_std else ''}-a{_num(alpha)}-t{_num(tau)}-s{seed}"
-                runs.append(({"kind": cfg.method, "alpha": alpha, "tau": tau, "seed": seed},
-                             DistillConfig(name=name, seed=seed, teacher_cache=teacher_cache, method=cfg.method,
-                                           alpha=alpha, tau=tau, logit_std=cfg.logit_std, **common)))
+        for alpha, tau, slots in itertools.product(cfg.alphas, cfg.taus, cfg.cache_slots):
+            name = (f"{cfg.method}{'-ls' if cfg.logit_std else ''}-a{_num(alpha)}-t{_num(tau)}"
+                    + (f"-c{slots}" if slots else "") + f"-s{seed}")
+            runs.append(({"kind": cfg.method, "alpha": alpha, "tau": tau, "slots": slots, "seed": seed},
+                         DistillConfig(name=name, seed=seed, teacher_cache=teacher_cache, method=cfg.method,
+                                       alpha=alpha, tau=tau, logit_std=cfg.logit_std, cache_slots=slots, **common)))
     return runs
 
 
@@ -70,14 +74,15 @@ def summarize(rows: list[dict], teacher_accuracy: float | None) -> dict:
     """Mean, sample std and spread (max - min) over seeds for each point; the best point and its gain over no KD."""
     points: dict[tuple, list[float]] = {}
     for r in rows:
-        points.setdefault((r["kind"], r["alpha"], r["tau"]), []).append(r["test_accuracy"])
+        points.setdefault((r["kind"], r["alpha"], r["tau"], r.get("slots", 0)), []).append(r["test_accuracy"])
     stats = []
-    for (kind, alpha, tau), accs in points.items():
-        stats.append({"kind": kind, "alpha": alpha, "tau": tau, "seeds": len(accs), "accuracies": accs,
+    for (kind, alpha, tau, slots), accs in points.items():
+        stats.append({"kind": kind, "alpha": alpha, "tau": tau, "slots": slots, "seeds": len(accs), "accuracies": accs,
                       "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                       "spread": max(accs) - min(accs)})
     base = next((s for s in stats if s["kind"] == "no_kd"), None)
     kd = [s for s in stats if s["kind"] != "no_kd"]
+    kd = [s for s in kd if s["slots"] == main_slots([p["slots"] for p in kd])]
     best = max(kd, key=lambda s: s["mean"]) if kd else None
     summary = {"points": stats, "no_kd": base, "best": best, "teacher_accuracy": teacher_accuracy, "warnings": []}
     if best and base:
@@ -89,13 +94,32 @@ def summarize(rows: list[dict], teacher_accuracy: float | None) -> dict:
     return summary
 
 
+def main_slots(slots: list[int]) -> int:
+    """The slot count of the grid and the best point: all slots (0) when swept, else the most."""
+    return 0 if 0 in slots else max(slots)
+
+
+def slots_table(cfg: SweepConfig, summary: dict) -> list[str]:
+    """Accuracy against cache slots, one row per (alpha, tau): how many augmentation seeds KD needs."""
+    by = {(s["alpha"], s["tau"], s["slots"]): s for s in summary["points"] if s["kind"] != "no_kd"}
+    order = sorted(cfg.cache_slots, key=lambda s: s or 1 << 30)
+    lines = ["", "accuracy against cache slots (mean over seeds; all = every slot of the cache):", "",
+             "| alpha, tau | " + " | ".join(str(s) if s else "all" for s in order) + " |",
+             "| --- |" + " ---: |" * len(order)]
+    for a, t in itertools.product(cfg.alphas, cfg.taus):
+        cells = [f"{by[(a, t, s)]['mean']:.4f}" if (a, t, s) in by else "-" for s in order]
+        lines.append(f"| {_num(a)}, {_num(t)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def teacher_warning(teacher: float, student: float) -> str:
     return (f"the teacher ({teacher:.4f}) is not more accurate than the student trained without KD ({student:.4f}): "
             "KD from it is expected to hurt. Train the teacher longer.")
 
 
 def markdown(cfg: SweepConfig, summary: dict) -> str:
-    grid = {(s["alpha"], s["tau"]): s for s in summary["points"] if s["kind"] != "no_kd"}
+    top = main_slots(list(cfg.cache_slots))
+    grid = {(s["alpha"], s["tau"]): s for s in summary["points"] if s["kind"] != "no_kd" and s["slots"] == top}
     lines = [f"{cfg.method}{' + logit std' if cfg.logit_std else ''}: test accuracy of the last epoch, mean ± std "
              f"over {cfg.seeds} seed(s), {cfg.epochs} epochs", "",
              "| alpha \\ tau | " + " | ".join(_num(t) for t in cfg.taus) + " |",
@@ -116,23 +140,35 @@ def markdown(cfg: SweepConfig, summary: dict) -> str:
                      f"(spread {best['spread']:.4f}), {summary['gain_over_no_kd']:+.4f} over no KD: {verdict} the "
                      f"seed spread (no KD {base['spread']:.4f}, best {best['spread']:.4f})")
     lines += [f"warning: {w}" for w in summary["warnings"]]
+    if len(cfg.cache_slots) > 1:
+        lines += slots_table(cfg, summary)
     return "\n".join(lines) + "\n"
 
 
 def write_results(cfg: SweepConfig, rows: list[dict], summary: dict) -> None:
     write_json(os.path.join(cfg.out_dir, "sweep.json"), {"config": cfg.__dict__, "runs": rows, "summary": summary})
     buf = io.StringIO()
-    fields = ["name", "kind", "alpha", "tau", "seed", "test_accuracy", "epochs", "img_per_s", "wall_time_s"]
+    fields = ["name", "kind", "alpha", "tau", "slots", "seed", "test_accuracy", "epochs", "img_per_s", "wall_time_s"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_text(os.path.join(cfg.out_dir, "sweep.csv"), buf.getvalue())
-    means = {(p["alpha"], p["tau"]): p["mean"] for p in summary["points"] if p["kind"] != "no_kd"}
+    top = main_slots(list(cfg.cache_slots))
+    means = {(p["alpha"], p["tau"]): p["mean"] for p in summary["points"] if p["kind"] != "no_kd" and p["slots"] == top}
     base = summary["no_kd"]["mean"] if summary["no_kd"] else None
     plots.sweep_heatmap(list(cfg.alphas), list(cfg.taus), means, base, os.path.join(cfg.out_dir, "sweep_heatmap.png"),
                         f"{cfg.method}{' + logit std' if cfg.logit_std else ''}, mean of {cfg.seeds} seed(s)\n"
                         f"hatched: not above no KD ({base:.3f})" if base is not None else "")
-    write_text(os.path.join(cfg.out_dir, "sweep.md"), markdown(cfg, summary) + "\n![alpha x tau](sweep_heatmap.png)\n")
+    figures = "\n![alpha x tau](sweep_heatmap.png)\n"
+    best = summary.get("best")
+    if len(cfg.cache_slots) > 1 and best:
+        total = summary.get("cache_slots_total") or 0
+        line = [(p["slots"] or total, p["mean"]) for p in summary["points"]
+                if (p["kind"], p["alpha"], p["tau"]) == (best["kind"], best["alpha"], best["tau"])]
+        plots.accuracy_vs_slots(line, os.path.join(cfg.out_dir, "sweep_slots.png"), base,
+                                f"alpha {_num(best['alpha'])}, tau {_num(best['tau'])}: accuracy against cache slots")
+        figures += "\n![accuracy against cache slots](sweep_slots.png)\n"
+    write_text(os.path.join(cfg.out_dir, "sweep.md"), markdown(cfg, summary) + figures)
 
 
 def run(cfg: SweepConfig) -> dict:
@@ -159,18 +195,42 @@ def run(cfg: SweepConfig) -> dict:
             lock.release()
 
 
+def use_together(cfg: SweepConfig, device_type: str) -> bool:
+    """--together: auto trains a seed's points together on a GPU and one at a time on a CPU (measured slower there)."""
+    return cfg.together == "on" or (cfg.together == "auto" and device_type == "cuda")
+
+
+def train_together(cfg: SweepConfig, runs: list, state) -> None:
+    """The unfinished points of each seed in groups of at most --group-size, one pass each (kdfast.group)."""
+    by_seed: dict[tuple[int, int], list] = {}
+    for point, run_cfg in runs:  # the no-KD baseline trains on its own seed's views, not the cache's: alone
+        if isinstance(run_cfg, DistillConfig) and (cfg.fresh or finished_run(run_cfg) is None):
+            by_seed.setdefault((point["seed"], point["slots"]), []).append(run_cfg)  # the same views
+    for (seed, slots), members in by_seed.items():
+        size = cfg.group_size or len(members)
+        for start in range(0, len(members), size):
+            chunk = members[start:start + size]
+            name = (f"together-s{seed}" + (f"-c{slots}" if slots else "")
+                    + (f"-{start // size}" if size < len(members) else ""))
+            state.print(f"[sweep] {name}: {len(chunk)} students in one pass: " + ", ".join(m.run_name for m in chunk))
+            group.run(chunk, name)
+
+
 def _run_locked(cfg: SweepConfig, state, attrs: dict, teacher_accuracy: float) -> dict:
     runs = plan(cfg, attrs)
+    if use_together(cfg, state.device.type):
+        train_together(cfg, runs, state)
     rows, summary = [], {}
     for i, (point, run_cfg) in enumerate(runs):
-        done = None if cfg.fresh else finished_run(run_cfg)
+        grouped = use_together(cfg, state.device.type) and isinstance(run_cfg, DistillConfig)
+        done = None if cfg.fresh and not grouped else finished_run(run_cfg)
         label = f"[sweep {i + 1}/{len(runs)}] {run_cfg.run_name}"
         if done is not None:
-            state.print(f"{label}: finished earlier, kept")
+            state.print(f"{label}: {done['test_accuracy']:.4f}" if grouped else f"{label}: finished earlier, kept")
         else:
             (distill if isinstance(run_cfg, DistillConfig) else train).run(run_cfg)
         rows.append({"name": run_cfg.run_name, **point, **last_epoch_accuracy(run_cfg)})
-        summary = summarize(rows, teacher_accuracy)
+        summary = {**summarize(rows, teacher_accuracy), "cache_slots_total": len(attrs.get("seeds", []))}
         if point["kind"] == "no_kd" and summary["warnings"]:
             state.print(f"[sweep] warning: {summary['warnings'][0]}")
         if state.is_main_process:

@@ -8,8 +8,9 @@ exactly per student. The fused network keeps the plain one's parameter names; ea
 tensors concatenated along dim 0, so fusing and splitting are one rule.
 
 ViTs (no BatchNorm) with torch.func: the K parameter sets stacked (K, ...) and the model called through
-vmap(functional_call). Drop-path draws different masks per student under vmap, so exact equality with runs
-alone holds with drop_path_rate=0.
+vmap(functional_call). Random draws (drop-path masks) are the same for every student (randomness="same"): each
+draws what its run alone draws from the same RNG state, as in a sweep, where the students of a pass share the
+seed; so equality with runs alone holds with drop-path on.
 
 Optimizers are elementwise (SGD, AdamW), so one optimizer over the fused or stacked tensors updates each
 student's slice as its own optimizer would; gradient clipping is done per student (`clip_per_student`).
@@ -121,7 +122,7 @@ class StackedModel(nn.Module):
         def one(p, b, images):
             return functional_call(self.base[0], (p, b), (images,))
 
-        return vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
+        return vmap(one, in_dims=(0, 0, None), randomness="same")(params, buffers, x)
 
     def student_state(self, i: int) -> dict[str, torch.Tensor]:
         state = {n: p[i].detach().clone() for n, p in zip(self.names, self.stacked)}

@@ -141,3 +141,26 @@ def test_two_processes_on_cpu_with_torchrun(tmp_path, image_folder):
     assert (meta["num_processes"], meta["distributed_type"]) == (2, "MULTI_CPU")
     assert meta["test_samples"] == 12
     assert out.stdout.count("test accuracy") == 1  # only the main process prints
+
+
+def test_lab_with_a_sweep_puts_it_in_report_md(tmp_path, image_folder):
+    from dataclasses import replace
+
+    cfg = replace(tiny_lab(tmp_path, image_folder), pairs=("cnn",), sweep_alphas=(0.2, 0.8), sweep_taus=(2.0,),
+                  sweep_seeds=2)
+    lab.run(cfg)
+    sweep_dir = tmp_path / "models_saved" / "sweep_cnn"
+    with open(sweep_dir / "sweep.json") as f:
+        runs = json.load(f)["runs"]
+    assert sorted(r["name"] for r in runs) == sorted(["nokd-s0", "nokd-s1", "kd-a0.2-t2-s0", "kd-a0.8-t2-s0",
+                                                      "kd-a0.2-t2-s1", "kd-a0.8-t2-s1"])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Sweep: cnn" in md and "models_saved/sweep_cnn/sweep_heatmap.png" in md
+    assert (sweep_dir / "sweep_heatmap.png").exists()
+    for r in runs:  # each row is its run's last metrics line
+        with open(sweep_dir / f"{r['name']}.metrics.jsonl") as f:
+            assert r["test_accuracy"] == [json.loads(line) for line in f][-1]["test_accuracy"]
+    with pytest.raises(ValueError, match="--sweep-taus"):
+        lab.run(replace(cfg, sweep_taus=()))
+    with pytest.raises(ValueError, match="--online"):
+        lab.run(replace(cfg, online=True))

@@ -1,0 +1,106 @@
+"""K students trained together in one pass (kdfast.group, kdfast sweep --together): each ends where its run alone
+ends on the same batches (fp32, BatchNorm buffers included), with its own metrics and a plain checkpoint."""
+import json
+
+import pytest
+import torch
+
+from kdfast import cache, distill, evaluate, group, sweep, train
+from kdfast.cache import BuildConfig
+from kdfast.config import DistillConfig, EvaluateConfig, SweepConfig, TrainConfig
+
+from .conftest import write_image_folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("group")
+    data = write_image_folder(str(root / "tiny"))
+    common = dict(data=data, cache_dir=str(root / "cache"), batch_size=6, eval_batch_size=5, precision="fp32",
+                  progress=False)
+    train.run(TrainConfig(model="resnet8", name="teacher", epochs=1, out_dir=str(root / "t"), **common))
+    h5 = str(root / "t.h5")
+    cache.build(BuildConfig(teacher=str(root / "t" / "teacher.pth"), out=h5, seeds=2, data=data,
+                            cache_dir=common["cache_dir"], precision="fp32", progress=False))
+    return common, h5
+
+
+def members(model, out_dir, common, h5, epochs=2):
+    base = dict(model=model, seed=3, epochs=epochs, out_dir=str(out_dir), **common)
+    return [DistillConfig(name="kd-a0.9-t1", teacher_cache=h5, alpha=0.9, tau=1.0, **base),
+            DistillConfig(name="kd-a0.3-t2", teacher_cache=h5, alpha=0.3, tau=2.0, **base),
+            DistillConfig(name="dkd-t4", teacher_cache=h5, method="dkd", tau=4.0, **base)]
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("model", ["resnet8", "vit_student"])
+def test_students_together_end_where_each_alone_ends(setup, tmp_path, model):
+    common, h5 = setup
+    alone = members(model, tmp_path / "alone", common, h5)
+    for cfg in alone:
+        (distill if isinstance(cfg, DistillConfig) else train).run(cfg)
+    together = members(model, tmp_path / "together", common, h5)
+    metas = group.run(together, "together-s3")
+    for a, t, meta in zip(alone, together, metas):
+        wa = torch.load(f"{a.out_dir}/{a.run_name}.pth", weights_only=True)
+        wt = torch.load(f"{t.out_dir}/{t.run_name}.pth", weights_only=True)
+        assert wa.keys() == wt.keys()  # a plain checkpoint of the student's own architecture
+        for k in wa:  # BatchNorm running means, variances and counters included
+            torch.testing.assert_close(wt[k], wa[k], rtol=1e-3, atol=2e-4, msg=f"{t.run_name}: {k}")
+        ma, mt = read_metrics(f"{a.out_dir}/{a.run_name}.metrics.jsonl"), read_metrics(f"{t.out_dir}/{t.run_name}.metrics.jsonl")
+        assert [r["epoch"] for r in mt] == [0, 1]
+        for ra, rt in zip(ma, mt):
+            assert rt["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-3, abs=1e-4)
+            assert rt["train_accuracy"] == pytest.approx(ra["train_accuracy"], abs=1 / 24 + 1e-9)
+        assert meta["config"]["name"] == t.run_name and meta["trained_with"]["students"] == 3
+        again = evaluate.run(EvaluateConfig(checkpoint=f"{t.out_dir}/{t.run_name}.pth"))
+        assert again["accuracy"] == meta["test_accuracy"]  # kdfast evaluate reloads each student
+
+
+def test_a_sweep_together_keeps_points_and_names_them(setup, tmp_path):
+    common, h5 = setup
+    cfg = SweepConfig(teacher_cache=h5, alphas=(0.2, 0.8), taus=(2.0,), seeds=2, epochs=1, batch_size=6,
+                      eval_batch_size=5, precision="fp32", out_dir=str(tmp_path / "sw"), progress=False,
+                      together="on", data=common["data"], cache_dir=common["cache_dir"])
+    result = sweep.run(cfg)
+    assert sorted(r["name"] for r in result["runs"]) == sorted(
+        f"{n}-s{s}" for n in ("nokd", "kd-a0.2-t2", "kd-a0.8-t2") for s in (0, 1))
+    for r in result["runs"]:
+        assert r["test_accuracy"] == read_metrics(f"{cfg.out_dir}/{r['name']}.metrics.jsonl")[-1]["test_accuracy"]
+    again = sweep.run(cfg)  # every point finished: nothing is trained again
+    assert again["runs"] == result["runs"]
+
+
+def test_groups_refuse_what_they_cannot_train_exactly(setup, tmp_path):
+    common, h5 = setup
+    mixed = members("resnet8", tmp_path, common, h5)
+    mixed[1].seed = 4
+    with pytest.raises(ValueError, match="must share seed"):
+        group.run(mixed, "g")
+    fitnets = members("resnet8", tmp_path, common, h5)
+    fitnets[1] = DistillConfig(name="f", model="resnet8", teacher_cache=h5, method="fitnets", seed=3, epochs=2,
+                               out_dir=str(tmp_path), **common)
+    with pytest.raises(ValueError, match="logit methods only"):
+        group.run(fitnets, "g")
+    with pytest.raises(ValueError, match="without KD .* runs alone"):
+        group.run([TrainConfig(name="nokd", model="resnet8", out_dir=str(tmp_path), **common)], "g")
+
+
+def test_a_sweep_over_cache_slots_plots_accuracy_against_slots(setup, tmp_path):
+    common, h5 = setup
+    cfg = SweepConfig(teacher_cache=h5, alphas=(0.5,), taus=(2.0,), seeds=1, epochs=2, batch_size=6, eval_batch_size=5,
+                      precision="fp32", out_dir=str(tmp_path / "sw"), progress=False, together="on", cache_slots=(1, 0),
+                      data=common["data"], cache_dir=common["cache_dir"])
+    result = sweep.run(cfg)
+    names = sorted(r["name"] for r in result["runs"])
+    assert names == ["kd-a0.5-t2-c1-s0", "kd-a0.5-t2-s0", "nokd-s0"]
+    with open(f"{cfg.out_dir}/kd-a0.5-t2-c1-s0.json") as f:
+        assert json.load(f)["kd"]["cache_slots"] == 1  # epoch 2 reused slot 1's views
+    md = open(f"{cfg.out_dir}/sweep.md").read()
+    assert "accuracy against cache slots" in md and "sweep_slots.png" in md
+    assert (tmp_path / "sw" / "sweep_slots.png").exists()
+    assert result["summary"]["best"]["slots"] == 0
