@@ -30,7 +30,7 @@ from .errors import Interrupted
 from .methods import method_entry
 from .models import count_parameters, create_model, model_entry
 from .models.resnet import CifarResNet
-from .rundir import RunDir, describe_progress
+from .rundir import RunDir, comparable_config, describe_progress
 from .train import load_run_data
 from .together import together
 
@@ -64,7 +64,7 @@ def group_config(name: str, members: list[DistillConfig]) -> GroupConfig:
                                                       "checkpoint_every": first.checkpoint_every,
                                                       "log_with": first.log_with}
     return GroupConfig(name=name, teacher_cache=first.teacher_cache, cache_slots=first.cache_slots,
-                       members=tuple(json.dumps(m.to_dict(), sort_keys=True) for m in members), **shared)
+                       members=tuple(json.dumps(comparable_config(m.to_dict()), sort_keys=True) for m in members), **shared)
 
 
 def member_losses(members: list[DistillConfig], label_smoothing: float):
@@ -195,6 +195,7 @@ def _finish(tr, members, data, plain, tests, kd: dict, wall: float) -> list[dict
                 "kd": {**kd, **method_meta(m)}}
         if acc.is_main_process:
             save_checkpoint(m.out_dir, m.run_name, model, meta)
+            RunDir(m.out_dir, m.run_name).clear_state()  # a state left by an interrupted run alone is done with
         metas.append(meta)
     if acc.is_main_process:
         runtime.print(f"[{cfg.run_name}] saved {len(members)} students: "

@@ -1,6 +1,7 @@
 """K students trained together in one pass (kdfast.group, kdfast sweep --together): each ends where its run alone
 ends on the same batches (fp32, BatchNorm buffers included), with its own metrics and a plain checkpoint."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -104,3 +105,37 @@ def test_a_sweep_over_cache_slots_plots_accuracy_against_slots(setup, tmp_path):
     assert "accuracy against cache slots" in md and "sweep_slots.png" in md
     assert (tmp_path / "sw" / "sweep_slots.png").exists()
     assert result["summary"]["best"]["slots"] == 0
+
+
+def test_students_together_stopped_mid_epoch_resume_to_the_same_weights(setup, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from kdfast import engine
+    from kdfast.errors import Interrupted
+
+    common, h5 = setup
+    original = engine.train_step
+
+    def step_with_signal(tr, batch, global_step):
+        loss = original(tr, batch, global_step)
+        if global_step == len(tr.loader) + 1:  # inside epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(engine, "train_step", step_with_signal)
+    with pytest.raises(Interrupted, match="after step 2 of epoch 2"):
+        group.run(members("resnet8", tmp_path / "b", common, h5), "g")
+    monkeypatch.setattr(engine, "train_step", original)
+    with pytest.raises(Exception, match="--resume"):  # a rerun without --resume is refused, as for any run
+        group.run(members("resnet8", tmp_path / "b", common, h5), "g")
+    resumed = group.run([replace(m, resume=True) for m in members("resnet8", tmp_path / "b", common, h5)], "g")
+    whole = group.run(members("resnet8", tmp_path / "a", common, h5), "g")
+    for r, w in zip(resumed, whole):
+        name = w["config"]["name"]
+        wa = torch.load(tmp_path / "a" / f"{name}.pth", weights_only=True)
+        wb = torch.load(tmp_path / "b" / f"{name}.pth", weights_only=True)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+        assert read_metrics(tmp_path / "a" / f"{name}.metrics.jsonl")[-1]["train_loss"] == \
+            read_metrics(tmp_path / "b" / f"{name}.metrics.jsonl")[-1]["train_loss"]
+    assert not (tmp_path / "b" / ".state" / "g").exists()
