@@ -409,28 +409,35 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
         return progress["wall_time_s"] + time.perf_counter() - wall_start
 
     test, train_img_s = {}, 0.0
+    for epoch, epoch_time in train_epochs(tr, progress, aug_seed_for_epoch, wall_at):
+        record, test = end_epoch(tr, data, epoch, epoch_time)
+        train_img_s = record["img_per_s"]
+        record["wall_time_s"] = round(wall_at(), 1)
+        if acc.is_main_process:
+            records.append(record)
+            run_dir.write_metrics(records)
+        if cfg.log_with != "none":  # the same numbers as the metrics line, at step = epochs done
+            acc.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}, step=epoch + 1)
+    return finish(tr, data, test, params, train_img_s, wall_at(), extra_meta)
+
+
+def train_epochs(tr: Training, progress: dict, aug_seed_for_epoch: Callable[[int], int], wall_at):
+    """Train each epoch left (a resumed one from its saved step) and yield (epoch, its training time); once the
+    caller has ended the epoch (metrics, evaluation), save the state and honour a stop asked meanwhile."""
+    cfg, acc = tr.cfg, tr.acc
     with Preemption() as stop, tracking(tr):
         for epoch in range(progress["epoch"], cfg.epochs):
             resumed = epoch == progress["epoch"] and progress.get("step", 0) > 0
             tr.reset_sums(progress.get("sums") if resumed else None)
             epoch_time = run_epoch(tr, epoch, progress["step"] if resumed else 0, aug_seed_for_epoch(epoch), stop,
                                    progress.get("epoch_time_s", 0.0) if resumed else 0.0, wall_at)
-            record, test = end_epoch(tr, data, epoch, epoch_time)
-            train_img_s = record["img_per_s"]
-            record["wall_time_s"] = round(wall_at(), 1)
-            if acc.is_main_process:
-                records.append(record)
-                run_dir.write_metrics(records)
-            if cfg.log_with != "none":  # the same numbers as the metrics line, at step = epochs done
-                acc.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"},
-                        step=epoch + 1)
+            yield epoch, epoch_time
             save_progress(tr, epoch + 1, 0, 0.0, wall_at())
             signum = stop.requested(acc)
             if signum:  # asked during the evaluation: the epoch is whole and saved
                 raise Interrupted(signum, f"[{cfg.run_name}] {signal.Signals(signum).name}: stopped after epoch "
-                                          f"{epoch + 1}; the state is saved in {run_dir.state_dir}. Resume with the "
-                                          "same command and --resume.")
-    return finish(tr, data, test, params, train_img_s, wall_at(), extra_meta)
+                                          f"{epoch + 1}; the state is saved in {tr.run_dir.state_dir}. Resume with "
+                                          "the same command and --resume.")
 
 
 def logging_dir(cfg: TrainConfig) -> str:

@@ -24,9 +24,8 @@ from .checkpoint import save_checkpoint
 from .config import DistillConfig, TrainConfig
 from .data import Dataset
 from .distill import cached_teacher, method_meta
-from .engine import (Preemption, Runtime, evaluate_model, logging_dir, make_runtime, open_run, run_epoch,
-                     save_progress, setup_training, tracking)
-from .errors import Interrupted
+from .engine import (Runtime, evaluate_model, logging_dir, make_runtime, open_run, setup_training,
+                     train_epochs)
 from .methods import method_entry
 from .models import count_parameters, create_model, model_entry
 from .models.resnet import CifarResNet
@@ -130,17 +129,8 @@ def _loop(tr, members, data: Dataset, plain, aug_seed_for_epoch, kd: dict) -> li
         return progress["wall_time_s"] + time.perf_counter() - wall_start
 
     tests = None
-    with Preemption() as stop, tracking(tr):
-        for epoch in range(progress["epoch"], cfg.epochs):
-            resumed = epoch == progress["epoch"] and progress.get("step", 0) > 0
-            tr.reset_sums(progress.get("sums") if resumed else None)
-            epoch_time = run_epoch(tr, epoch, progress["step"] if resumed else 0, aug_seed_for_epoch(epoch), stop,
-                                   progress.get("epoch_time_s", 0.0) if resumed else 0.0, wall_at)
-            tests = _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall_at())
-            save_progress(tr, epoch + 1, 0, 0.0, wall_at())
-            if stop.requested(acc):
-                raise Interrupted(stop.signum, f"[{cfg.run_name}] stopped after epoch {epoch + 1}; the state is saved "
-                                                f"in {run_dir.state_dir}. Resume with the same command.")
+    for epoch, epoch_time in train_epochs(tr, progress, aug_seed_for_epoch, wall_at):
+        tests = _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall_at())
     return _finish(tr, members, data, plain, tests, kd, wall_at())
 
 
