@@ -191,7 +191,8 @@ def small(tmp_path_factory):
     return {"data": write_image_folder(str(root / "tiny")), "cache_dir": str(root / "cache")}
 
 
-@pytest.mark.parametrize("model", ["torchvision:mobilenet_v3_small", "timm:test_vit", "timm:test_resnet@48"])
+@pytest.mark.parametrize("model", ["torchvision:mobilenet_v3_small", "timm:test_vit", "timm:test_resnet@48",
+                                   "vit_tiny_224"])
 def test_library_models_train_reload_and_teach_from_a_cache(small, tmp_path, model):
     common = dict(data=small["data"], cache_dir=small["cache_dir"], out_dir=str(tmp_path), batch_size=6,
                   eval_batch_size=5, precision="fp32", progress=False)
@@ -204,6 +205,14 @@ def test_library_models_train_reload_and_teach_from_a_cache(small, tmp_path, mod
                             cache_dir=small["cache_dir"], precision="fp32", progress=False))
     student = distill.run(DistillConfig(model="resnet8", name="student", epochs=1, teacher_cache=h5, **common))
     assert student["kd"]["teacher_model"] == model
+
+
+def test_kdfast_models_says_how_to_name_library_models(capsys):
+    from kdfast import cli
+
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet8" in out and "vit_tiny_224" in out and "timm:NAME" in out and "torchvision:NAME" in out
 
 
 def test_a_mistyped_library_model_gets_the_library_close_matches(small, tmp_path, capsys):
