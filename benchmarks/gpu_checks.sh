@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU checks of issues #6 and #7 in one device call (prepared, not yet run: no GPU was lent).
+# The GPU checks of issues #6, #7 (and #8's K-students benchmark) in one device call (prepared, not yet run: no GPU was lent).
 # Carry the data and an old tree for the overhead comparison, e.g. in .gpu/ (git-ignored):
 #   cp ../shared/data/cifar10-jpeg.tar.gz .gpu/; git archive 971d078 kdfast | tar -x -C .gpu/old
 # and tyro's wheels in .whl/ (see the device README). TINY=1 runs it at toy size (a dry run on a CPU).
@@ -24,6 +24,8 @@ for round in 1 2; do for v in old new; do
   $PY -c "import json,statistics as s;r=[json.loads(l)['img_per_s'] for l in open('$R/bench-$v$round/r8.metrics.jsonl')][1:];print('$v round $round resnet8 fp32 img/s, epochs 2..: median',round(s.median(r)),r)" >> $O/bench.txt 2>&1
 done; done
 el "bench done" >> $O/bench.txt
+# 1b) #8: K students in one fused pass against one at a time, img/s per student (alone on the GPU, before the rest)
+timeout 120 $PY benchmarks/together.py --ks 1 2 4 8 16 --steps 8 > $O/together.txt 2>&1; el "together done" >> $O/bench.txt
 # 2) #6 and #7 tests on the GPU (beside the teachers)
 ( timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_runs.py -k "sigterm_mid_epoch or vit_resumes or nan_loss or payload_planted or refuses_another or disk_full" tests/test_augment.py > $O/tests.txt 2>&1
   timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_methods.py -k "resumes or no_hook or two_stage_trains or vit_tokens or from_the_cache" >> $O/tests.txt 2>&1 ) &
