@@ -28,6 +28,7 @@ from .engine import accuracy_and_loss, on_main, process_state
 from .errors import user_errors_exit
 from .files import FileLock, ensure_dir, write_json, write_text
 from .methods import method_entry
+from .models import model_entry
 from .rundir import RunDir, finished_run
 
 PAIR_DEFAULTS = {"cnn": ("resnet8", "cache/cnn_teacher.h5"), "vit": ("vit_student", "cache/vit_teacher.h5")}
@@ -196,8 +197,11 @@ def run(cfg: SweepConfig) -> dict:
 
 
 def use_together(cfg: SweepConfig, device_type: str) -> bool:
-    """--together: auto trains a seed's points together on a GPU and one at a time on a CPU (measured slower there)."""
-    return cfg.together == "on" or (cfg.together == "auto" and device_type == "cuda")
+    """--together auto: on a GPU; on a CPU for ViTs (vmap measured 1.27-1.38x faster per student at K = 1, 2, 4)
+    and not for CNNs (grouped convolutions measured 0.79x at K = 4, 0.59x at K = 16; benchmarks/together.py)."""
+    if cfg.together != "auto":
+        return cfg.together == "on"
+    return device_type == "cuda" or model_entry(cfg.model or PAIR_DEFAULTS[cfg.pair][0]).family == "vit"
 
 
 def train_together(cfg: SweepConfig, runs: list, state) -> None:
