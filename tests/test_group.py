@@ -139,3 +139,10 @@ def test_students_together_stopped_mid_epoch_resume_to_the_same_weights(setup, t
         assert read_metrics(tmp_path / "a" / f"{name}.metrics.jsonl")[-1]["train_loss"] == \
             read_metrics(tmp_path / "b" / f"{name}.metrics.jsonl")[-1]["train_loss"]
     assert not (tmp_path / "b" / ".state" / "g").exists()
+
+
+def test_together_auto_follows_the_measurements():
+    on_cpu = lambda **kw: sweep.use_together(SweepConfig(**kw), "cpu")  # noqa: E731
+    assert not on_cpu(pair="cnn") and on_cpu(pair="vit")  # fused CNNs measured slower on a CPU, stacked ViTs faster
+    assert sweep.use_together(SweepConfig(pair="cnn"), "cuda")
+    assert on_cpu(pair="cnn", together="on") and not on_cpu(pair="vit", together="off")
