@@ -26,7 +26,7 @@ def test_kdfast_command_lists_commands(capsys):
 
 def test_lab_presets_and_overrides():
     cfg = lab.parse(["--preset", "cpu", "--alpha", "0.7"])
-    assert (cfg.preset, cfg.alpha, cfg.train_per_class) == ("cpu", 0.7, 0)
+    assert (cfg.preset, cfg.alpha, cfg.train_per_class, cfg.sweep_seeds) == ("cpu", 0.7, 1000, 2)  # the preset, one flag over it
     smoke = lab.parse([])
     assert smoke.preset == "smoke" and smoke.train_per_class > 0
     with pytest.raises(SystemExit):
