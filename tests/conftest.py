@@ -54,3 +54,13 @@ def image_folder(tmp_path):
 @pytest.fixture
 def archive(tmp_path, image_folder):
     return write_archive(image_folder, str(tmp_path / "tiny.tar.gz"))
+
+
+@pytest.fixture(autouse=True)
+def no_dataset_downloads(monkeypatch):
+    """No test reaches the network: torchvision's CIFAR URLs point at a port on 127.0.0.1 that nobody serves
+    (a test that exercises the download points them at its own server)."""
+    import torchvision.datasets as tvd
+
+    for cls in (tvd.CIFAR10, tvd.CIFAR100):
+        monkeypatch.setattr(cls, "url", "http://127.0.0.1:9/unreachable/" + cls.filename)
