@@ -239,7 +239,6 @@ class Training:
     cfg: TrainConfig
     export: Callable[[nn.Module], nn.Module]  # the trained module -> the model that is evaluated and saved
     students: int = 0  # K students trained together (kdfast.group): losses and sums are (K,) vectors; 0: one model
-    last_img_s: float = 0.0  # kdfast.group: the last epoch's img/s per student
     # per-epoch sums (device tensors, this process's part) and the first non-finite step (-1: none)
     sums: dict = field(default_factory=dict)
     bad_step: torch.Tensor | None = None
@@ -491,16 +490,15 @@ def end_epoch(tr: Training, data: Dataset, epoch: int, epoch_time: float) -> tup
     return record, test
 
 
-def finish(tr: Training, data: Dataset, test: dict, params: int, train_img_s: float, wall: float,
-           extra_meta: dict | None) -> dict:
-    """Evaluate if needed, write the checkpoint, remove the state; returns the checkpoint's metadata."""
-    cfg, acc, runtime = tr.cfg, tr.acc, tr.runtime
-    final_model = tr.exported()
-    if not test:  # nothing left to train after a resume
-        test = evaluate_model(final_model, data.test, cfg.augment, runtime, cfg.eval_batch_size, tr.loader.channels_last)
-    # the reported accuracy is the last epoch's, measured on the unwrapped model with the eval batches and
-    # precision recorded below: exactly what a reload with `kdfast evaluate` reproduces
-    meta = {
+def checkpoint_meta(cfg: TrainConfig, tr: Training, data: Dataset, test: dict, params: int, train_img_s: float,
+                    wall: float, extra_meta: dict | None) -> dict:
+    """What a checkpoint's .json says of the run `cfg` (a student of a group passes its own config).
+
+    The reported accuracy is the last epoch's, measured on the unwrapped model with the eval batches and
+    precision recorded here: exactly what a reload with `kdfast evaluate` reproduces.
+    """
+    runtime, acc = tr.runtime, tr.acc
+    return {
         "model": cfg.model, "family": model_entry(cfg.model).family, "parameters": params, "classes": data.classes,
         "test_accuracy": test["accuracy"], "test_samples": test["samples"],
         "epochs": cfg.epochs, "seed": cfg.seed, "train_img_per_s": round(train_img_s, 1),
@@ -510,6 +508,16 @@ def finish(tr: Training, data: Dataset, test: dict, params: int, train_img_s: fl
         "eval_batch_size": cfg.eval_batch_size, "data": data.describe(), "recipe": tr.recipe.__dict__,
         "config": cfg.to_dict(), **(extra_meta or {}),
     }
+
+
+def finish(tr: Training, data: Dataset, test: dict, params: int, train_img_s: float, wall: float,
+           extra_meta: dict | None) -> dict:
+    """Evaluate if needed, write the checkpoint, remove the state; returns the checkpoint's metadata."""
+    cfg, acc, runtime = tr.cfg, tr.acc, tr.runtime
+    final_model = tr.exported()
+    if not test:  # nothing left to train after a resume
+        test = evaluate_model(final_model, data.test, cfg.augment, runtime, cfg.eval_batch_size, tr.loader.channels_last)
+    meta = checkpoint_meta(cfg, tr, data, test, params, train_img_s, wall, extra_meta)
     if acc.is_main_process:
         save_checkpoint(cfg.out_dir, cfg.run_name, final_model, meta)
         runtime.print(f"[{cfg.run_name}] test accuracy {test['accuracy']:.4f} | wall {wall:.1f}s | "

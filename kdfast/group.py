@@ -24,8 +24,8 @@ from .checkpoint import save_checkpoint
 from .config import DistillConfig, TrainConfig
 from .data import Dataset
 from .distill import cached_teacher, method_meta
-from .engine import (Runtime, evaluate_model, logging_dir, make_runtime, open_run, setup_training,
-                     train_epochs)
+from .engine import (Runtime, checkpoint_meta, evaluate_model, logging_dir, make_runtime, open_run,
+                     setup_training, train_epochs)
 from .methods import method_entry
 from .models import count_parameters, create_model, model_entry
 from .models.resnet import CifarResNet
@@ -128,10 +128,10 @@ def _loop(tr, members, data: Dataset, plain, aug_seed_for_epoch, kd: dict) -> li
     def wall_at() -> float:
         return progress["wall_time_s"] + time.perf_counter() - wall_start
 
-    tests = None
+    tests, img_s = None, 0.0
     for epoch, epoch_time in train_epochs(tr, progress, aug_seed_for_epoch, wall_at):
-        tests = _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall_at())
-    return _finish(tr, members, data, plain, tests, kd, wall_at())
+        tests, img_s = _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall_at())
+    return _finish(tr, members, data, plain, tests, img_s, kd, wall_at())
 
 
 def student(tr, plain, i: int):
@@ -141,7 +141,7 @@ def student(tr, plain, i: int):
     return model.to(memory_format=torch.channels_last) if tr.loader.channels_last else model
 
 
-def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall) -> list[dict] | None:
+def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall) -> tuple[list[dict] | None, float]:
     cfg = tr.cfg
     sums = tr.global_sums()
     steps = len(tr.loader) * tr.acc.num_processes
@@ -149,11 +149,10 @@ def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall)
     tests = [evaluate_model(student(tr, plain, i), data.test, cfg.augment, tr.runtime, cfg.eval_batch_size,
                             tr.loader.channels_last) for i in range(len(members))] if due else None
     img_s = sums["seen"] * len(members) / max(epoch_time, 1e-9)
-    tr.last_img_s = round(img_s / len(members), 1)  # per student: what each run's metrics and .json say
     for i, m in enumerate(members):
         record = {"epoch": epoch, "train_loss": round(sums["loss"][i] / steps, 5),
                   "train_accuracy": round(sums["correct"][i] / max(1, sums["seen"]), 5),
-                  "lr": tr.scheduler.get_last_lr()[0], "img_per_s": round(img_s / len(members), 1),
+                  "lr": tr.scheduler.get_last_lr()[0], "img_per_s": round(sums["seen"] / max(epoch_time, 1e-9), 1),
                   "epoch_time_s": round(epoch_time, 2), "precision": tr.runtime.precision,
                   "wall_time_s": round(wall, 1), "trained_with": cfg.run_name}
         if tests:
@@ -164,25 +163,18 @@ def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall)
     shown = " ".join(f"{t['accuracy']:.4f}" for t in tests) if tests else ""
     tr.runtime.print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} | {img_s:,.0f} img/s over {len(members)} "
                      f"students | {epoch_time:.1f}s" + (f" | test {shown}" if shown else ""))
-    return tests
+    return tests, sums["seen"] / max(epoch_time, 1e-9)  # img/s per student, as each run's metrics say
 
 
-def _finish(tr, members, data, plain, tests, kd: dict, wall: float) -> list[dict]:
+def _finish(tr, members, data, plain, tests, img_s: float, kd: dict, wall: float) -> list[dict]:
     cfg, acc, runtime = tr.cfg, tr.acc, tr.runtime
     metas = []
     for i, m in enumerate(members):
         model = student(tr, plain, i)
         test = tests[i] if tests else evaluate_model(model, data.test, cfg.augment, runtime, cfg.eval_batch_size,
                                                      tr.loader.channels_last)
-        meta = {"model": m.model, "family": model_entry(m.model).family, "parameters": count_parameters(model),
-                "classes": data.classes, "test_accuracy": test["accuracy"], "test_samples": test["samples"],
-                "epochs": m.epochs, "seed": m.seed, "train_img_per_s": tr.last_img_s, "wall_time_s": round(wall, 1),
-                "precision": runtime.precision, "precision_reason": runtime.precision_reason,
-                "device": str(runtime.device), "num_processes": acc.num_processes,
-                "distributed_type": acc.distributed_type.value, "eval_batch_size": m.eval_batch_size,
-                "data": data.describe(), "recipe": tr.recipe.__dict__, "config": m.to_dict(),
-                "trained_with": {"group": cfg.run_name, "students": len(members)},
-                "kd": {**kd, **method_meta(m)}}
+        meta = checkpoint_meta(m, tr, data, test, count_parameters(model), img_s, wall, {
+            "trained_with": {"group": cfg.run_name, "students": len(members)}, "kd": {**kd, **method_meta(m)}})
         if acc.is_main_process:
             save_checkpoint(m.out_dir, m.run_name, model, meta)
             RunDir(m.out_dir, m.run_name).clear_state()  # a state left by an interrupted run alone is done with
