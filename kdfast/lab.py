@@ -32,7 +32,8 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
     runs = []
     for pair in cfg.pairs:
         teacher, student = getattr(cfg, f"{pair}_teacher"), getattr(cfg, f"{pair}_student")
-        common = dict(dataset=cfg.dataset, data=cfg.data, download=cfg.download, log_with=cfg.log_with, cache_dir=cfg.cache_dir, out_dir=cfg.out_dir,
+        common = dict(dataset=cfg.dataset, data=cfg.data, download=cfg.download, log_with=cfg.log_with,
+                      cache_dir=cfg.cache_dir, out_dir=cfg.out_dir,
                       train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
                       batch_size=getattr(cfg, f"{pair}_batch_size"), eval_every=cfg.eval_every,
                       eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, compile=cfg.compile,
