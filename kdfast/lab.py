@@ -71,14 +71,18 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
 
 
 def run_sweep(cfg: LabConfig, pair: str) -> str:
-    """The --sweep-alphas x --sweep-taus grid of the pair's student from the lab's cache; returns its folder."""
+    """The --sweep-alphas x --sweep-taus grid of the pair's student from the lab's cache; returns its folder.
+
+    The lab's own students are the sweep's seed-0 points when they match (same seed, alpha, tau): copied."""
+    donors = tuple(run_cfg for name, _, run_cfg in plan(cfg)
+                   if name.startswith(f"{pair}_student") and isinstance(run_cfg, TrainConfig))
     out = os.path.join(cfg.out_dir, f"sweep_{pair}")
     sweep.run(SweepConfig(
         pair=pair, model=getattr(cfg, f"{pair}_student"), teacher_cache=os.path.join(cfg.cache_dir, f"{pair}_teacher.h5"),
         alphas=cfg.sweep_alphas, taus=cfg.sweep_taus, seeds=cfg.sweep_seeds, epochs=getattr(cfg, f"{pair}_student_epochs"),
         batch_size=getattr(cfg, f"{pair}_batch_size"), eval_batch_size=cfg.eval_batch_size, eval_every=cfg.eval_every,
         cache_dir=cfg.cache_dir, precision=cfg.precision, out_dir=out, fresh=cfg.fresh,
-        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, log_with=cfg.log_with))
+        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, log_with=cfg.log_with), donors)
     return out
 
 

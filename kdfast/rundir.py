@@ -246,6 +246,45 @@ def finished_run(run_cfg) -> dict | None:
     return meta if comparable_config(meta.get("config", {})) == comparable_config(run_cfg.to_dict()) else None
 
 
+def same_computation(meta: dict, run_cfg) -> bool:
+    """Whether a finished run (its NAME.json) computed what run_cfg would, under another name or --out-dir.
+
+    The data source is compared as resolved; --teacher beside one --teacher-cache only checks that cache."""
+    saved, wanted = comparable_config(meta.get("config", {})), comparable_config(run_cfg.to_dict())
+    for fields in (saved, wanted):
+        for key in ("name", "out_dir") + (("teacher",) if fields.get("teacher_cache") else ()):
+            fields.pop(key, None)
+    if wanted.get("data") is not None and saved.get("data") is None:
+        saved["data"] = (meta.get("data") or {}).get("source")
+    return saved == wanted
+
+
+def adopt_finished_run(donor_cfg, run_cfg, say) -> dict | None:
+    """Copy a finished run that computed exactly what run_cfg would (same_computation) to run_cfg's name.
+
+    The copy is an ordinary finished run (checkpoint, metrics, NAME.json with run_cfg's config); returns its
+    metadata, or None when the donor is unfinished or computed something else. Interrupted state of run_cfg's
+    name is removed (the copy finishes it)."""
+    meta = finished_run(donor_cfg)
+    if meta is None or not same_computation(meta, run_cfg):
+        return None
+    target = RunDir(run_cfg.out_dir, run_cfg.run_name)
+    target.prepare()
+    source = checkpoint_paths(donor_cfg.out_dir, donor_cfg.run_name)
+    meta = {**meta, "config": run_cfg.to_dict(), "copied_from": source["json"]}
+    with target.lock.acquire(say):
+        for key in ("pth", "safetensors", "metrics"):  # the .json last: it says the files beside it are whole
+            atomic_write(target.paths[key], lambda tmp, src=source[key]: shutil.copyfile(src, tmp))
+        atomic_write(target.paths["json"], lambda tmp: _dump(meta, tmp))
+        target.clear_state()  # an interrupted attempt at this run, now finished by the copy
+    return meta
+
+
+def _dump(obj, path: str) -> None:
+    with open(path, "w") as f:
+        dump_json(obj, f)
+
+
 def describe_progress(progress: dict) -> str:
     step = progress.get("step", 0)
     return f"after epoch {progress['epoch']}" + (f", step {step} of epoch {progress['epoch'] + 1}" if step else "")

@@ -29,7 +29,7 @@ from .errors import user_errors_exit
 from .files import FileLock, ensure_dir, write_json, write_text
 from .methods import method_entry
 from .models import model_entry
-from .rundir import RunDir, finished_run
+from .rundir import RunDir, adopt_finished_run, finished_run
 
 PAIR_DEFAULTS = {"cnn": ("resnet8", "cache/cnn_teacher.h5"), "vit": ("vit_student", "cache/vit_teacher.h5")}
 
@@ -172,7 +172,9 @@ def write_results(cfg: SweepConfig, rows: list[dict], summary: dict) -> None:
     write_text(os.path.join(cfg.out_dir, "sweep.md"), markdown(cfg, summary) + figures)
 
 
-def run(cfg: SweepConfig) -> dict:
+def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
+    """The sweep; `donors` are finished run configs elsewhere (the lab's students) whose points are copied, not
+    trained again, where they computed exactly what a point would (rundir.same_computation)."""
     cfg.validate()
     if method_entry(cfg.method).needs != "logits":
         raise ValueError(f"--method {cfg.method}: a sweep reads teacher logits from the cache; choose a logit method "
@@ -190,7 +192,7 @@ def run(cfg: SweepConfig) -> dict:
 
     on_main(state, claim)
     try:
-        return _run_locked(cfg, state, attrs, teacher_accuracy)
+        return _run_locked(cfg, state, attrs, teacher_accuracy, donors)
     finally:
         for lock in held:
             lock.release()
@@ -204,11 +206,30 @@ def use_together(cfg: SweepConfig, device_type: str) -> bool:
     return device_type == "cuda" or model_entry(cfg.model or PAIR_DEFAULTS[cfg.pair][0]).family == "vit"
 
 
-def train_together(cfg: SweepConfig, runs: list, state) -> None:
+def adopt(cfg: SweepConfig, runs: list, donors: tuple, state) -> set[str]:
+    """The names of the points copied from a donor that computed them (main process copies; all get the set)."""
+    def copy():
+        adopted = set()
+        for _, run_cfg in runs:
+            if not cfg.fresh and finished_run(run_cfg) is not None:
+                continue
+            for donor in donors:
+                if adopt_finished_run(donor, run_cfg, state.print) is not None:
+                    state.print(f"[sweep] {run_cfg.run_name}: the same run as the finished {donor.run_name} in "
+                                f"{donor.out_dir}; copied, not trained again")
+                    adopted.add(run_cfg.run_name)
+                    break
+        return adopted
+
+    return on_main(state, copy) if donors else set()
+
+
+def train_together(cfg: SweepConfig, runs: list, state, adopted: set[str]) -> None:
     """The unfinished points of each seed in groups of at most --group-size, one pass each (kdfast.group)."""
     by_seed: dict[tuple[int, int], list] = {}
     for point, run_cfg in runs:  # the no-KD baseline trains on its own seed's views, not the cache's: alone
-        if isinstance(run_cfg, DistillConfig) and (cfg.fresh or finished_run(run_cfg) is None):
+        if (isinstance(run_cfg, DistillConfig) and run_cfg.run_name not in adopted
+                and (cfg.fresh or finished_run(run_cfg) is None)):
             by_seed.setdefault((point["seed"], point["slots"]), []).append(run_cfg)  # the same views
     for (seed, slots), members in by_seed.items():
         size = cfg.group_size or len(members)
@@ -220,14 +241,15 @@ def train_together(cfg: SweepConfig, runs: list, state) -> None:
             group.run(chunk, name)
 
 
-def _run_locked(cfg: SweepConfig, state, attrs: dict, teacher_accuracy: float) -> dict:
+def _run_locked(cfg: SweepConfig, state, attrs: dict, teacher_accuracy: float, donors: tuple) -> dict:
     runs = plan(cfg, attrs)
+    adopted = adopt(cfg, runs, donors, state)
     if use_together(cfg, state.device.type):
-        train_together(cfg, runs, state)
+        train_together(cfg, runs, state, adopted)
     rows, summary = [], {}
     for i, (point, run_cfg) in enumerate(runs):
         grouped = use_together(cfg, state.device.type) and isinstance(run_cfg, DistillConfig)
-        done = None if cfg.fresh and not grouped else finished_run(run_cfg)
+        done = None if cfg.fresh and not grouped and run_cfg.run_name not in adopted else finished_run(run_cfg)
         label = f"[sweep {i + 1}/{len(runs)}] {run_cfg.run_name}"
         if done is not None:
             state.print(f"{label}: {done['test_accuracy']:.4f}" if grouped else f"{label}: finished earlier, kept")

@@ -164,3 +164,36 @@ def test_lab_with_a_sweep_puts_it_in_report_md(tmp_path, image_folder):
         lab.run(replace(cfg, sweep_taus=()))
     with pytest.raises(ValueError, match="--online"):
         lab.run(replace(cfg, online=True))
+
+
+def test_lab_sweep_copies_the_labs_own_students_and_they_equal_trained_points(tmp_path, image_folder, monkeypatch,
+                                                                              capsys):
+    """The lab's no-KD and KD students (seed 0, the lab's alpha and tau) are sweep points: copied, not retrained,
+    and the copies equal what training those points gives."""
+    import shutil
+    from dataclasses import replace
+
+    from kdfast import sweep
+
+    cfg = replace(tiny_lab(tmp_path, image_folder), pairs=("cnn",), sweep_alphas=(0.3, 0.8), sweep_taus=(2.0,),
+                  sweep_seeds=2)
+    lab.run(cfg)
+    out = capsys.readouterr().out
+    sweep_dir = tmp_path / "models_saved" / "sweep_cnn"
+    copies = {"nokd-s0": "cnn_student_no_kd", "kd-a0.3-t2-s0": "cnn_student_with_kd"}
+    for point in ("nokd-s0", "nokd-s1", "kd-a0.3-t2-s0", "kd-a0.8-t2-s0", "kd-a0.3-t2-s1", "kd-a0.8-t2-s1"):
+        meta = json.load(open(sweep_dir / f"{point}.json"))
+        copied = point in copies
+        assert ("copied_from" in meta) == copied and (f"[sweep] {point}: the same run as" in out) == copied
+        assert (f"[{point}] resnet8" in out) != copied  # trained: its header line
+        if copied:
+            assert meta["copied_from"] == os.path.join(cfg.out_dir, copies[point] + ".json")
+            assert meta["config"]["name"] == point and meta["test_accuracy"] == json.load(
+                open(os.path.join(cfg.out_dir, copies[point] + ".json")))["test_accuracy"]
+    shutil.move(sweep_dir, tmp_path / "copied")
+    monkeypatch.setattr(sweep, "adopt_finished_run", lambda *a: None)  # the same lab, its sweep trains every point
+    lab.run(cfg)
+    assert "the same run as" not in capsys.readouterr().out
+    for point in copies:
+        trained, copy = (load_file(d / f"{point}.safetensors") for d in (sweep_dir, tmp_path / "copied"))
+        assert trained.keys() == copy.keys() and all(torch.equal(trained[k], copy[k]) for k in trained)
