@@ -159,7 +159,7 @@ def write_results(cfg: SweepConfig, rows: list[dict], summary: dict) -> None:
     base = summary["no_kd"]["mean"] if summary["no_kd"] else None
     plots.sweep_heatmap(list(cfg.alphas), list(cfg.taus), means, base, os.path.join(cfg.out_dir, "sweep_heatmap.png"),
                         f"{cfg.method}{' + logit std' if cfg.logit_std else ''}, mean of {cfg.seeds} seed(s)\n"
-                        f"hatched: not above no KD ({base:.3f})" if base is not None else "")
+                        f"hatched: not above no KD ({base:.3f}, red line)" if base is not None else "")
     figures = "\n![alpha x tau](sweep_heatmap.png)\n"
     best = summary.get("best")
     if len(cfg.cache_slots) > 1 and best:
