@@ -261,8 +261,8 @@ class LabConfig:
     """The whole course lab: two teachers, two baseline students, two KD students, then report.json.
 
     Presets (--preset): smoke (minutes on any CPU: a class-balanced subset, 2 epochs), cpu (KD that visibly
-    helps on a 2-core AMX CPU, about two hours: a fifth of the data, two seeds of KD against no KD), full (the real recipe for one GPU). Any field below
-    overrides the preset's value.
+    helps on a 2-core AMX CPU, 85 minutes: a fifth of the data, two seeds of KD against no KD), full (the real
+    recipe for one GPU). Any field below overrides the preset's value.
     """
 
     preset: Literal["smoke", "cpu", "full"] = "smoke"
@@ -318,7 +318,8 @@ class LabConfig:
     """Logit standardization for the KD student(s)."""
     sweep_alphas: tuple[float, ...] = ()
     """With --sweep-taus: after each pair's runs, an alpha x tau sweep of its student from the pair's logit cache
-    (kdfast sweep, with the no-KD baseline per seed) in OUT_DIR/sweep_<pair>, shown in report.md."""
+    (kdfast sweep, with the no-KD baseline per seed) in OUT_DIR/sweep_<pair>, shown in report.md. The lab's own
+    students are its points of the lab's --seed (and --alpha, --tau): copied there, not trained again."""
     sweep_taus: tuple[float, ...] = ()
     sweep_seeds: int = 2
     """Seeds per sweep point (0..N-1)."""
@@ -411,8 +412,8 @@ LAB_PRESETS = {
     # vit_tiny train 79 / infer 632, vit_student train 178; online KD pays the teacher pass too
     # a class-balanced fifth of CIFAR-10 (1,000 train / 300 test images per class): teachers trained twice as many
     # epochs as their students, so they are clearly better; KD (alpha 0.1, tau 4: the best point of a 3x3 ResNet-8
-    # sweep on this subset) against no KD over two seeds, with the lab's sweep. Measured on a 2-core AMX CPU:
-    # six runs + caches + CNN sweep about 85 min, the ViT sweep about 30 more (its seed-0 points repeat the lab's)
+    # sweep on this subset) against no KD over two seeds, with the lab's sweep (its seed-0 points are the lab's
+    # runs). Measured on an idle 2-core AMX CPU: 5,123 s in all (teachers 1,446 s and 1,583 s)
     "cpu": LabConfig(preset="cpu", train_per_class=1000, test_per_class=300, cnn_teacher_epochs=12,
                      cnn_student_epochs=6, vit_teacher_epochs=10, vit_student_epochs=5, alpha=0.1, tau=4.0,
                      eval_every=1, sweep_alphas=(0.1,), sweep_taus=(4.0,), sweep_seeds=2),

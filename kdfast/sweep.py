@@ -237,7 +237,7 @@ def train_together(cfg: SweepConfig, runs: list, state, adopted: set[str]) -> No
             chunk = members[start:start + size]
             name = (f"together-s{seed}" + (f"-c{slots}" if slots else "")
                     + (f"-{start // size}" if size < len(members) else ""))
-            state.print(f"[sweep] {name}: {len(chunk)} students in one pass: " + ", ".join(m.run_name for m in chunk))
+            state.print(f"[sweep] {name}: {len(chunk)} student{'s' * (len(chunk) > 1)} in one pass: " + ", ".join(m.run_name for m in chunk))
             group.run(chunk, name)
 
 
@@ -252,7 +252,8 @@ def _run_locked(cfg: SweepConfig, state, attrs: dict, teacher_accuracy: float, d
         done = None if cfg.fresh and not grouped and run_cfg.run_name not in adopted else finished_run(run_cfg)
         label = f"[sweep {i + 1}/{len(runs)}] {run_cfg.run_name}"
         if done is not None:
-            state.print(f"{label}: {done['test_accuracy']:.4f}" if grouped else f"{label}: finished earlier, kept")
+            kept = "copied above" if run_cfg.run_name in adopted else "finished earlier, kept"
+            state.print(f"{label}: {done['test_accuracy']:.4f}" + ("" if grouped else f", {kept}"))
         else:
             (distill if isinstance(run_cfg, DistillConfig) else train).run(run_cfg)
         rows.append({"name": run_cfg.run_name, **point, **last_epoch_accuracy(run_cfg)})
