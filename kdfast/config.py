@@ -386,8 +386,7 @@ class SweepConfig:
     """Experiment trackers for every run (see kdfast train --help)."""
     together: Literal["auto", "on", "off"] = "auto"
     """Train the KD points of one seed together in one pass (kdfast.group; same batches, each its own loss, metrics
-    and checkpoint). auto: on a GPU; on a CPU for ViTs (measured faster) but not CNNs (measured slower beyond 2
-    students; benchmarks/together.py)."""
+    and checkpoint). auto: on a GPU; off on a CPU, where it was measured slower for both students (README)."""
     group_size: int = 0
     """At most this many students per pass (0: all the points of a seed)."""
     cache_slots: tuple[int, ...] = (0,)

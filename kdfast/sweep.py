@@ -28,7 +28,6 @@ from .engine import accuracy_and_loss, on_main, process_state
 from .errors import user_errors_exit
 from .files import FileLock, ensure_dir, write_json, write_text
 from .methods import method_entry
-from .models import model_entry
 from .rundir import RunDir, adopt_finished_run, finished_run
 
 PAIR_DEFAULTS = {"cnn": ("resnet8", "cache/cnn_teacher.h5"), "vit": ("vit_student", "cache/vit_teacher.h5")}
@@ -89,7 +88,8 @@ def summarize(rows: list[dict], teacher_accuracy: float | None) -> dict:
     if best and base:
         gain = best["mean"] - base["mean"]
         summary["gain_over_no_kd"] = gain
-        summary["gain_beyond_spread"] = gain > max(best["spread"], base["spread"])
+        seeded = min(best["seeds"], base["seeds"]) > 1  # one seed has no spread to compare with: None
+        summary["gain_beyond_spread"] = gain > max(best["spread"], base["spread"]) if seeded else None
     if base and teacher_accuracy is not None and teacher_accuracy <= base["mean"]:
         summary["warnings"].append(teacher_warning(teacher_accuracy, base["mean"]))
     return summary
@@ -136,10 +136,12 @@ def markdown(cfg: SweepConfig, summary: dict) -> str:
     if summary.get("teacher_accuracy") is not None:
         lines.append(f"teacher (from the cache's test logits): {summary['teacher_accuracy']:.4f}")
     if best and base:
-        verdict = "beyond" if summary["gain_beyond_spread"] else "within"
+        beyond = summary["gain_beyond_spread"]
+        verdict = ("one seed, no spread to compare it with (--seeds 2 or more)" if beyond is None else
+                   f"{'beyond' if beyond else 'within'} the seed spread (no KD {base['spread']:.4f}, "
+                   f"best {best['spread']:.4f})")
         lines.append(f"best: alpha {_num(best['alpha'])}, tau {_num(best['tau'])}: {best['mean']:.4f} ± {best['std']:.4f} "
-                     f"(spread {best['spread']:.4f}), {summary['gain_over_no_kd']:+.4f} over no KD: {verdict} the "
-                     f"seed spread (no KD {base['spread']:.4f}, best {best['spread']:.4f})")
+                     f"(spread {best['spread']:.4f}), {summary['gain_over_no_kd']:+.4f} over no KD: {verdict}")
     lines += [f"warning: {w}" for w in summary["warnings"]]
     if len(cfg.cache_slots) > 1:
         lines += slots_table(cfg, summary)
@@ -199,11 +201,12 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
 
 
 def use_together(cfg: SweepConfig, device_type: str) -> bool:
-    """--together auto: on a GPU; on a CPU for ViTs (vmap measured 1.27-1.38x faster per student at K = 1, 2, 4)
-    and not for CNNs (grouped convolutions measured 0.79x at K = 4, 0.59x at K = 16; benchmarks/together.py)."""
+    """--together auto: on a GPU only. On a 2-core CPU it lost for both students: fused ResNet-8s at 0.79x of one
+    at a time for K = 4 (benchmarks/together.py), three ViT students stacked at batch 256 at 0.67x in a real sweep
+    (404 s against 271 s for one epoch; the benchmark's 1.37x at K = 2 was at batch 32)."""
     if cfg.together != "auto":
         return cfg.together == "on"
-    return device_type == "cuda" or model_entry(cfg.model or PAIR_DEFAULTS[cfg.pair][0]).family == "vit"
+    return device_type == "cuda"
 
 
 def adopt(cfg: SweepConfig, runs: list, donors: tuple, state) -> set[str]:

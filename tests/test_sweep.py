@@ -80,6 +80,10 @@ def test_summary_mean_spread_best_and_gain():
     assert s["best"]["spread"] == pytest.approx(0.04) and s["no_kd"]["spread"] == pytest.approx(0.02)
     assert s["gain_over_no_kd"] == pytest.approx(0.07) and s["gain_beyond_spread"] and not s["warnings"]
     assert sweep.summarize(rows, teacher_accuracy=0.6)["warnings"]  # teacher no better than no KD
+    one_seed = sweep.summarize([r for r in rows if r["seed"] == 0], teacher_accuracy=0.8)
+    assert one_seed["gain_over_no_kd"] == pytest.approx(0.10) and one_seed["gain_beyond_spread"] is None
+    cfg = SweepConfig(pair="cnn", alphas=(0.5, 0.9), taus=(4.0,), seeds=1, epochs=1)
+    assert "no spread to compare" in sweep.markdown(cfg, one_seed) and "beyond" not in sweep.markdown(cfg, one_seed)
 
 
 def test_lab_report_warns_when_the_teacher_is_not_better():
