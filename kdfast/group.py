@@ -148,11 +148,11 @@ def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall)
     due = epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)
     tests = [evaluate_model(student(tr, plain, i), data.test, cfg.augment, tr.runtime, cfg.eval_batch_size,
                             tr.loader.channels_last) for i in range(len(members))] if due else None
-    img_s = sums["seen"] * len(members) / max(epoch_time, 1e-9)
+    img_s = sums["seen"] / max(epoch_time, 1e-9)  # per student: what each run's metrics and .json say
     for i, m in enumerate(members):
         record = {"epoch": epoch, "train_loss": round(sums["loss"][i] / steps, 5),
                   "train_accuracy": round(sums["correct"][i] / max(1, sums["seen"]), 5),
-                  "lr": tr.scheduler.get_last_lr()[0], "img_per_s": round(sums["seen"] / max(epoch_time, 1e-9), 1),
+                  "lr": tr.scheduler.get_last_lr()[0], "img_per_s": round(img_s, 1),
                   "epoch_time_s": round(epoch_time, 2), "precision": tr.runtime.precision,
                   "wall_time_s": round(wall, 1), "trained_with": cfg.run_name}
         if tests:
@@ -161,9 +161,9 @@ def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall)
             records[i].append(record)
             dirs[i].write_metrics(records[i])
     shown = " ".join(f"{t['accuracy']:.4f}" for t in tests) if tests else ""
-    tr.runtime.print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} | {img_s:,.0f} img/s over {len(members)} "
-                     f"students | {epoch_time:.1f}s" + (f" | test {shown}" if shown else ""))
-    return tests, sums["seen"] / max(epoch_time, 1e-9)  # img/s per student, as each run's metrics say
+    tr.runtime.print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} | {img_s * len(members):,.0f} img/s over "
+                     f"{len(members)} students | {epoch_time:.1f}s" + (f" | test {shown}" if shown else ""))
+    return tests, img_s
 
 
 def _finish(tr, members, data, plain, tests, img_s: float, kd: dict, wall: float) -> list[dict]:

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .checkpoint import checkpoint_paths
 from .errors import KdfastError
-from .files import FileLock, atomic_write, dump_json, ensure_dir, finite_json, read_json
+from .files import FileLock, atomic_write, dump_json, ensure_dir, finite_json, read_json, write_json
 
 STATE_VERSION = 1
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters, no '..'"
@@ -275,14 +275,9 @@ def adopt_finished_run(donor_cfg, run_cfg, say) -> dict | None:
     with target.lock.acquire(say):
         for key in ("pth", "safetensors", "metrics"):  # the .json last: it says the files beside it are whole
             atomic_write(target.paths[key], lambda tmp, src=source[key]: shutil.copyfile(src, tmp))
-        atomic_write(target.paths["json"], lambda tmp: _dump(meta, tmp))
+        write_json(target.paths["json"], meta)
         target.clear_state()  # an interrupted attempt at this run, now finished by the copy
     return meta
-
-
-def _dump(obj, path: str) -> None:
-    with open(path, "w") as f:
-        dump_json(obj, f)
 
 
 def describe_progress(progress: dict) -> str:

@@ -240,7 +240,8 @@ def train_together(cfg: SweepConfig, runs: list, state, adopted: set[str]) -> No
             chunk = members[start:start + size]
             name = (f"together-s{seed}" + (f"-c{slots}" if slots else "")
                     + (f"-{start // size}" if size < len(members) else ""))
-            state.print(f"[sweep] {name}: {len(chunk)} student{'s' * (len(chunk) > 1)} in one pass: " + ", ".join(m.run_name for m in chunk))
+            state.print(f"[sweep] {name}: {len(chunk)} student{'s' * (len(chunk) > 1)} in one pass: "
+                        + ", ".join(m.run_name for m in chunk))
             group.run(chunk, name)
 
 
