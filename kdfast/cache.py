@@ -21,17 +21,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import tyro
 
 from . import __version__
-from .augment import AugmentSpec, augment, epoch_seed, normalize
+from .augment import AugmentSpec, epoch_seed
 from .checkpoint import load_teacher, weights_sha256
-from .config import DatasetName, Precision, check_augment, check_int
-from .data import Dataset, load_dataset
-from .engine import Runtime, accuracy_and_loss, make_runtime, on_main, predict
+from .config import DatasetName, Precision, check_augment, check_data_flags, check_int, resolved_store_size
+from .data import Dataset, view_batches
+from .engine import Runtime, accuracy_and_loss, load_data, make_runtime, on_main, predict
 from .errors import KdfastError, user_errors_exit
 from .files import FileLock, check_file_target
 from .models import model_entry
@@ -39,6 +39,9 @@ from .models import model_entry
 FORMAT = "kdfast-teacher-logits"
 FORMAT_VERSION = 1
 CHUNK_SAMPLES = 8192
+AUTO_TOPK = 10  # --topk -1 above AUTO_DENSE_CLASSES classes (TinyViT keeps 10 of ImageNet-1k's 1,000 per view)
+AUTO_DENSE_CLASSES = 100
+BUILD_CHUNK = 50_000  # samples per teacher pass of a slot: what a process holds of a slot while building it
 # attributes that must equal the run's for the logits to mean what the run needs
 MATCHED_ATTRS = ("format", "format_version", "dataset_fingerprint", "classes", "augment")
 # attributes that also pin a build (a resumed or reused build must have the very same teacher and seeds)
@@ -68,11 +71,18 @@ class BuildConfig:
     cache_dir: str = "cache"
     train_per_class: int = 0
     test_per_class: int = 0
+    store_size: int = 0
+    """Longest side of images as stored (0: auto; see kdfast train --help): must be the students' too."""
+    data_tier: Literal["auto", "device", "stream"] = "auto"
+    """device, stream or auto (by --data-budget-gb); see kdfast train --help."""
+    data_budget_gb: float = 0.0
+    data_workers: int = 2
     batch_size: int = 1000
     precision: Precision = "auto"
     """Teacher precision (auto: bf16 where it is fast)."""
-    topk: int = 0
-    """Store only the k largest logits per sample (+ one logit standing for the rest); 0 = dense."""
+    topk: int = -1
+    """Store only the k largest logits per sample (+ one logit standing for the rest); 0: dense; -1: auto (dense up
+    to 100 classes, top-AUTO_TOPK above: a 1,000-class slot of 1.28 M images is then 51 MB, not 2.6 GB)."""
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     overwrite: bool = False
     """Replace an existing cache (or partial build) made with other settings."""
@@ -84,9 +94,11 @@ class BuildConfig:
     def validate(self) -> None:
         for name in ("seeds", "batch_size"):
             check_int(self, name, 1)
-        for name in ("seed", "train_per_class", "test_per_class", "topk"):
+        for name in ("seed", "train_per_class", "test_per_class"):
             check_int(self, name, 0)
+        check_int(self, "topk", -1)
         check_augment(self.augment)
+        check_data_flags(self)
 
 
 @dataclass
@@ -109,6 +121,9 @@ class VerifyConfig:
     train_per_class: Optional[int] = None
     """Default: the subset the cache was built on."""
     test_per_class: Optional[int] = None
+    data_tier: Literal["auto", "device", "stream"] = "auto"
+    """device, stream or auto (by --data-budget-gb); see kdfast train --help."""
+    data_budget_gb: float = 0.0
     cache_dir: str = "cache"
     precision: Optional[Precision] = None
     """Default: the precision the cache was built with."""
@@ -202,24 +217,30 @@ class LogitCache:
             raise CacheError(f"{self.path} does not match this run:\n  " + "\n  ".join(diff)
                              + "\nBuild a cache with the run's data and augmentation settings.")
 
-    def slot_logits(self, slot: int) -> torch.Tensor:
-        """Dense logits (N, C) float32 of one slot; top-k slots get the rest logit in the other classes."""
+    def slot_parts(self, slot: int) -> list[torch.Tensor]:
+        """One slot as stored: [logits (N, C) float32], or top-k [values (N, k) float32, indices (N, k) int64, rest (N,)]."""
         f = self.file
         try:
             if self.attrs.get("topk", 0):
-                values = torch.from_numpy(f["train/topk_values"][slot]).float()
-                indices = torch.from_numpy(f["train/topk_indices"][slot]).long()
-                rest = torch.from_numpy(f["train/rest_logit"][slot]).float()
-                logits = rest[:, None].expand(-1, len(self.attrs["classes"])).clone().scatter_(1, indices, values)
+                parts = [torch.from_numpy(f["train/topk_values"][slot]).float(),
+                         torch.from_numpy(f["train/topk_indices"][slot]).long(),
+                         torch.from_numpy(f["train/rest_logit"][slot]).float()]
+                if parts[1].numel() and (parts[1].min() < 0 or parts[1].max() >= len(self.attrs["classes"])):
+                    raise RuntimeError("top-k indices out of range")
             else:
-                logits = torch.from_numpy(f["train/logits"][slot]).float()
+                parts = [torch.from_numpy(f["train/logits"][slot]).float()]
         except (OSError, RuntimeError) as e:  # a damaged chunk, or top-k indices out of range
             raise CacheError(f"{self.path}: slot {slot} cannot be read ({e}); the file is damaged. Delete it and "
                              "build it again.") from None
-        if not torch.isfinite(logits).all():
+        if not all(torch.isfinite(p).all() for p in parts if p.is_floating_point()):
             raise CacheError(f"{self.path}: slot {slot} holds NaN or inf logits. Build the cache again "
                              "(with --precision fp32 if the teacher overflows in half precision).")
-        return logits
+        return parts
+
+    def slot_logits(self, slot: int) -> torch.Tensor:
+        """Dense logits (N, C) float32 of one slot; top-k slots get the rest logit in the other classes."""
+        parts = self.slot_parts(slot)
+        return parts[0] if len(parts) == 1 else densify(*parts, len(self.attrs["classes"]))
 
     def test_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's logits (N_test, C) on the unaugmented test set, and the labels; damage is named."""
@@ -240,22 +261,40 @@ class LogitCache:
 
 
 class CachedTeacher:
-    """Serves a batch's teacher logits from the cache: one slot on the device at a time, indexed by sample."""
+    """Serves a batch's teacher logits from the cache: one slot on the device at a time, indexed by sample.
+
+    A dense slot is held as (N, C) float32; a top-k slot as its k values and indices and the rest logit (N x (k + 1)
+    numbers), densified per batch: a 1,000-class dataset's slot costs a run N x 11 numbers, not N x 1,000."""
 
     def __init__(self, cache: LogitCache, num_slots: int, device):
         self.cache, self.device = cache, device
         self.seeds = cache.seeds[:num_slots]
         self.slot_of_seed = {s: k for k, s in enumerate(self.seeds)}
-        self.slot, self.logits = None, None
+        self.slot, self.held = None, None
 
     def aug_seed(self, epoch: int) -> int:
         return self.seeds[epoch % len(self.seeds)]
 
     def __call__(self, batch) -> torch.Tensor:
         slot = self.slot_of_seed[batch.aug_seed]
-        if slot != self.slot:  # once per epoch: N x C floats to the device
-            self.slot, self.logits = slot, self.cache.slot_logits(slot).to(self.device)
-        return self.logits[batch.indices]
+        if slot != self.slot:  # once per epoch: the slot to the device
+            self.slot = slot
+            self.held = [t.to(self.device) for t in self.cache.slot_parts(slot)]
+        if len(self.held) == 1:
+            return self.held[0][batch.indices]
+        values, indices, rest = (t[batch.indices] for t in self.held)
+        return densify(values, indices, rest, len(self.cache.attrs["classes"]))
+
+
+def densify(values: torch.Tensor, indices: torch.Tensor, rest: torch.Tensor, classes: int) -> torch.Tensor:
+    """Top-k logits (B, k) at class indices (B, k), the rest logit (B,) in every other class: (B, classes) float32."""
+    return rest.float()[:, None].expand(-1, classes).clone().scatter_(1, indices.long(), values.float())
+
+
+def slot_bytes(attrs: dict) -> int:
+    """What a run holds on its device for one slot (float32 values, int64 indices)."""
+    n, k = attrs["train_size"], attrs.get("topk", 0)
+    return n * k * 12 + n * 4 if k else n * len(attrs["classes"]) * 4
 
 
 # ---------------------------------------------------------------- building
@@ -290,21 +329,37 @@ def _check_finite(logits: torch.Tensor, what: str) -> None:
         raise CacheError(f"the teacher's logits for {what} exceed float16's range (|x| > 60000); nothing of it was written.")
 
 
-def _write_slot(f, slot: int, logits: torch.Tensor, topk: int) -> None:
+def _write_rows(f, slot: int, start: int, logits: torch.Tensor, topk: int) -> None:
+    """Samples start.. of a slot (a chunk of it): dense float16 logits, or the top k, their classes and the rest."""
+    end = start + len(logits)
     if topk:
         values, indices = logits.topk(topk, dim=1)
         rest = logits.scatter(1, indices, float("-inf"))
         n_rest = logits.shape[1] - topk
         # one logit standing for each class outside the top k: their log-mean-exp (exact mass at tau = 1)
         rest_logit = torch.logsumexp(rest, dim=1) - math.log(max(n_rest, 1))
-        f["train/topk_values"][slot] = values.numpy().astype("float16")
-        f["train/topk_indices"][slot] = indices.numpy()
-        f["train/rest_logit"][slot] = rest_logit.numpy().astype("float16")
+        f["train/topk_values"][slot, start:end] = values.numpy().astype("float16")
+        f["train/topk_indices"][slot, start:end] = indices.numpy()
+        f["train/rest_logit"][slot, start:end] = rest_logit.numpy().astype("float16")
     else:
-        f["train/logits"][slot] = logits.numpy().astype("float16")
+        f["train/logits"][slot, start:end] = logits.numpy().astype("float16")
+
+
+def _mark_complete(f, slot: int) -> None:
     f.flush()  # the slot's data is on disk before it is marked complete
     f["train/complete"][slot] = True
     f.flush()
+
+
+def resolve_topk(topk: int, classes: int, say) -> int:
+    """--topk -1 (auto): dense up to AUTO_DENSE_CLASSES classes, top-AUTO_TOPK above, said in the log."""
+    if topk >= 0:
+        return topk
+    if classes <= AUTO_DENSE_CLASSES:
+        return 0
+    say(f"[cache] {classes} classes: storing the top {AUTO_TOPK} logits per view and one for the rest (--topk -1, "
+        f"auto, above {AUTO_DENSE_CLASSES} classes; --topk 0 keeps them all)")
+    return AUTO_TOPK
 
 
 def _open_for_build(cfg: BuildConfig, path: str, attrs: dict, num_classes: int, say):
@@ -339,7 +394,7 @@ def _open_for_build(cfg: BuildConfig, path: str, attrs: dict, num_classes: int, 
             raise CacheError(f"{partial}: an interrupted build with other settings is in the way:\n  " + "\n  ".join(diff)
                              + "\nPass --overwrite to discard it, or delete it.")
         os.remove(partial)
-    return _create(partial, attrs, num_classes, cfg.topk)
+    return _create(partial, attrs, num_classes, attrs["topk"])
 
 
 def default_cache_path(teacher: str, cache_dir: str) -> str:
@@ -372,17 +427,17 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str) -> str:
     from tqdm.auto import tqdm
 
     acc = runtime.accelerator
-    with acc.main_process_first():
-        data = load_dataset(cfg.data, cfg.cache_dir, False, cfg.train_per_class, cfg.test_per_class, log=runtime.print,
-                            dataset=cfg.dataset)
+    store_size = resolved_store_size(cfg.augment, cfg.store_size)
+    data = load_data(cfg, runtime, cfg.data, cfg.train_per_class, cfg.test_per_class, cfg.dataset, store_size)
     teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device)
     if cfg.topk >= len(data.classes):
         raise ValueError(f"--topk must be 0 (dense) or between 1 and {len(data.classes) - 1}, got {cfg.topk}")
+    topk = resolve_topk(cfg.topk, len(data.classes), runtime.print)
     channels_last = model_entry(meta["model"]).family == "cnn"
     seeds = [epoch_seed(cfg.seed, k) for k in range(cfg.seeds)]
     attrs = {**expected_attrs(data, cfg.augment), "data_source": data.source, "dataset": cfg.dataset,
-             "train_per_class": cfg.train_per_class,
-             "test_per_class": cfg.test_per_class, "seeds": seeds, "topk": cfg.topk, "teacher_model": meta["model"],
+             "train_per_class": cfg.train_per_class, "store_size": store_size,
+             "test_per_class": cfg.test_per_class, "seeds": seeds, "topk": topk, "teacher_model": meta["model"],
              "teacher_sha256": weights_sha256(teacher), "teacher_checkpoint": os.path.abspath(cfg.teacher),
              "precision": runtime.precision, "kdfast_version": __version__,
              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -401,7 +456,8 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str) -> str:
 
     t0 = time.perf_counter()
     if todo["test"]:
-        test_logits = predict(teacher, data.test, cfg.augment, runtime, cfg.batch_size, channels_last).cpu()
+        test_logits = predict(teacher, data.test, cfg.augment, runtime, cfg.batch_size, channels_last,
+                              workers=cfg.data_workers).cpu()
         if acc.is_main_process:
             _check_finite(test_logits, "the test set")
             f["test/logits"][:] = test_logits.numpy().astype("float16")
@@ -411,12 +467,18 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str) -> str:
             f.flush()
     bar = tqdm(total=len(todo["slots"]) * len(data.train), unit="img", desc=f"cache {os.path.basename(path)}",
                disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
+    n = len(data.train)
     for slot in todo["slots"]:
-        logits = predict(teacher, data.train, cfg.augment, runtime, cfg.batch_size, channels_last, seeds[slot]).cpu()
+        for start in range(0, n, BUILD_CHUNK):  # a slot in chunks: memory stays bounded whatever N
+            end = min(n, start + BUILD_CHUNK)
+            logits = predict(teacher, data.train, cfg.augment, runtime, cfg.batch_size, channels_last, seeds[slot],
+                             cfg.data_workers, start, end).cpu()
+            if acc.is_main_process:
+                _check_finite(logits, f"slot {slot}")
+                _write_rows(f, slot, start, logits, topk)
+            bar.update(end - start)
         if acc.is_main_process:
-            _check_finite(logits, f"slot {slot}")
-            _write_slot(f, slot, logits, cfg.topk)
-        bar.update(len(data.train))
+            _mark_complete(f, slot)
         runtime.print(f"[cache] slot {slot + 1}/{cfg.seeds} complete (seed {seeds[slot]})")
         acc.wait_for_everyone()
     bar.close()
@@ -445,6 +507,7 @@ def info(cfg: InfoConfig) -> dict:
                "classes": len(a["classes"]), "train_size": a["train_size"], "test_size": a["test_size"],
                "slots": len(a["seeds"]), "seeds": a["seeds"], "topk": a.get("topk", 0),
                "shape": list(cache.file[train_key].shape), "precision": a.get("precision"),
+               "memory_per_process_mb": round(slot_bytes(a) / 2**20, 2), "store_size": a.get("store_size", 0),
                "augment": a["augment"], "kdfast_version": a.get("kdfast_version"), "created_at": a.get("created_at")}
     cache.close()
     for key, value in summary.items():
@@ -464,9 +527,8 @@ def verify(cfg: VerifyConfig) -> dict:
     def built_with(key):
         return a.get(key, 0) if getattr(cfg, key) is None else getattr(cfg, key)
 
-    data = load_dataset(cfg.data or a.get("data_source"), cfg.cache_dir, False, built_with("train_per_class"),
-                        built_with("test_per_class"), log=runtime.print,
-                        dataset=a.get("dataset", "cifar10"))  # the data the cache was built on
+    data = load_data(cfg, runtime, cfg.data or a.get("data_source"), built_with("train_per_class"),
+                     built_with("test_per_class"), a.get("dataset", "cifar10"), a.get("store_size", 0))  # as built
     spec = AugmentSpec.from_dict(a["augment"])
     cache.check_matches(data, spec)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -476,9 +538,9 @@ def verify(cfg: VerifyConfig) -> dict:
     largest, agree = 0.0, 0
     for slot in slots.unique().tolist():
         idx = indices[slots == slot]
-        views = augment(data.train.images[idx].to(runtime.device), idx.to(runtime.device), cache.seeds[slot], spec)
+        views, _, _ = next(view_batches(data.train, [idx], spec, cache.seeds[slot], runtime.device, channels_last, 0))
         with torch.no_grad(), runtime.accelerator.autocast():
-            online = teacher(normalize(views, spec, channels_last)).float().cpu()
+            online = teacher(views).float().cpu()
         cached = cache.slot_logits(slot)[idx]
         largest = max(largest, (online - cached).abs().max().item())
         agree += (online.argmax(1) == cached.argmax(1)).sum().item()

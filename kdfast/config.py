@@ -46,11 +46,36 @@ def check_float(cfg, name: str, low: float, high: float | None = None, low_open:
 
 
 def check_augment(spec) -> None:
+    check("augment.view", spec.view, spec.view in ("cifar", "rrc"), "cifar or rrc")
     check("augment.pad_mode", spec.pad_mode, spec.pad_mode in ("reflect", "zeros"), "reflect or zeros")
     check("augment.padding", spec.padding, spec.padding >= 0, "a whole number >= 0")
     check("augment.crop_size", spec.crop_size, spec.crop_size >= 1, "a whole number >= 1")
     check("augment.std", spec.std, all(_finite(s) and s > 0 for s in spec.std), "three finite numbers > 0")
     check("augment.mean", spec.mean, all(_finite(m) for m in spec.mean), "three finite numbers")
+    check("augment.eval_size", spec.eval_size, isinstance(spec.eval_size, int) and spec.eval_size >= 0,
+          "a whole number >= 0 (0: the training resolution)")
+    check("augment.crop_fraction", spec.crop_fraction, _finite(spec.crop_fraction) and 0 < spec.crop_fraction <= 1,
+          "a number in (0, 1]")
+    (s0, s1), (r0, r1) = spec.scale, spec.ratio
+    check("augment.scale", spec.scale, all(map(_finite, spec.scale)) and 0 < s0 <= s1 <= 1, "two numbers 0 < MIN <= MAX <= 1")
+    check("augment.ratio", spec.ratio, all(map(_finite, spec.ratio)) and 0 < r0 <= r1, "two numbers 0 < MIN <= MAX")
+
+
+def resolved_store_size(spec, store_size: int) -> int:
+    """The longest side images are stored at: the flag, else for the rrc view the resize-then-crop size of the
+    larger of the train and eval resolutions (256 for 224, timm's crop_pct 0.875), else their own size (0)."""
+    if store_size:
+        return store_size
+    if spec.view == "rrc":
+        return int(round(max(spec.crop_size, spec.eval_resolution) / spec.crop_fraction))
+    return 0
+
+
+def check_data_flags(cfg) -> None:
+    check_int(cfg, "store_size", 0)
+    check_int(cfg, "data_workers", 0)
+    check("data_tier", cfg.data_tier, cfg.data_tier in ("auto", "device", "stream"), "auto, device or stream")
+    check_float(cfg, "data_budget_gb", 0.0)
 
 
 def check_grid(alphas, taus, alpha_flag: str = "alphas", tau_flag: str = "taus") -> None:
@@ -107,6 +132,16 @@ class TrainConfig:
     """Use only the first N training images of each class (0 = all)."""
     test_per_class: int = 0
     """Use only the first N test images of each class (0 = all)."""
+    store_size: int = 0
+    """Longest side, in pixels, of images as stored (larger ones are reduced, keeping their aspect; 0: auto: for
+    --augment.view rrc the eval crop's resize size, round(max(crop, eval size) / crop fraction), else their own size)."""
+    data_tier: Literal["auto", "device", "stream"] = "auto"
+    """device: every image decoded once and held in memory (fastest); stream: kept encoded in a memory-mapped file and
+    decoded per batch by --data-workers; auto: device when the decoded images fit --data-budget-gb."""
+    data_budget_gb: float = 0.0
+    """Memory the device tier may take, in GB (0: half the device's free memory; host memory on a CPU)."""
+    data_workers: int = 2
+    """Background processes decoding the streamed tier's batches (0: in the training process)."""
     epochs: int = 30
     batch_size: int = 256
     """Global batch size (split evenly across processes)."""
@@ -150,6 +185,10 @@ class TrainConfig:
         self.augment = self.augment.for_dataset(self.dataset)
 
     @property
+    def stored_size(self) -> int:
+        return resolved_store_size(self.augment, self.store_size)
+
+    @property
     def run_name(self) -> str:
         return self.name or self.model.replace(":", "-").replace("@", "-")
 
@@ -166,6 +205,7 @@ class TrainConfig:
         check_float(self, "grad_clip", 0.0)
         check_float(self, "label_smoothing", 0.0, 1.0)
         check_augment(self.augment)
+        check_data_flags(self)
         if self.resume and self.fresh:
             raise ValueError("--resume and --fresh exclude each other: --resume continues a saved state, "
                              "--fresh discards it")
@@ -248,8 +288,16 @@ class EvaluateConfig:
     """Default: the eval batch size recorded in the checkpoint's .json."""
     precision: Optional[Precision] = None
     """Default: the precision the checkpoint was evaluated with."""
+    data_tier: Literal["auto", "device", "stream"] = "auto"
+    """device, stream or auto (by --data-budget-gb); see kdfast train --help."""
+    data_budget_gb: float = 0.0
+    data_workers: int = 2
+    store_size: int = 0
+    """Default (0): as the checkpoint's run stored its images."""
+    progress: bool = True
 
     def validate(self) -> None:
+        check_data_flags(self)
         if self.test_per_class is not None:
             check_int(self, "test_per_class", 0)
         if self.batch_size is not None:
@@ -262,10 +310,11 @@ class LabConfig:
 
     Presets (--preset): smoke (minutes on any CPU: a class-balanced subset, 2 epochs), cpu (KD that visibly
     helps on a 2-core AMX CPU, 85 minutes: a fifth of the data, two seeds of KD against no KD), full (the real
-    recipe for one GPU). Any field below overrides the preset's value.
+    recipe for one GPU), imagenet (your own images at 224, ImageNet-style: --data a folder or Hugging Face dataset;
+    timm ResNet-50 -> ResNet-18 and DeiT-S -> DeiT-Ti, pretrained teachers). Any field below overrides the preset's value.
     """
 
-    preset: Literal["smoke", "cpu", "full"] = "smoke"
+    preset: Literal["smoke", "cpu", "full", "imagenet"] = "smoke"
     dataset: DatasetName = "cifar10"
     data: Optional[str] = None
     """Data source (default: $KDFAST_DATA, else ./data, where the dataset is downloaded when missing)."""
@@ -326,8 +375,18 @@ class LabConfig:
     progress: bool = True
     log_with: Tracker = "none"
     """Experiment trackers for every run (see kdfast train --help)."""
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    """The views of every run and cache (see kdfast train --help); the imagenet preset sets --augment.view rrc at 224."""
+    store_size: int = 0
+    """Longest side of images as stored (0: auto; see kdfast train --help)."""
+    data_tier: Literal["auto", "device", "stream"] = "auto"
+    """device, stream or auto (by --data-budget-gb); see kdfast train --help."""
+    data_budget_gb: float = 0.0
+    data_workers: int = 2
 
     def validate(self) -> None:
+        check_augment(self.augment)
+        check_data_flags(self)
         check("sweep_taus", self.sweep_taus, bool(self.sweep_alphas) == bool(self.sweep_taus),
               "given together with --sweep-alphas (both or neither)")
         if self.sweep_alphas:
@@ -375,6 +434,10 @@ class SweepConfig:
     train_per_class: Optional[int] = None
     """Default: the subset the cache was built on."""
     test_per_class: Optional[int] = None
+    data_tier: Literal["auto", "device", "stream"] = "auto"
+    """device, stream or auto (by --data-budget-gb); see kdfast train --help. The stored size comes from the cache."""
+    data_budget_gb: float = 0.0
+    data_workers: int = 2
     precision: Precision = "auto"
     out_dir: str = "runs/sweep"
     """Every run's checkpoint and metrics, and sweep.json, sweep.csv, sweep.md."""
@@ -394,6 +457,8 @@ class SweepConfig:
 
     def validate(self) -> None:
         check_int(self, "group_size", 0)
+        check_int(self, "data_workers", 0)
+        check_float(self, "data_budget_gb", 0.0)
         check("cache_slots", self.cache_slots, len(self.cache_slots) > 0 and all(
             isinstance(s, int) and s >= 0 for s in self.cache_slots), "one or more whole numbers >= 0 (0: all)")
         for name in ("seeds", "epochs", "batch_size", "eval_batch_size"):
@@ -416,6 +481,15 @@ LAB_PRESETS = {
     "cpu": LabConfig(preset="cpu", train_per_class=1000, test_per_class=300, cnn_teacher_epochs=12,
                      cnn_student_epochs=6, vit_teacher_epochs=10, vit_student_epochs=5, alpha=0.1, tau=4.0,
                      eval_every=1, sweep_alphas=(0.1,), sweep_taus=(4.0,), sweep_seeds=2),
+    # your own images (an ImageNet-style folder or a Hugging Face dataset, --data), ImageNet-style at 224: a timm
+    # ResNet-50 into ResNet-18 and DeiT-S into DeiT-Ti, teachers fine-tuned from their ImageNet weights (downloaded
+    # once), students from scratch; RandomResizedCrop + flip, evaluation by resize + center crop 0.875 (timm's)
+    "imagenet": LabConfig(preset="imagenet", cnn_teacher="timm:resnet50", cnn_student="timm:resnet18",
+                          vit_teacher="timm:deit_small_patch16_224", vit_student="timm:deit_tiny_patch16_224",
+                          cnn_teacher_pretrained=True, vit_teacher_pretrained=True, cnn_teacher_lr=0.01,
+                          vit_teacher_lr=1e-4, cnn_teacher_epochs=30, vit_teacher_epochs=30, cnn_student_epochs=100,
+                          vit_student_epochs=100, eval_every=5, eval_batch_size=250,
+                          augment=AugmentSpec(view="rrc", crop_size=224)),
     "full": LabConfig(preset="full", cnn_teacher_epochs=100, cnn_student_epochs=200, vit_teacher_epochs=200,
                       vit_student_epochs=200, cnn_batch_size=512, vit_batch_size=512, eval_every=5),
 }

@@ -85,7 +85,7 @@ def feature_method_run(cfg: DistillConfig, runtime: Runtime, run_dir, loss_fn) -
     data, student = build_student(cfg, runtime)
     teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device)
     layers = hint_layers(cfg.hint, meta["model"], cfg.model)
-    image_shape = tuple(data.train.images.shape[1:])
+    image_shape = (3, cfg.augment.crop_size, cfg.augment.crop_size)  # a training view
     shapes = (feature_shape(student, layers[1], "student", image_shape, "cpu"),
               feature_shape(teacher, layers[0], "teacher", image_shape, runtime.device))
     hinted = HintedStudent(student, layers[1], make_regressor(shapes[0], shapes[1], layers))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .augment import epoch_seed
 from .checkpoint import save_checkpoint
 from .config import Recipe, TrainConfig
-from .data import Batch, Dataset, Split, TrainLoader, eval_batches
+from .data import Batch, DataError, Dataset, Split, TrainLoader, default_budget, eval_batches, load_dataset
 from .errors import USER_ERRORS, Interrupted, KdfastError
 from .machine import accelerate_mixed_precision, resolve_precision
 from .models import count_parameters, model_entry
@@ -105,25 +105,55 @@ def lr_factor(step: int, total: int, recipe: Recipe) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def data_budget(cfg, runtime: Runtime) -> int:
+    """--data-budget-gb in bytes, else half the device's free memory (shared by the processes of a CPU host), as the
+    main process sees it: every process then chooses the same tier."""
+    if getattr(cfg, "data_budget_gb", 0):
+        return int(cfg.data_budget_gb * 2**30)
+    acc = runtime.accelerator
+    share = acc.num_processes if runtime.device.type == "cpu" else 1
+    return on_main(acc, lambda: default_budget(runtime.device) // share)
+
+
+def load_data(cfg, runtime: Runtime, source: str | None, train_per_class: int, test_per_class: int, dataset: str,
+              store_size: int) -> Dataset:
+    """A run's dataset in the tier its flags ask for; the main process decodes (or indexes) and caches it first,
+    the others then read the cache."""
+    budget = data_budget(cfg, runtime)
+    acc = runtime.accelerator
+    with acc.main_process_first():
+        data = load_dataset(source, cfg.cache_dir, getattr(cfg, "download", False), train_per_class, test_per_class,
+                            log=runtime.print, dataset=dataset, store_size=store_size,
+                            tier=getattr(cfg, "data_tier", "device"), budget=budget,
+                            progress=getattr(cfg, "progress", True) and acc.is_local_main_process)
+    batch = getattr(cfg, "batch_size", 0)
+    one_batch = batch * 3 * data.train.box[0] * data.train.box[1]
+    if getattr(cfg, "data_budget_gb", 0) and one_batch > budget:
+        raise DataError(f"--data-budget-gb {cfg.data_budget_gb:g} is smaller than one batch: {batch} images of up to "
+                        f"{data.train.box[0]}x{data.train.box[1]} px take {one_batch / 2**20:,.0f} MB decoded. Raise "
+                        "--data-budget-gb, lower --batch-size or --store-size.")
+    return data
+
+
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: int, channels_last: bool = False,
-            aug_seed: int | None = None) -> torch.Tensor:
-    """Logits (N, C) float32 of every sample of a split, in index order, on every process.
+            aug_seed: int | None = None, workers: int = 2, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Logits (hi - lo, C) float32 of samples lo..hi-1 of a split (default: all), in index order, on every process.
 
-    Each process runs its share; aug_seed=None: unaugmented images, else the views of that seed.
+    Each process runs its share; aug_seed=None: evaluation views, else the training views of that seed.
     """
     acc = runtime.accelerator
     model.eval()
     logits_all, indices_all = [], []
     for batch in eval_batches(split, batch_size, spec, runtime.device, acc.process_index, acc.num_processes,
-                              channels_last, aug_seed):
+                              channels_last, aug_seed, workers, lo, hi):
         with acc.autocast():
             logits_all.append(model(batch.images).float())
         indices_all.append(batch.indices)
     logits, index = acc.gather(torch.cat(logits_all)), acc.gather(torch.cat(indices_all))
     valid = index >= 0
     logits, index = logits[valid], index[valid]
-    return logits[index.argsort()]
+    return logits[index.argsort()]  # indices lo..hi-1, each once
 
 
 def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -133,9 +163,10 @@ def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def evaluate_model(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: int,
-                   channels_last: bool = False) -> dict:
+                   channels_last: bool = False, workers: int = 2) -> dict:
     """Test accuracy and mean CE, each sample counted once whatever the number of processes."""
-    return accuracy_and_loss(predict(model, split, spec, runtime, batch_size, channels_last), split.labels)
+    return accuracy_and_loss(predict(model, split, spec, runtime, batch_size, channels_last, workers=workers),
+                             split.labels)
 
 
 def step_seed(run_seed: int, epoch: int, step: int, rank: int) -> int:
@@ -363,7 +394,7 @@ def setup_training(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: Tr
     channels_last = entry.family == "cnn"
     recipe = cfg.resolved_recipe(entry.family)
     loader = TrainLoader(data.train, cfg.batch_size, cfg.seed, cfg.augment, runtime.device,
-                         acc.process_index, acc.num_processes, channels_last)
+                         acc.process_index, acc.num_processes, channels_last, cfg.data_workers)
     total_steps = cfg.epochs * len(loader)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -482,7 +513,8 @@ def end_epoch(tr: Training, data: Dataset, epoch: int, epoch_time: float) -> tup
               "epoch_time_s": round(epoch_time, 2), "precision": tr.runtime.precision}
     test = {}
     if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-        test = evaluate_model(tr.exported(), data.test, cfg.augment, tr.runtime, cfg.eval_batch_size, tr.loader.channels_last)
+        test = evaluate_model(tr.exported(), data.test, cfg.augment, tr.runtime, cfg.eval_batch_size,
+                              tr.loader.channels_last, cfg.data_workers)
         record.update(test_accuracy=test["accuracy"], test_loss=round(test["loss"], 5))
     tr.runtime.print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} loss {train_loss:.4f} train {train_acc:.4f}"
                      + (f" test {record['test_accuracy']:.4f}" if test else "")
@@ -516,7 +548,8 @@ def finish(tr: Training, data: Dataset, test: dict, params: int, train_img_s: fl
     cfg, acc, runtime = tr.cfg, tr.acc, tr.runtime
     final_model = tr.exported()
     if not test:  # nothing left to train after a resume
-        test = evaluate_model(final_model, data.test, cfg.augment, runtime, cfg.eval_batch_size, tr.loader.channels_last)
+        test = evaluate_model(final_model, data.test, cfg.augment, runtime, cfg.eval_batch_size, tr.loader.channels_last,
+                              cfg.data_workers)
     meta = checkpoint_meta(cfg, tr, data, test, params, train_img_s, wall, extra_meta)
     if acc.is_main_process:
         save_checkpoint(cfg.out_dir, cfg.run_name, final_model, meta)

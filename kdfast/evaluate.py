@@ -11,9 +11,8 @@ import tyro
 
 from .augment import AugmentSpec
 from .checkpoint import load_checkpoint, read_meta
-from .config import EvaluateConfig
-from .data import load_dataset
-from .engine import evaluate_model, make_runtime
+from .config import EvaluateConfig, resolved_store_size
+from .engine import evaluate_model, load_data, make_runtime
 from .errors import user_errors_exit
 
 
@@ -25,17 +24,16 @@ def run(cfg: EvaluateConfig) -> dict:
     model, meta = load_checkpoint(cfg.checkpoint, runtime.device)
     test_per_class = recorded.get("test_per_class", 0) if cfg.test_per_class is None else cfg.test_per_class
     source = cfg.data or meta.get("data", {}).get("source")
-    with runtime.accelerator.main_process_first():
-        data = load_dataset(source, cfg.cache_dir, False, 0, test_per_class, log=runtime.print,
-                            dataset=recorded.get("dataset", "cifar10"))
+    spec = AugmentSpec.from_dict(recorded.get("augment", {}))
+    store_size = cfg.store_size or resolved_store_size(spec, recorded.get("store_size", 0))
+    data = load_data(cfg, runtime, source, 0, test_per_class, recorded.get("dataset", "cifar10"), store_size)
     if data.classes != meta["classes"]:
         raise ValueError(f"{cfg.checkpoint}: trained on classes {meta['classes']}, but {data.source} has {data.classes}")
     channels_last = meta.get("family") == "cnn"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    spec = AugmentSpec.from_dict(recorded.get("augment", {}))
     batch_size = cfg.batch_size or meta.get("eval_batch_size", 500)
-    result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last)
+    result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last, cfg.data_workers)
     result.update(checkpoint=cfg.checkpoint, model=meta["model"], precision=runtime.precision,
                   recorded_accuracy=meta.get("test_accuracy"))
     match = "matches" if result["accuracy"] == result["recorded_accuracy"] else "differs from"

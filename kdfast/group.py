@@ -34,6 +34,7 @@ from .train import load_run_data
 from .together import together
 
 SHARED = ("model", "seed", "epochs", "batch_size", "data", "dataset", "train_per_class", "test_per_class", "augment",
+          "store_size",
           "precision", "out_dir", "eval_every", "eval_batch_size", "recipe", "lr", "optimizer", "weight_decay",
           "momentum", "schedule", "warmup", "grad_clip", "label_smoothing")
 
@@ -61,7 +62,9 @@ def group_config(name: str, members: list[DistillConfig]) -> GroupConfig:
     shared = {f: getattr(first, f) for f in SHARED} | {"cache_dir": first.cache_dir, "resume": first.resume,
                                                       "fresh": first.fresh, "progress": first.progress,
                                                       "checkpoint_every": first.checkpoint_every,
-                                                      "log_with": first.log_with}
+                                                      "log_with": first.log_with, "data_tier": first.data_tier,
+                                                      "data_budget_gb": first.data_budget_gb,
+                                                      "data_workers": first.data_workers}
     return GroupConfig(name=name, teacher_cache=first.teacher_cache, cache_slots=first.cache_slots,
                        members=tuple(json.dumps(comparable_config(m.to_dict()), sort_keys=True) for m in members), **shared)
 

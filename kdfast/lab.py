@@ -27,6 +27,11 @@ from .report import format_table, lab_report
 from .rundir import finished_run
 
 
+def data_flags(cfg: LabConfig) -> dict:
+    return dict(store_size=cfg.store_size, data_tier=cfg.data_tier, data_budget_gb=cfg.data_budget_gb,
+                data_workers=cfg.data_workers)
+
+
 def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
     """(name, module, config) for each step of the lab: teacher, student without KD, cache build, student with KD."""
     runs = []
@@ -38,7 +43,7 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                       batch_size=getattr(cfg, f"{pair}_batch_size"), eval_every=cfg.eval_every,
                       eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, compile=cfg.compile,
                       seed=cfg.seed, resume=not cfg.fresh, fresh=cfg.fresh, checkpoint_every=cfg.checkpoint_every,
-                      progress=cfg.progress)
+                      progress=cfg.progress, augment=cfg.augment, **data_flags(cfg))
         student_epochs = getattr(cfg, f"{pair}_student_epochs")
         teacher_path = checkpoint_paths(cfg.out_dir, f"{pair}_teacher")["pth"]
         teacher_cache = None if cfg.online else os.path.join(cfg.cache_dir, f"{pair}_teacher.h5")
@@ -56,7 +61,7 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                 dataset=cfg.dataset,
                 cache_dir=cfg.cache_dir, train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
                 batch_size=max(cfg.eval_batch_size, 500), precision=cfg.precision, overwrite=True,
-                progress=cfg.progress)))
+                progress=cfg.progress, augment=cfg.augment, **data_flags(cfg))))
         runs.append((f"{pair}_student_with_kd", distill,
                      DistillConfig(model=student, name=f"{pair}_student_with_kd", epochs=student_epochs,
                                    teacher=teacher_path, teacher_cache=teacher_cache, alpha=cfg.alpha, tau=cfg.tau,
@@ -82,7 +87,8 @@ def run_sweep(cfg: LabConfig, pair: str) -> str:
         alphas=cfg.sweep_alphas, taus=cfg.sweep_taus, seeds=cfg.sweep_seeds, epochs=getattr(cfg, f"{pair}_student_epochs"),
         batch_size=getattr(cfg, f"{pair}_batch_size"), eval_batch_size=cfg.eval_batch_size, eval_every=cfg.eval_every,
         cache_dir=cfg.cache_dir, precision=cfg.precision, out_dir=out, fresh=cfg.fresh,
-        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, log_with=cfg.log_with), donors)
+        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, log_with=cfg.log_with,
+        **{k: v for k, v in data_flags(cfg).items() if k != "store_size"}), donors)
     return out
 
 
@@ -90,7 +96,7 @@ def preset_overrides(cfg: LabConfig) -> dict:
     """The fields that change what the runs do and differ from the preset's values."""
     preset = LAB_PRESETS[cfg.preset]
     ignored = {"data", "download", "cache_dir", "out_dir", "report", "pairs", "fresh", "progress", "checkpoint_every",
-               "log_with"}
+               "log_with", "data_tier", "data_budget_gb", "data_workers"}
     return {f.name: getattr(cfg, f.name) for f in fields(LabConfig)
             if f.name not in ignored and getattr(cfg, f.name) != getattr(preset, f.name)}
 

@@ -31,9 +31,10 @@ STATE_VERSION = 1
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters, no '..'"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # config fields that do not change what a run computes: a resume may differ in these
-NOT_COMPARED = ("resume", "fresh", "progress", "checkpoint_every", "log_every", "log_with")
+NOT_COMPARED = ("resume", "fresh", "progress", "checkpoint_every", "log_every", "log_with", "data_tier", "data_budget_gb",
+                "data_workers")
 # fields added since a state or checkpoint may have been written, with the value that older runs had
-ADDED_FIELDS = {"dataset": "cifar10"}
+ADDED_FIELDS = {"dataset": "cifar10", "store_size": 0}
 
 
 class StateError(KdfastError):

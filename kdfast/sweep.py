@@ -22,6 +22,7 @@ import sys
 import tyro
 
 from . import distill, group, plots, train
+from .augment import AugmentSpec
 from .cache import LogitCache
 from .config import DistillConfig, SweepConfig, TrainConfig
 from .engine import accuracy_and_loss, on_main, process_state
@@ -48,7 +49,10 @@ def plan(cfg: SweepConfig, cache_attrs: dict) -> list[tuple[dict, TrainConfig]]:
                   test_per_class=built("test_per_class", cfg.test_per_class), out_dir=cfg.out_dir,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                   eval_every=cfg.eval_every, precision=cfg.precision, resume=not cfg.fresh, fresh=cfg.fresh,
-                  checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+                  checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                  augment=AugmentSpec.from_dict(cache_attrs["augment"]) if "augment" in cache_attrs else AugmentSpec(),
+                  store_size=cache_attrs.get("store_size", 0), data_tier=cfg.data_tier,
+                  data_budget_gb=cfg.data_budget_gb, data_workers=cfg.data_workers)
     runs = []
     for seed in range(cfg.seeds):
         runs.append(({"kind": "no_kd", "alpha": None, "tau": None, "seed": seed},

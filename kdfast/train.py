@@ -11,8 +11,8 @@ import tyro
 from accelerate.utils import set_seed
 
 from .config import TrainConfig
-from .data import Dataset, load_dataset
-from .engine import Runtime, fit, logging_dir, make_runtime, open_run
+from .data import Dataset
+from .engine import Runtime, fit, load_data, logging_dir, make_runtime, open_run
 from .errors import user_errors_exit
 from .losses import cross_entropy
 from .models import create_model, model_entry
@@ -20,9 +20,7 @@ from .models import create_model, model_entry
 
 def load_run_data(cfg: TrainConfig, runtime: Runtime) -> Dataset:
     """The run's dataset; the main process decodes and caches it first, the others then read the cache."""
-    with runtime.accelerator.main_process_first():
-        return load_dataset(cfg.data, cfg.cache_dir, cfg.download, cfg.train_per_class, cfg.test_per_class,
-                            log=runtime.print, dataset=cfg.dataset)
+    return load_data(cfg, runtime, cfg.data, cfg.train_per_class, cfg.test_per_class, cfg.dataset, cfg.stored_size)
 
 
 def build_student(cfg: TrainConfig, runtime: Runtime):

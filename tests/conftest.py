@@ -64,3 +64,29 @@ def no_dataset_downloads(monkeypatch):
 
     for cls in (tvd.CIFAR10, tvd.CIFAR100):
         monkeypatch.setattr(cls, "url", "http://127.0.0.1:9/unreachable/" + cls.filename)
+
+
+def write_mixed_folder(root: str, n_train: int = 6, n_test: int = 3, eval_split: str = "val", seed: int = 0,
+                       smallest: int = 40, largest: int = 120) -> str:
+    """An ImageNet-style folder of images of random sizes and aspect ratios: the class images upscaled and cut,
+    saved as JPEG and PNG, some grayscale, some RGBA, one palette image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n, s in (("train", n_train, seed), (eval_split, n_test, seed + 1)):
+        images, labels = make_images(n, s)
+        for k, (img, label) in enumerate(zip(images, labels)):
+            w, h = (int(v) for v in rng.integers(smallest, largest + 1, size=2))
+            pic = Image.fromarray(img).resize((w, h), Image.BICUBIC)
+            mode = ("RGB", "RGB", "L", "RGBA", "RGB", "P")[k % 6]
+            pic = pic.convert(mode) if mode != "P" else pic.quantize(16)
+            ext = ".png" if mode in ("RGBA", "P") or k % 2 else ".jpg"
+            folder = os.path.join(root, split, CLASSES[label])
+            os.makedirs(folder, exist_ok=True)
+            pic.save(os.path.join(folder, f"{k:04d}{ext}"), **({"quality": 90} if ext == ".jpg" else {}))
+    return root
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    return write_mixed_folder(str(tmp_path / "mixed"))

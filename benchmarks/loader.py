@@ -1,0 +1,158 @@
+"""Images per second of kdfast's two storage tiers at ImageNet resolution against torchvision's ImageFolder +
+RandomResizedCrop + DataLoader, beside what a ResNet-18 and a ResNet-50 train step consume.
+
+    python benchmarks/make_images.py --data cifar10-jpeg.tar.gz --out runs/photos --train-per-class 100 --test-per-class 10
+    python benchmarks/loader.py --data runs/photos --size 224 --workers 2
+
+One run, one table: the machine (CPU model and flags, GPU), versions and config first; saved as JSON in
+benchmarks/results/. Every loader row delivers normalized float batches of RandomResizedCrop + flip views at
+--size; the streamed tier with --workers decoding processes, the device tier from decoded images in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from kdfast.augment import AugmentSpec  # noqa: E402
+from kdfast.config import resolved_store_size  # noqa: E402
+from kdfast.data import TrainLoader, load_dataset  # noqa: E402
+from kdfast.machine import describe, resolve_precision  # noqa: E402
+
+
+def rate(batches, batch_size: int, steps: int, warmup: int, device) -> float:
+    """Images per second over `steps` batches of an iterator, after `warmup` batches (workers started, caches warm)."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        batch = next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    del batch
+    return batch_size * steps / (time.perf_counter() - t0)
+
+
+def torchvision_loader(root: str, size: int, batch_size: int, workers: int, spec: AugmentSpec):
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    transform = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(spec.mean, spec.std)])
+    ds = ImageFolder(os.path.join(root, "train"), transform=transform)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                                         persistent_workers=workers > 0)
+    while True:
+        yield from ((x, y) for x, y in loader)
+
+
+def kdfast_loader(split, size: int, batch_size: int, workers: int, spec: AugmentSpec, device):
+    loader = TrainLoader(split, batch_size, 0, spec, device, workers=workers)
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch, epoch)
+        epoch += 1
+
+
+def model_rate(name: str, size: int, batch_size: int, steps: int, device, precision: str) -> float:
+    import torchvision
+
+    model = torchvision.models.get_model(name, num_classes=10).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else None
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return rate((step() for _ in iter(int, 1)), batch_size, steps, 1, device)
+
+
+def gpu_decode_rate(root: str, batch_size: int, steps: int) -> float:
+    """torchvision.io.decode_jpeg on the GPU (nvjpeg), batched, files read from disk: decoding alone."""
+    import torchvision
+
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "train")) for f in fs if f.endswith(".jpg")]
+    blobs = [torchvision.io.read_file(f) for f in files[:batch_size * (steps + 1)]]
+
+    def batches():
+        for i in range(0, len(blobs) - batch_size + 1, batch_size):
+            yield torchvision.io.decode_jpeg(blobs[i:i + batch_size], device="cuda")
+
+    return rate(batches(), batch_size, steps, 1, torch.device("cuda"))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="an ImageNet-style folder (train/<class>/*.jpg, val/<class>/*)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--store-size", type=int, default=0, help="0: kdfast's default for --size (round(size / 0.875))")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--model-batch-size", type=int, default=16)
+    p.add_argument("--model-steps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache-dir", default=None, help="where kdfast keeps its copies (default: a temporary folder)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    spec = AugmentSpec(view="rrc", crop_size=args.size).for_dataset("cifar10")
+    store = args.store_size or resolved_store_size(spec, 0)
+    machine = describe()
+    precision, _ = resolve_precision("auto", device.type)
+    print(f"machine: {json.dumps(machine)}")
+    print(f"config: {args.size} px views, store {store} px, batch {args.batch_size}, {args.workers} workers, "
+          f"{args.steps} timed batches after {args.warmup}, device {device}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="kdfast-loader-")
+    rows = []
+    tv = rate(torchvision_loader(args.data, args.size, args.batch_size, args.workers, spec), args.batch_size,
+              args.steps, args.warmup, device)
+    rows.append({"what": f"torchvision ImageFolder + RandomResizedCrop + DataLoader({args.workers} workers)", "img_s": tv})
+    stream = load_dataset(args.data, cache_dir, store_size=store, tier="stream", log=lambda *a: None).train
+    st = rate(kdfast_loader(stream, args.size, args.batch_size, args.workers, spec, device), args.batch_size,
+              args.steps, args.warmup, device)
+    rows.append({"what": f"kdfast streamed tier ({args.workers} workers)", "img_s": st, "vs_torchvision": st / tv})
+    held = load_dataset(args.data, cache_dir, store_size=store, tier="device", log=lambda *a: None).train
+    dv = rate(kdfast_loader(held, args.size, args.batch_size, 0, spec, device), args.batch_size, args.steps,
+              args.warmup, device)
+    rows.append({"what": f"kdfast device tier (views on {device.type})", "img_s": dv, "vs_torchvision": dv / tv})
+    if device.type == "cuda":
+        rows.append({"what": "GPU JPEG decoding (torchvision.io.decode_jpeg, nvjpeg, batched)",
+                     "img_s": gpu_decode_rate(args.data, args.batch_size, args.steps)})
+    for name in ("resnet18", "resnet50"):
+        r = model_rate(name, args.size, args.model_batch_size, args.model_steps, device, precision)
+        rows.append({"what": f"{name} train step at {args.size} px ({precision}, batch {args.model_batch_size})",
+                     "img_s": r})
+    print(f"\n{'what':<72} {'img/s':>9} {'vs torchvision':>15}")
+    for r in rows:
+        ratio = f"{r['vs_torchvision']:.2f}x" if "vs_torchvision" in r else ""
+        print(f"{r['what']:<72} {r['img_s']:>9,.1f} {ratio:>15}")
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(args.out, f"loader-{device.type}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine, "config": {**vars(args), "store_size": store}, "rows": rows, "date": stamp}, f,
+                  indent=2)
+    print(f"\nsaved {path}")
+
+
+if __name__ == "__main__":
+    main()

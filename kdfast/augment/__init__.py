@@ -1,0 +1,52 @@
+"""Views keyed per sample: every training view is a pure function of (augmentation seed, sample index, the stored
+image), computed batch-wise on the device. One module a concept:
+
+    keyed     the hash every random decision draws from (splitmix64 of seed, index, stream)
+    spec      the view spec (AugmentSpec): data, saved with every run and every cache
+    cifar     the CIFAR view: pad + random crop + flip at the image's size
+    rrc       ImageNet-style views: RandomResizedCrop + flip; resize + center crop for evaluation
+    resample  the exact batched crop + antialiased resize both rrc views use
+"""
+from __future__ import annotations
+
+import torch
+
+from .cifar import cifar_view, crop_flip_params
+from .keyed import epoch_seed, sample_hash, splitmix64, uniform
+from .rrc import center_view, rrc_boxes, rrc_view
+from .spec import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DATASET_STATS, IMAGENET_MEAN,
+                   IMAGENET_STD, AugmentSpec)
+
+__all__ = ["AugmentSpec", "augment", "eval_view", "normalize", "epoch_seed", "crop_flip_params", "rrc_boxes",
+           "sample_hash", "splitmix64", "uniform", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
+           "DATASET_STATS", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+
+def _full_sizes(images_u8: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([images_u8.shape[-2:]], dtype=torch.int64).expand(len(images_u8), 2)
+
+
+def augment(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, spec: AugmentSpec,
+            sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """The training views of the samples `indices` under augmentation seed `seed`; uint8 in, uint8 out.
+
+    images_u8: (B, C, H, W) stored images; sizes: (B, 2) their true (h, w) inside that box (None: the whole box).
+    """
+    if spec.view == "rrc":
+        return rrc_view(images_u8, indices, seed, spec, _full_sizes(images_u8) if sizes is None else sizes)
+    return cifar_view(images_u8, indices.to(images_u8.device), seed, spec)
+
+
+def eval_view(images_u8: torch.Tensor, spec: AugmentSpec, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """The evaluation view: the image itself (cifar), or resize + center crop to the eval size (rrc)."""
+    if spec.view == "rrc":
+        return center_view(images_u8, spec, _full_sizes(images_u8) if sizes is None else sizes)
+    return images_u8
+
+
+def normalize(images_u8: torch.Tensor, spec: AugmentSpec, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 normalized with the spec's mean and std."""
+    shift = torch.tensor(spec.mean, device=images_u8.device).view(1, -1, 1, 1) * 255
+    scale = 1 / (torch.tensor(spec.std, device=images_u8.device).view(1, -1, 1, 1) * 255)
+    out = images_u8.float().sub_(shift).mul_(scale)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()

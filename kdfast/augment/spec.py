@@ -1,0 +1,70 @@
+"""The view spec: what a training view and an evaluation view are. Data, saved with every run and every cache."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# ImageNet's: what timm's and torchvision's pretrained configs use for nearly every CNN and ViT
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# the normalization of each dataset: --augment.mean/--augment.std left at CIFAR-10's take the dataset's
+DATASET_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
+# the fields a CIFAR view has always saved: its saved form stays exactly this, so older runs and caches match
+CIFAR_FIELDS = ("crop_size", "padding", "pad_mode", "flip", "mean", "std")
+RRC_FIELDS = ("view", "crop_size", "eval_size", "crop_fraction", "scale", "ratio", "flip", "mean", "std")
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What a view does; saved with every run and every logit cache."""
+
+    view: Literal["cifar", "rrc"] = "cifar"
+    """cifar: pad + random crop + flip at the image's own size (the CIFAR recipe); evaluation on the whole image.
+    rrc: RandomResizedCrop + flip resized to --augment.crop-size (ImageNet style, any image size); evaluation by
+    resize + center crop (--augment.crop-fraction) to --augment.eval-size."""
+    crop_size: int = 32
+    """Training resolution: the side of every training view, in pixels."""
+    padding: int = 4
+    """cifar view: pixels of padding around the image before the random crop."""
+    pad_mode: str = "reflect"
+    """cifar view: reflect or zeros."""
+    flip: bool = True
+    """Random horizontal flip (both views)."""
+    eval_size: int = 0
+    """rrc view: evaluation resolution (0: the training resolution)."""
+    crop_fraction: float = 0.875
+    """rrc view: evaluation takes the center square of this fraction of the shorter side (timm's crop_pct)."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    """rrc view: range of the crop's area as a fraction of the image's."""
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """rrc view: range of the crop's aspect ratio (width / height), drawn log-uniformly."""
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    """Normalization mean (default: the dataset's for the cifar view, ImageNet's for the rrc view)."""
+    std: tuple[float, float, float] = CIFAR10_STD
+    """Normalization std (default as --augment.mean)."""
+
+    def for_dataset(self, dataset: str) -> "AugmentSpec":
+        """The default normalization resolved: the dataset's (cifar view) or ImageNet's (rrc view), where mean and
+        std are still CIFAR-10's defaults (explicit values are kept)."""
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.view == "rrc" else DATASET_STATS[dataset]
+        return replace(self, mean=mean if self.mean == CIFAR10_MEAN else self.mean,
+                       std=std if self.std == CIFAR10_STD else self.std)
+
+    @property
+    def eval_resolution(self) -> int:
+        return self.eval_size or self.crop_size if self.view == "rrc" else self.crop_size
+
+    def to_dict(self) -> dict:
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.view == "rrc":
+            d["eval_size"] = self.eval_resolution
+        return {k: d[k] for k in (RRC_FIELDS if self.view == "rrc" else CIFAR_FIELDS)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AugmentSpec":
+        """The spec saved by to_dict (in a run's config or a cache's attributes)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

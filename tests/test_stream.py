@@ -1,0 +1,90 @@
+"""The streamed tier in real processes: memory well below the decoded size, SIGKILL mid-epoch then --resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import CLASSES, make_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def write_large_folder(root: str, n_train: int, n_test: int, side: int) -> str:
+    """Smooth class images upscaled to side x side JPEGs: small files, a large decoded size."""
+    from PIL import Image
+
+    for split, n, seed in (("train", n_train, 0), ("val", n_test, 1)):
+        images, labels = make_images(n, seed)
+        for k, (img, label) in enumerate(zip(images, labels)):
+            folder = os.path.join(root, split, CLASSES[label])
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(img).resize((side, side), Image.BICUBIC).save(os.path.join(folder, f"{k:04d}.jpg"), quality=85)
+    return root
+
+
+def train_args(data, cache_dir, out_dir, *extra, epochs=1):
+    return ["-m", "kdfast.train", "--model", "resnet8", "--name", "run", "--data", data, "--cache-dir", cache_dir,
+            "--out-dir", out_dir, "--epochs", str(epochs), "--batch-size", "12", "--eval-batch-size", "12",
+            "--precision", "fp32", "--no-progress", "--augment.view", "rrc", "--augment.crop-size", "32", *extra]
+
+
+def test_a_dataset_larger_than_the_budget_streams_with_a_small_peak_rss(tmp_path):
+    n_train, n_test, side = 160, 40, 1024  # 3 classes: 600 images, 1.9 GB decoded at 1024 px, about 15 MB as JPEG
+    data = write_large_folder(str(tmp_path / "big"), n_train, n_test, side)
+    decoded = 3 * (n_train + n_test) * 3 * side * side
+    measure = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr); "
+               "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
+    args = train_args(data, str(tmp_path / "c"), str(tmp_path / "m"), "--store-size", str(side), "--data-budget-gb",
+                      "0.25", "--data-workers", "1")
+    out = subprocess.run([sys.executable, "-c", measure, sys.executable, *args], capture_output=True, text=True,
+                         timeout=600, env=ENV, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "exceeds the budget of 256 MB" in out.stdout and "streamed" in out.stdout
+    peak = int(out.stdout.split("MAXRSS")[-1])
+    meta = json.load(open(tmp_path / "m" / "run.json"))
+    assert meta["data"]["tier"] == "stream" and meta["data"]["store_size"] == side
+    # the largest process (trainer or worker): the interpreter and torch, a few batches, never the decoded set
+    assert peak < decoded / 2, f"peak RSS {peak / 2**20:.0f} MB against {decoded / 2**20:.0f} MB decoded"
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_sigkill_mid_epoch_in_the_streamed_tier_then_resume_gives_the_same_weights(tmp_path):
+    data = write_large_folder(str(tmp_path / "d"), 24, 6, 64)  # 72 train images: 6 steps of 12 per epoch
+    cache, extra = str(tmp_path / "c"), ("--data-tier", "stream", "--data-workers", "1", "--checkpoint-every", "1")
+    proc = subprocess.Popen([sys.executable, *train_args(data, cache, str(tmp_path / "b"), *extra, epochs=3)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    state = tmp_path / "b" / ".state" / "run" / "state.json"
+    t0 = time.time()
+    while True:  # kill -9 once a state saved mid-epoch 2 exists
+        try:
+            progress = json.load(open(state))["progress"]
+            if (progress["epoch"], progress["step"]) >= (1, 2):
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "run.pth").exists()
+    resumed = subprocess.run([sys.executable, *train_args(data, cache, str(tmp_path / "b"), *extra, "--resume", epochs=3)],
+                             capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after epoch" in resumed.stdout
+    whole = subprocess.run([sys.executable, *train_args(data, cache, str(tmp_path / "a"), *extra, epochs=3)],
+                           capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = weights(tmp_path / "a" / "run.pth"), weights(tmp_path / "b" / "run.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
