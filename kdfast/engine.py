@@ -126,7 +126,7 @@ def load_data(cfg, runtime: Runtime, source: str | None, train_per_class: int, t
                             log=runtime.print, dataset=dataset, store_size=store_size,
                             tier=getattr(cfg, "data_tier", "device"), budget=budget,
                             progress=getattr(cfg, "progress", True) and acc.is_local_main_process)
-    batch = getattr(cfg, "batch_size", 0)
+    batch = getattr(cfg, "batch_size", None) or 0
     one_batch = batch * 3 * data.train.box[0] * data.train.box[1]
     if getattr(cfg, "data_budget_gb", 0) and one_batch > budget:
         raise DataError(f"--data-budget-gb {cfg.data_budget_gb:g} is smaller than one batch: {batch} images of up to "
