@@ -1,4 +1,5 @@
-"""ImageNet-style views: RandomResizedCrop boxes keyed by (seed, index, size), the exact batched resize, evaluation."""
+"""ImageNet-style views: RandomResizedCrop boxes keyed by (seed, index, size), the exact resize (Pillow on the CPU, the
+same integers batch-wise in torch), evaluation."""
 import math
 
 import pytest
@@ -49,7 +50,7 @@ def test_boxes_follow_the_scale_and_ratio_ranges_inside_the_image():
     assert (thin[2] == 10).all() and (thin[3] == round(10 * 4 / 3)).all() and (thin[1] == (400 - 13) // 2).all()
 
 
-def test_crop_resize_is_torchs_antialiased_bilinear_within_one_level():
+def test_crop_resize_is_within_two_levels_of_torchs_antialiased_bilinear():
     x = smooth_images()
     for (top, left, h, w, out) in ((3, 5, 70, 60, 32), (0, 0, 96, 80, 64), (10, 20, 20, 17, 48), (1, 2, 90, 31, 24)):
         n = len(x)
@@ -111,3 +112,29 @@ def test_spec_saved_form_keeps_the_cifar_keys_and_round_trips():
     assert rrc.to_dict()["eval_size"] == 64 and tuple(rrc.mean) == (0.485, 0.456, 0.406)  # ImageNet's for rrc
     assert AugmentSpec.from_dict(rrc.to_dict()) == AugmentSpec(view="rrc", crop_size=64, eval_size=64, scale=(0.35, 1.0),
                                                                 mean=rrc.mean, std=rrc.std)
+
+
+def test_torch_and_pillow_paths_are_pillows_crop_then_resize_bitwise():
+    """The batched torch path (what a GPU runs) equals Pillow's C code pixel for pixel, both pass orders, any sizes;
+    both equal torchvision's resized_crop of a PIL image (RandomResizedCrop's pixels)."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        B = 6
+        H, W = (int(v) for v in torch.randint(2, 200, (2,), generator=g))
+        x = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g)
+        h, w = torch.randint(1, H + 1, (B,), generator=g), torch.randint(1, W + 1, (B,), generator=g)
+        top = (torch.rand(B, generator=g) * (H - h + 1)).floor().long()
+        left = (torch.rand(B, generator=g) * (W - w + 1)).floor().long()
+        out_h, out_w = (int(v) for v in torch.randint(1, 160, (2,), generator=g))
+        flip = torch.rand(B, generator=g) < 0.5
+        pillow = crop_resize(x, top, left, h, w, out_h, out_w, flip, backend="pillow")
+        assert torch.equal(pillow, crop_resize(x, top, left, h, w, out_h, out_w, flip, backend="torch"))
+        img = Image.fromarray(x[0].permute(1, 2, 0).numpy().copy())
+        ref = TF.resized_crop(img, int(top[0]), int(left[0]), int(h[0]), int(w[0]), [out_h, out_w],
+                              TF.InterpolationMode.BILINEAR)
+        ref = torch.from_numpy(np.asarray(TF.hflip(ref) if flip[0] else ref).copy()).permute(2, 0, 1)
+        assert torch.equal(pillow[0], ref)

@@ -13,11 +13,11 @@ import torch
 
 from .cifar import cifar_view, crop_flip_params
 from .keyed import epoch_seed, sample_hash, splitmix64, uniform
-from .rrc import center_view, rrc_boxes, rrc_view
+from .rrc import center_view, center_view_pil, rrc_boxes, rrc_view, rrc_view_pil
 from .spec import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DATASET_STATS, IMAGENET_MEAN,
                    IMAGENET_STD, AugmentSpec)
 
-__all__ = ["AugmentSpec", "augment", "eval_view", "normalize", "epoch_seed", "crop_flip_params", "rrc_boxes",
+__all__ = ["AugmentSpec", "augment", "eval_view", "views_of_pil", "normalize", "epoch_seed", "crop_flip_params", "rrc_boxes",
            "sample_hash", "splitmix64", "uniform", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
            "DATASET_STATS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -42,6 +42,15 @@ def eval_view(images_u8: torch.Tensor, spec: AugmentSpec, sizes: torch.Tensor | 
     if spec.view == "rrc":
         return center_view(images_u8, spec, _full_sizes(images_u8) if sizes is None else sizes)
     return images_u8
+
+
+def views_of_pil(images: list, indices: torch.Tensor, seed: int | None, spec: AugmentSpec,
+                 sizes: torch.Tensor) -> torch.Tensor:
+    """The rrc training views (seed given) or evaluation views (seed None) of stored images given as Pillow images;
+    the same pixels as augment / eval_view of the same images as tensors."""
+    if seed is None:
+        return center_view_pil(images, spec, sizes)
+    return rrc_view_pil(images, indices, seed, spec, sizes)
 
 
 def normalize(images_u8: torch.Tensor, spec: AugmentSpec, channels_last: bool = False) -> torch.Tensor:

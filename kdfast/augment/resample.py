@@ -1,90 +1,139 @@
-"""Crop-and-resize of a box per sample, batch-wise and exact: antialiased bilinear as two banded passes.
+"""Crop-and-resize of a box per sample, exactly as Pillow computes it: on the CPU by Pillow itself, one image at a
+time (its C code is several times faster than tensor gathers there), batch-wise in torch on a GPU.
 
-A resize is linear along each axis: output pixel o is a weighted sum of the input pixels near its center, with
-triangle-filter weights (the filter widened by the scale factor when downscaling: the antialiasing of Pillow's
-and torchvision's bilinear resize). The crop is the box's zero weights outside it, the flip the reversed output
-order, the letterbox of a stored image (padding beyond its true size) never inside a box. Each pass is one
-row gather and multiply-add per filter tap (not per sample) for a whole batch of boxes.
-
-Exact: weights are quantized to multiples of 2^-10 that sum to 1 per output pixel and each pass is rounded to
-whole pixel values, so every partial sum is a multiple of 2^-10 below 256, exactly representable in float32:
-the result does not depend on summation order, hence not on batch size, batch composition or device.
+The torch path is Pillow's algorithm (libImaging/Resample.c, crop then resize): per output pixel the triangle-filter
+weights of the bilinear filter, widened by the scale factor when downscaling (its antialiasing), normalized and
+quantized to 22 fractional bits; two passes (horizontal first unless the height shrinks by more than twice the width), each accumulated in integers from a half
+and clipped to 0..255, in Pillow's order of the passes. Integer arithmetic is exact, so the result does not depend on summation order, batch size,
+batch composition or device, and equals Pillow's `img.crop(box).resize(size, Image.BILINEAR)` pixel for pixel
+(torchvision's RandomResizedCrop on a PIL image), which the tests check.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-WEIGHT_BITS = 10
-_ONE = 1 << WEIGHT_BITS
+PRECISION_BITS = 32 - 8 - 2  # Pillow's, for 8-bit images
 
 
-def box_taps(start: torch.Tensor, length: torch.Tensor, out: int, flip: torch.Tensor | None = None):
-    """The filter taps of the boxes [start, start + length) of an axis resized to `out` pixels.
-
-    start, length: (B,) whole pixels, each box inside its image. Returns first (B, out) int64, the first input
-    pixel of each output pixel's taps, and weights (B, out, K) float32 (multiples of 2^-10, summing to 1).
-    flip: (B,) bool, reverse the output pixels.
-    """
-    device = start.device
-    start, length = start.to(torch.float32), length.to(torch.float32)
-    scale = length / out  # (B,) input pixels per output pixel
-    support = scale.clamp(min=1.0)  # the triangle's half-width: widened when downscaling
-    taps = int(math.ceil(2 * float(support.max()))) + 2
-    centers = start[:, None] + (torch.arange(out, device=device, dtype=torch.float32) + 0.5) * scale[:, None]
-    first = torch.floor(centers - support[:, None] - 0.5).long() + 1  # (B, out)
-    pos = first[:, :, None] + torch.arange(taps, device=device)  # (B, out, K) input pixels
-    w = (1.0 - (pos + 0.5 - centers[:, :, None]).abs() / support[:, None, None]).clamp_(min=0.0)
-    inside = (pos >= start[:, None, None]) & (pos < (start + length)[:, None, None])
-    w = w * inside
-    q = torch.round(w / w.sum(-1, keepdim=True) * _ONE)  # the nearest pixel always weighs > 0
-    q.scatter_add_(-1, q.argmax(-1, keepdim=True), _ONE - q.sum(-1, keepdim=True))  # rows sum to exactly 1
-    if flip is not None:
-        flip = flip.to(device)[:, None]
-        first = torch.where(flip, first.flip(1), first)
-        q = torch.where(flip[:, :, None], q.flip(1), q)
-    return first, q / _ONE
+def _coefficients(in_size: torch.Tensor, out: int):
+    """Pillow's precompute_coeffs for boxes [0, in_size) (B,) -> out: first input pixel (B, out) int64, count of
+    taps (B, out) int64 and integer weights (B, out, K) int32, K the widest filter of the batch."""
+    size = in_size.to(torch.float64)
+    scale = size / out  # (B,)
+    filterscale = scale.clamp(min=1.0)
+    support = filterscale  # the bilinear filter's support is 1, widened by the filter scale
+    ksize = int(math.ceil(float(support.max()))) * 2 + 1
+    center = (torch.arange(out, dtype=torch.float64) + 0.5)[None, :] * scale[:, None]  # (B, out)
+    xmin = torch.trunc(center - support[:, None] + 0.5).clamp(min=0)  # C's (int) truncates toward zero
+    xmax = torch.minimum(torch.trunc(center + support[:, None] + 0.5), size[:, None]) - xmin
+    x = torch.arange(ksize, dtype=torch.float64)
+    arg = ((x[None, None, :] + xmin[:, :, None] - center[:, :, None] + 0.5) * (1.0 / filterscale)[:, None, None])
+    w = (1.0 - arg.abs()).clamp(min=0.0)
+    w = torch.where(x[None, None, :] < xmax[:, :, None], w, torch.zeros_like(w))
+    total = w.sum(-1, keepdim=True)
+    w = torch.where(total != 0, w / total, w)
+    q = torch.trunc(0.5 + w * (1 << PRECISION_BITS))  # weights are >= 0: Pillow's (int)(0.5 + w * 2^22)
+    return xmin.long(), xmax.long(), q.to(torch.int32)
 
 
-def _rows_pass(x: torch.Tensor, first: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Resample the rows of x (B, C, H, W) uint8 -> (B, C, out, W) uint8: per tap, one index_select of whole
-    contiguous rows of the flattened batch, then a multiply-add into one buffer; rounded to whole pixel values."""
-    B, C, H, W = x.shape
+def _pass(x: torch.Tensor, offset: torch.Tensor, first: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Resample the last dim of x (B, C, R, W) uint8 for boxes starting at `offset` (B,): -> (B, C, R, out) uint8.
+    One gather and integer multiply-add per filter tap, for the whole batch."""
+    B, C, R, W = x.shape
     out = first.shape[1]
-    rows = x.reshape(B * C * H, W)
-    base = (torch.arange(B * C, device=x.device) * H).view(B, C, 1)  # (B, C, 1) first row of each image plane
-    picked = torch.empty(B * C * out, W, dtype=torch.uint8, device=x.device)
-    as_float = torch.empty(B, C, out, W, dtype=torch.float32, device=x.device)
-    acc = torch.zeros(B, C, out, W, dtype=torch.float32, device=x.device)
+    acc = torch.full((B, C, R, out), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
     for k in range(weights.shape[-1]):
-        pos = (first + k).clamp_(0, H - 1)[:, None, :]  # (B, 1, out); zero weight where clamped
-        torch.index_select(rows, 0, (base + pos).reshape(-1), out=picked)
-        as_float.view(-1, W).copy_(picked)
-        acc.addcmul_(as_float, weights[:, None, :, k, None])  # exact: see the module's docstring
-    return acc.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
+        pos = (offset[:, None] + first + k).clamp_(0, W - 1)  # (B, out); zero weight beyond the filter's taps
+        picked = x.gather(3, pos[:, None, None, :].expand(B, C, R, out)).to(torch.int32)
+        acc += picked * weights[:, None, None, :, k]
+    return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
-def _crop_resize(images_u8, top, left, height, width, out_h: int, out_w: int, flip) -> torch.Tensor:
+def _torch_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: int, flip) -> torch.Tensor:
     device = images_u8.device
-    rows = box_taps(top.to(device), height.to(device), out_h)
-    cols = box_taps(left.to(device), width.to(device), out_w, flip)
-    y = _rows_pass(images_u8.contiguous(), *rows)  # (B, C, out_h, W)
-    z = _rows_pass(y.transpose(2, 3).contiguous(), *cols)  # columns as rows: (B, C, out_w, out_h)
-    return z.transpose(2, 3).contiguous()
+    B, C = images_u8.shape[:2]
+    # Pillow's pass order: vertical first when the height shrinks by more than twice what the width does
+    horizontal_first = ~(((height - out_h) > 0) & ((height - out_h) > (width - out_w) * 2))
+    out = torch.empty(B, C, out_h, out_w, dtype=torch.uint8, device=device)
+    for order in (True, False):
+        group = torch.nonzero(horizontal_first == order).flatten()
+        if len(group) == 0:
+            continue
+        t, l, h, w = top[group], left[group], height[group], width[group]
+        cols = [c.to(device) for c in _coefficients(w, out_w)]
+        rows = [r.to(device) for r in _coefficients(h, out_h)]
+        x = images_u8[group.to(device)][:, :, :int((t + h).max()), :int((l + w).max())]
+        if order:  # horizontal (B, C, H, out_w), then vertical on the transposed rows
+            y = _pass(x, l.to(device), cols[0], cols[2])
+            z = _pass(y.transpose(2, 3).contiguous(), t.to(device), rows[0], rows[2]).transpose(2, 3)
+        else:  # vertical (B, C, out_h, W), then horizontal
+            y = _pass(x.transpose(2, 3).contiguous(), t.to(device), rows[0], rows[2]).transpose(2, 3).contiguous()
+            z = _pass(y, l.to(device), cols[0], cols[2])
+        out[group.to(device)] = z
+    if flip is not None:
+        out = torch.where(flip.to(device)[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+def _threads(n: int) -> int:
+    """Threads for a batch of Pillow calls (Pillow releases the GIL while it resizes): torch's count, none in a
+    DataLoader worker (torch sets 1 there) or for small batches."""
+    return min(torch.get_num_threads(), max(1, n // 8))
+
+
+def _map(fn, n: int):
+    threads = _threads(n)
+    if threads <= 1:
+        return [fn(i) for i in range(n)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, range(n)))
+
+
+def pillow_crop_resize(images: list, top, left, height, width, out_h: int, out_w: int, flip=None) -> torch.Tensor:
+    """Pillow RGB images -> (B, 3, out_h, out_w) uint8: each `img.crop(box).resize(size, BILINEAR)`, mirrored where
+    flip is set. (What the streamed tier's workers run on images they have just decoded.)"""
+    from PIL import Image
+
+    out = np.empty((len(images), 3, out_h, out_w), dtype=np.uint8)
+    flips = [False] * len(images) if flip is None else flip.tolist()
+    boxes = list(zip(top.tolist(), left.tolist(), height.tolist(), width.tolist()))
+
+    def one(i):
+        t, l, h, w = boxes[i]
+        img = images[i].crop((l, t, l + w, t + h)).resize((out_w, out_h), Image.BILINEAR)
+        out[i] = np.asarray(img.transpose(Image.FLIP_LEFT_RIGHT) if flips[i] else img).transpose(2, 0, 1)
+
+    _map(one, len(images))
+    return torch.from_numpy(out)
+
+
+def _pillow_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: int, flip) -> torch.Tensor:
+    from PIL import Image
+
+    planes = images_u8.numpy()  # (B, C, H, W)
+    boxes = list(zip(top.tolist(), left.tolist(), height.tolist(), width.tolist()))
+
+    def crop(i):  # (h, w, C) for Pillow: np.stack is the fastest such copy here
+        t, l, h, w = boxes[i]
+        return Image.fromarray(np.stack([p[t:t + h, l:l + w] for p in planes[i]], -1))
+
+    zero = torch.zeros(len(boxes), dtype=torch.long)
+    return pillow_crop_resize(_map(crop, len(boxes)), zero, zero, height, width, out_h, out_w, flip)
 
 
 def crop_resize(images_u8: torch.Tensor, top, left, height, width, out_h: int, out_w: int,
-                flip: torch.Tensor | None = None) -> torch.Tensor:
-    """Each sample's box (top, left, height, width: (B,) whole pixels) of (B, C, H, W) uint8 images resized to
-    out_h x out_w, optionally flipped; uint8 (B, C, out_h, out_w).
+                flip: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Each sample's box (top, left, height, width: (B,) whole pixels inside its image) of (B, C, H, W) uint8 images,
+    resized to out_h x out_w (antialiased bilinear) and optionally mirrored; uint8 (B, C, out_h, out_w).
 
-    On the CPU in chunks of a few images: buffers of a few MB are reused by the allocator and stay in cache
-    (whole-batch buffers of 40+ MB cost more in page faults than the arithmetic).
-    """
-    B, C, _, W = images_u8.shape
-    flip = torch.zeros(B, dtype=torch.bool) if flip is None else flip
-    chunk = B if images_u8.device.type != "cpu" else max(1, (1 << 22) // (C * out_h * max(W, out_w) * 4))
-    parts = [_crop_resize(images_u8[i:i + chunk], top[i:i + chunk], left[i:i + chunk], height[i:i + chunk],
-                          width[i:i + chunk], out_h, out_w, flip[i:i + chunk]) for i in range(0, B, chunk)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    backend: auto (Pillow for 3-channel images on the CPU, torch elsewhere), pillow or torch: the same pixels."""
+    if backend == "auto":
+        backend = "pillow" if images_u8.device.type == "cpu" and images_u8.shape[1] == 3 else "torch"
+    fn = _pillow_crop_resize if backend == "pillow" else _torch_crop_resize
+    return fn(images_u8, top.cpu(), left.cpu(), height.cpu(), width.cpu(), out_h, out_w,
+              None if flip is None else flip.cpu() if backend == "pillow" else flip)

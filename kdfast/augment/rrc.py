@@ -13,7 +13,7 @@ import math
 import torch
 
 from .keyed import uniform
-from .resample import crop_resize
+from .resample import crop_resize, pillow_crop_resize
 from .spec import AugmentSpec
 
 ATTEMPTS = 10
@@ -66,3 +66,14 @@ def center_view(images_u8: torch.Tensor, spec: AugmentSpec, sizes: torch.Tensor)
     size = spec.eval_resolution
     top, left, height, width = center_boxes(sizes, spec.crop_fraction)
     return crop_resize(images_u8, top, left, height, width, size, size)
+
+
+def rrc_view_pil(images: list, indices: torch.Tensor, seed: int, spec: AugmentSpec, sizes: torch.Tensor) -> torch.Tensor:
+    """rrc_view of stored images given as Pillow images (a worker that has just decoded them): the same pixels."""
+    top, left, height, width, flip = rrc_boxes(seed, indices, sizes, spec)
+    return pillow_crop_resize(images, top, left, height, width, spec.crop_size, spec.crop_size, flip)
+
+
+def center_view_pil(images: list, spec: AugmentSpec, sizes: torch.Tensor) -> torch.Tensor:
+    size = spec.eval_resolution
+    return pillow_crop_resize(images, *center_boxes(sizes, spec.crop_fraction), size, size)

@@ -24,7 +24,7 @@ DATA_ENV = "KDFAST_DATA"
 DEFAULT_DATA = "data"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 EVAL_SPLITS = ("test", "val", "validation")  # the first one present is the evaluation split
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: images larger than the store size are kept as their reduced JPEG (decode.prepare)
 HUB_PREFIX = "hf:"
 
 
