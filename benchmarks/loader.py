@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
 import torch
 
@@ -25,6 +24,7 @@ from kdfast.augment import AugmentSpec  # noqa: E402
 from kdfast.config import resolved_store_size  # noqa: E402
 from kdfast.data import TrainLoader, load_dataset  # noqa: E402
 from kdfast.machine import describe, resolve_precision  # noqa: E402
+from results_table import print_and_save  # noqa: E402
 
 
 def rate(batches, batch_size: int, steps: int, warmup: int, device) -> float:
@@ -97,6 +97,39 @@ def gpu_decode_rate(root: str, batch_size: int, steps: int) -> float:
     return rate(batches(), batch_size, steps, 1, torch.device("cuda"))
 
 
+def read_rates(root: str, split, cache_dir: str, n: int = 2000) -> list[dict]:
+    """Random reads of one encoded image per second from the three random-access stores considered: kdfast's Arrow
+    IPC file (pyarrow, memory-mapped), a Hugging Face `datasets` Arrow table (load_from_disk, row indexing) and
+    the image files themselves (open + read). What chose the first."""
+    import random
+
+    import datasets
+
+    rows = list(range(len(split)))
+    order = [random.Random(0).choice(rows) for _ in range(n)]
+    store = split.store
+    t0 = time.perf_counter()
+    for r in order:
+        store.read(r)
+    arrow = n / (time.perf_counter() - t0)
+    table = datasets.Dataset.from_dict({"bytes": [store.read(r) for r in rows]})
+    table.save_to_disk(os.path.join(cache_dir, "hf-table"))
+    table = datasets.load_from_disk(os.path.join(cache_dir, "hf-table"))
+    t0 = time.perf_counter()
+    for r in order:
+        table[r]["bytes"]
+    hf = n / (time.perf_counter() - t0)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "train")) for f in fs)
+    t0 = time.perf_counter()
+    for r in order:
+        with open(files[r % len(files)], "rb") as f:
+            f.read()
+    folder = n / (time.perf_counter() - t0)
+    return [{"what": "random reads: kdfast Arrow IPC file (pyarrow memory map)", "img_s": arrow},
+            {"what": "random reads: Hugging Face datasets table (load_from_disk, ds[i])", "img_s": hf},
+            {"what": "random reads: the image files (open + read, page cache warm)", "img_s": folder}]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="an ImageNet-style folder (train/<class>/*.jpg, val/<class>/*)")
@@ -130,6 +163,7 @@ def main(argv=None) -> None:
     st = rate(kdfast_loader(stream, args.size, args.batch_size, args.workers, spec, device), args.batch_size,
               args.steps, args.warmup, device)
     rows.append({"what": f"kdfast streamed tier ({args.workers} workers)", "img_s": st, "vs_torchvision": st / tv})
+    rows += read_rates(args.data, stream, cache_dir)
     held = load_dataset(args.data, cache_dir, store_size=store, tier="device", log=lambda *a: None).train
     dv = rate(kdfast_loader(held, args.size, args.batch_size, 0, spec, device), args.batch_size, args.steps,
               args.warmup, device)
@@ -141,17 +175,8 @@ def main(argv=None) -> None:
         r = model_rate(name, args.size, args.model_batch_size, args.model_steps, device, precision)
         rows.append({"what": f"{name} train step at {args.size} px ({precision}, batch {args.model_batch_size})",
                      "img_s": r})
-    print(f"\n{'what':<72} {'img/s':>9} {'vs torchvision':>15}")
-    for r in rows:
-        ratio = f"{r['vs_torchvision']:.2f}x" if "vs_torchvision" in r else ""
-        print(f"{r['what']:<72} {r['img_s']:>9,.1f} {ratio:>15}")
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(args.out, f"loader-{device.type}-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump({"machine": machine, "config": {**vars(args), "store_size": store}, "rows": rows, "date": stamp}, f,
-                  indent=2)
-    print(f"\nsaved {path}")
+    print_and_save(rows, args.out, f"loader-{device.type}", machine, {**vars(args), "store_size": store},
+                   "vs_torchvision", "vs torchvision", width=72)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ from kdfast.augment import AugmentSpec  # noqa: E402
 from kdfast.data import Split, TrainLoader, load_dataset  # noqa: E402
 from kdfast.machine import describe  # noqa: E402
 from kdfast.models import create_model, model_entry  # noqa: E402
+from results_table import print_and_save  # noqa: E402
 
 MODELS = ("resnet18", "resnet8", "vit_tiny", "vit_student")
 
@@ -143,16 +143,7 @@ def main(argv=None):
             rows.append({"what": f"{name} {precision} train step", "img_s": r["train_img_s"]})
             rows.append({"what": f"{name} {precision} inference", "img_s": r["inference_img_s"]})
 
-    print(f"\n{'what':<52} {'img/s':>10} {'kdfast x':>9}")
-    for r in rows:
-        ratio = f"{r['kdfast_speedup']:.1f}x" if "kdfast_speedup" in r else ""
-        print(f"{r['what']:<52} {r['img_s']:>10,.1f} {ratio:>9}")
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(args.out, f"throughput-{device.type}-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump({"machine": machine, "config": vars(args), "rows": rows, "date": stamp}, f, indent=2)
-    print(f"\nsaved {path}")
+    print_and_save(rows, args.out, f"throughput-{device.type}", machine, vars(args), "kdfast_speedup", "kdfast x")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,26 @@ def test_topk_cache_holds_the_top_logits_and_the_rest(setup, tmp_path):
     # 3 classes, top 2 kept: the one left out is its own log-mean-exp, so the dense logits come back
     assert torch.allclose(sparse.slot_logits(1), dense.slot_logits(1), atol=1e-2)
     assert "train/logits" not in sparse.file and sparse.file["train/topk_indices"].dtype == np.int16
+    # a run holds the k values and indices and the rest logit of a slot, densified per batch: the same logits
+    served = CachedTeacher(sparse, 3, "cpu")
+    assert len(served.held or []) == 0
+    batch = type("B", (), {"aug_seed": sparse.seeds[1], "indices": torch.tensor([5, 0, 17, 5])})()
+    assert torch.equal(served(batch), sparse.slot_logits(1)[batch.indices]) and len(served.held) == 3
+    imagenet = {"train_size": 1_281_167, "classes": list(range(1000))}
+    assert cache_mod.slot_bytes({**imagenet, "topk": 10}) / 2**20 == pytest.approx(51.3, abs=0.1)  # as the help says
+    assert cache_mod.slot_bytes({**imagenet, "topk": 0}) / 2**30 == pytest.approx(2.39, abs=0.01)
+
+
+def test_topk_is_automatic_above_a_hundred_classes_and_slots_are_built_in_chunks(setup, tmp_path, monkeypatch):
+    said = []
+    assert cache_mod.resolve_topk(-1, 100, said.append) == 0 and not said  # CIFAR-100 stays dense
+    assert cache_mod.resolve_topk(-1, 1000, said.append) == cache_mod.AUTO_TOPK and "top 10" in said[0]
+    assert cache_mod.resolve_topk(0, 1000, said.append) == 0 and cache_mod.resolve_topk(5, 1000, said.append) == 5
+    whole = LogitCache(build(build_cfg(setup, tmp_path / "whole.h5")))
+    monkeypatch.setattr(cache_mod, "BUILD_CHUNK", 5)  # 24 samples in chunks of 5: the same file
+    chunked = LogitCache(build(build_cfg(setup, tmp_path / "chunked.h5")))
+    for slot in range(3):
+        assert torch.equal(whole.slot_logits(slot), chunked.slot_logits(slot))
 
 
 def _build_process(setup, out, seeds):

@@ -31,6 +31,13 @@ def test_lab_presets_and_overrides():
     assert smoke.preset == "smoke" and smoke.train_per_class > 0
     with pytest.raises(SystemExit):
         lab.parse(["--preset", "huge"])
+    own = lab.parse(["--preset", "imagenet", "--data", "my_photos"])  # your own images at 224
+    runs = {name: run_cfg for name, _, run_cfg in lab.plan(own)}
+    teacher = runs["cnn_teacher"]
+    assert (teacher.model, teacher.pretrained, teacher.augment.view, teacher.augment.crop_size) == \
+        ("timm:resnet50", True, "rrc", 224)
+    assert teacher.stored_size == 256 and teacher.augment.mean == (0.485, 0.456, 0.406)
+    assert runs["cnn_teacher_cache"].augment == teacher.augment and runs["vit_student_with_kd"].model == "timm:deit_tiny_patch16_224"
 
 
 def test_preset_overrides_are_recorded():

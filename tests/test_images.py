@@ -163,3 +163,22 @@ def test_bad_images_and_layouts_are_named(tmp_path):
                          ).save_to_disk(str(tmp_path / "nolabels"))
     with pytest.raises(DataError, match=r"nolabels: needs an image column and a label column"):
         load_dataset(str(tmp_path / "nolabels"), str(tmp_path / "c4"))
+
+
+def test_a_hub_name_is_read_through_datasets_and_a_budget_below_one_batch_is_refused(mixed_folder, tmp_path,
+                                                                                     monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    dd = hf_dataset(mixed_folder)
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: asked.append(name) or dd)  # no network here
+    hub = load_dataset("hf:someone/photos", str(tmp_path / "c"), store_size=48)
+    assert asked == ["someone/photos"] and len(hub.train) == 18
+    assert os.path.exists(tmp_path / "c" / "datasets") and any("hf-someone-photos" in f for f in os.listdir(tmp_path / "c" / "datasets"))
+    from kdfast import train as train_mod
+    from kdfast.errors import KdfastError
+
+    cfg = TrainConfig(model="resnet8", data=mixed_folder, cache_dir=str(tmp_path / "c2"), out_dir=str(tmp_path / "m"),
+                      batch_size=12, augment=RRC, store_size=48, data_budget_gb=1e-5, progress=False, epochs=1)
+    with pytest.raises(KdfastError, match=r"--data-budget-gb 1e-05 is smaller than one batch: 12 images of up to 48x48"):
+        train_mod.run(cfg)
+    assert "exceeds the budget" in capsys.readouterr().out

@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
 import torch
 
 from .conftest import CLASSES, make_images
