@@ -1,0 +1,153 @@
+"""Data: sources of any image size, two storage tiers, and the loader that turns indices into batches.
+
+    sources  where images come from: image folders, archives, Hugging Face datasets, torchvision's CIFAR
+    decode   one file -> the stored image (both tiers hold or produce exactly these pixels)
+    store    the device tier: decoded once into uint8 (N, 3, H, W), cached under cache/datasets/
+    stream   the streamed tier: encoded bytes in a memory-mapped Arrow file, decoded per batch by workers
+    loader   one permutation per epoch, this process's share of each global batch, the views
+    types    Split, Dataset, the fingerprint, class-balanced subsets
+
+With no source and no $KDFAST_DATA the source is ./data, where torchvision downloads CIFAR when it is missing;
+an explicit source is downloaded into only with download=True.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from .decode import decode_image, image_size, stored_size
+from .loader import Batch, TrainLoader, check_view, eval_batches, is_streamed, view_batches
+from .sources import (DATA_ENV, DATASETS, DEFAULT_DATA, HUB_PREFIX, LOCAL_COPY, list_source, read_torchvision,
+                      resolve_source, source_key, source_kind)
+from .store import cache_path, decode_split, load_decoded, save_decoded
+from .stream import StreamedSplit, write_encoded
+from .types import DataError, Dataset, Split, fingerprint, subset_per_class
+
+__all__ = ["Batch", "DataError", "Dataset", "Split", "StreamedSplit", "TrainLoader", "DATA_ENV", "DATASETS",
+           "DEFAULT_DATA", "LOCAL_COPY", "TIERS", "check_view", "decode_image", "default_budget", "eval_batches", "fingerprint",
+           "is_streamed", "load_dataset", "resolve_source", "source_kind", "stored_size", "subset_per_class",
+           "view_batches"]
+TIERS = ("auto", "device", "stream")
+
+
+def default_budget(device) -> int:
+    """Bytes the device tier may take by default: half the device's free memory (host memory for a CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable", info.get("MemFree", 0)) // 2
+    except (OSError, ValueError, IndexError):
+        return 4 << 30
+
+
+def _torchvision_dataset(source: str, dataset: str, cache_dir: str, download: bool, log) -> Dataset:
+    key_file = None
+    if os.path.isdir(os.path.join(source, DATASETS[dataset].folder)):
+        key_file = cache_path(cache_dir, source, source_key(source, "torchvision", dataset), 0)
+        loaded = load_decoded(key_file, need_digests=False) if os.path.exists(key_file) else None
+        if loaded:
+            train, test, meta = loaded
+            return Dataset(train, test, meta["classes"], meta["fingerprint"], meta["source"])
+    train, test, classes = read_torchvision(source, dataset, download, log)
+    ds = Dataset(train, test, classes, fingerprint(train, test, classes), os.path.abspath(source))
+    _save(cache_path(cache_dir, source, source_key(source, "torchvision", dataset), 0), ds, cache_dir, log)
+    return ds
+
+
+def _save(path: str, ds: Dataset, cache_dir: str, log) -> None:
+    try:
+        save_decoded(path, ds.train, ds.test, {"classes": ds.classes, "fingerprint": ds.fingerprint,
+                                               "source": ds.source, "store_size": ds.store_size})
+        log(f"cached decoded data in {path}")
+    except OSError as e:
+        log(f"note: could not write the data cache under {cache_dir} ({e}); decoding again next time")
+
+
+def _choose_tier(tier: str, listing, store_size: int, budget: int | None, log) -> str:
+    """auto: the device tier when the decoded images fit the budget, else streamed; said in the log."""
+    if tier != "auto":
+        return tier
+    n = sum(len(v) for v in listing.splits.values())
+    _, name, key = listing.splits["train"][0]
+    side = store_size or max(image_size(listing.read(key), name))
+    need = n * 3 * side * side
+    budget = 4 << 30 if budget is None else budget
+    chosen = "device" if need <= budget else "stream"
+    verdict = "fits" if chosen == "device" else "exceeds"
+    log(f"data: {n:,} images at up to {side}x{side} px take about {need / 2**20:,.0f} MB decoded, which {verdict} the "
+        f"budget of {budget / 2**20:,.0f} MB (--data-budget-gb): "
+        + ("held decoded on the device" if chosen == "device" else "streamed (kept encoded, decoded per batch by workers)"))
+    return chosen
+
+
+def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store_size: int, tier: str,
+                     budget: int | None, log, progress: bool) -> Dataset:
+    key = source_key(source, kind, dataset)
+    decoded_file = cache_path(cache_dir, source, key, store_size)
+    where = source if source.startswith(HUB_PREFIX) else os.path.abspath(source)
+    if tier in ("auto", "device") and os.path.exists(decoded_file) and \
+            (tier == "device" or os.path.getsize(decoded_file) <= (budget or 4 << 30)):
+        loaded = load_decoded(decoded_file, need_digests=True)
+        if loaded:
+            train, test, meta = loaded
+            return Dataset(train, test, meta["classes"], meta["fingerprint"], meta["source"], "device", store_size)
+    listing = list_source(source, kind)
+    tier = _choose_tier(tier, listing, store_size, budget, log)
+    total = sum(len(v) for v in listing.splits.values())
+    if tier == "device":
+        log(f"decoding {source} ({kind}) into uint8 tensors" + (f" at up to {store_size} px" if store_size else "")
+            + ", once ...")
+        with tqdm(total=total, unit="img", desc="decode", disable=not progress, dynamic_ncols=True) as bar:
+            train, test = (decode_split(listing, s, store_size, bar) for s in ("train", "test"))
+        ds = Dataset(train, test, listing.classes, fingerprint(train, test, listing.classes, store_size), where,
+                     "device", store_size)
+        _save(decoded_file, ds, cache_dir, log)
+        return ds
+    splits = []
+    for split in ("train", "test"):
+        path = cache_path(cache_dir, source, key, store_size, f"-{split}.arrow")
+        if not os.path.exists(path):
+            log(f"writing the encoded {split} images of {source} into {path} (memory-mapped, read per batch) ...")
+            with tqdm(total=len(listing.splits[split]), unit="img", desc=f"index {split}", disable=not progress,
+                      dynamic_ncols=True) as bar:
+                write_encoded(listing, split, path, store_size, bar)
+        splits.append(StreamedSplit.open(path, store_size))
+    train, test = splits
+    return Dataset(train, test, listing.classes, fingerprint(train, test, listing.classes, store_size), where,
+                   "stream", store_size)
+
+
+def load_dataset(source: str | None = None, cache_dir: str = "cache", download: bool = False,
+                 train_per_class: int = 0, test_per_class: int = 0, log=print, dataset: str = "cifar10",
+                 store_size: int = 0, tier: str = "device", budget: int | None = None,
+                 progress: bool = False) -> Dataset:
+    """The dataset of a source, in the tier asked for (auto: by the memory budget, in bytes), optionally
+    class-balanced subsets. store_size: the longest side images are stored at (0: their own size)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    if tier not in TIERS:
+        raise ValueError(f"--data-tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    download = download or (source is None and not os.environ.get(DATA_ENV))
+    source = resolve_source(source)
+    hub = source.startswith(HUB_PREFIX)
+    if not hub and not os.path.exists(source) and not download:
+        raise DataError(f"{source}: no such file or folder. Point --data (or {DATA_ENV}) at {LOCAL_COPY}; or add "
+                        f"--download to fetch {DATASETS[dataset].title} there with torchvision (needs internet).")
+    kind = source_kind(source) if hub or os.path.exists(source) else "torchvision"
+    if kind == "torchvision":
+        if tier == "stream":
+            log(f"data: torchvision's {DATASETS[dataset].title} is held decoded on the device (150 MB); "
+                "--data-tier stream applies to image files")
+        ds = _torchvision_dataset(source, dataset, cache_dir, download, log)
+    else:
+        ds = _encoded_dataset(source, kind, dataset, cache_dir, store_size, tier, budget, log, progress)
+    if train_per_class or test_per_class:
+        train, test = subset_per_class(ds.train, train_per_class), subset_per_class(ds.test, test_per_class)
+        ds = Dataset(train, test, ds.classes, fingerprint(train, test, ds.classes, ds.store_size), ds.source, ds.tier,
+                     ds.store_size)
+    return ds

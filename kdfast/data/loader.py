@@ -1,0 +1,155 @@
+"""Indices -> batches: one permutation per epoch, this process's share of every global batch, the views.
+
+The device tier indexes its uint8 tensor and computes the views batch-wise on the device (no DataLoader, no
+per-sample Python). The streamed tier hands each step's share to background workers (a torch DataLoader over
+steps, not samples) that decode the files, and on a CPU also compute the views there; on a GPU the views are
+computed on the device. Both give the same views for the same (seed, index): the same stored pixels, the same
+exact view functions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..augment import AugmentSpec, augment, eval_view, normalize, views_of_pil
+from .types import DataError, Split
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, H, W) float, normalized
+    labels: torch.Tensor  # (B,) int64
+    indices: torch.Tensor  # (B,) int64, sample indices into the split (-1: padding of an evaluation batch)
+    aug_seed: int | None  # augmentation seed of these views (None: evaluation views)
+    epoch: int = -1  # the training epoch (0-based) of these batches; -1 outside training
+
+
+def _permutation_seed(seed: int, epoch: int) -> int:
+    return (seed * 7919 + epoch * 104_729 + 17) % (1 << 62)
+
+
+def _views(images_u8, indices, sizes, spec: AugmentSpec, aug_seed: int | None) -> torch.Tensor:
+    if aug_seed is None:
+        return eval_view(images_u8, spec, sizes)
+    return augment(images_u8, indices, aug_seed, spec, sizes)
+
+
+class _StepViews(torch.utils.data.Dataset):
+    """The worker side of the streamed tier: item k is chunk k's stored images decoded (and, on a CPU, viewed)."""
+
+    def __init__(self, split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed: int | None, view: bool):
+        self.split, self.chunks, self.spec, self.aug_seed, self.view = split, chunks, spec, aug_seed, view
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int):
+        idx = self.chunks[k]
+        safe = idx.clamp(min=0)
+        sizes = self.split.sizes[safe]
+        if self.view and self.spec.view == "rrc":  # decoded straight into Pillow, viewed there: no tensor copies
+            images = views_of_pil(self.split.decode_pil(safe), safe, self.aug_seed, self.spec, sizes)
+        else:
+            images, sizes = self.split.decode(safe)
+            if self.view:
+                images = _views(images, safe, sizes, self.spec, self.aug_seed)
+        return images, self.split.labels[safe], idx, sizes
+
+
+def is_streamed(split) -> bool:
+    return not isinstance(split, Split)
+
+
+def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed: int | None, device,
+                 channels_last: bool = False, workers: int = 2, images_on_device: torch.Tensor | None = None):
+    """(normalized views, labels, indices on the device) of each chunk of sample indices (CPU, -1 = padding)."""
+    device = torch.device(device)
+    if not is_streamed(split):
+        images = split.images.to(device) if images_on_device is None else images_on_device
+        labels = split.labels.to(device)
+        for idx in chunks:
+            safe = idx.clamp(min=0)
+            on_device = safe.to(device)
+            index = safe if spec.view == "rrc" else on_device  # rrc boxes come from CPU indices: no sync
+            views = _views(images[on_device], index, split.sizes[safe], spec, aug_seed)
+            yield normalize(views, spec, channels_last), labels[on_device], idx.to(device)
+        return
+    view_in_worker = device.type == "cpu"
+    loader = torch.utils.data.DataLoader(_StepViews(split, chunks, spec, aug_seed, view_in_worker), batch_size=None,
+                                         shuffle=False, num_workers=workers, prefetch_factor=4 if workers else None,
+                                         pin_memory=device.type == "cuda")
+    for images, labels, idx, sizes in loader:
+        images = images.to(device, non_blocking=True)
+        if not view_in_worker:
+            images = _views(images, idx.clamp(min=0), sizes, spec, aug_seed)
+        yield normalize(images, spec, channels_last), labels.to(device, non_blocking=True), idx.to(device)
+
+
+def check_view(split, spec: AugmentSpec) -> None:
+    """The cifar view crops at the image's own size: it needs images of one size."""
+    if spec.view == "cifar" and len(split) and not bool((split.sizes == split.sizes[0]).all()):
+        sizes = sorted({tuple(s) for s in split.sizes.tolist()})
+        raise DataError(f"the images have {len(sizes)} different sizes ({sizes[0][0]}x{sizes[0][1]} ... "
+                        f"{sizes[-1][0]}x{sizes[-1][1]}); the cifar view (pad + crop + flip) needs one size. Use "
+                        "--augment.view rrc (RandomResizedCrop, any size) or resize the images to one size.")
+
+
+class TrainLoader:
+    """Shuffled training batches of views keyed by (augmentation seed, sample index), from either tier.
+
+    batch_size is global: each step takes the next batch_size indices of the epoch's permutation (same on every
+    process) and process k keeps its contiguous share, so results do not depend on the number of processes; in
+    the streamed tier a process decodes only its share. The last incomplete batch is dropped.
+    """
+
+    def __init__(self, split, batch_size: int, seed: int, spec: AugmentSpec, device, process_index: int = 0,
+                 num_processes: int = 1, channels_last: bool = False, workers: int = 2):
+        if batch_size % num_processes:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {num_processes}")
+        if batch_size > len(split):
+            raise ValueError(f"batch_size {batch_size} is larger than the training set ({len(split)} samples); lower --batch-size")
+        check_view(split, spec)
+        self.split, self.labels = split, split.labels
+        self.images = None if is_streamed(split) else split.images.to(device)
+        self.batch_size, self.seed, self.spec, self.device = batch_size, seed, spec, device
+        self.rank, self.world = process_index, num_processes
+        self.local_batch = batch_size // num_processes
+        self.channels_last, self.workers = channels_last, workers
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_permutation_seed(self.seed, epoch))
+        return torch.randperm(len(self.labels), generator=g)  # on CPU: identical everywhere
+
+    def shares(self, epoch: int, start_step: int = 0) -> list[torch.Tensor]:
+        """This process's sample indices of each step of the epoch from start_step on."""
+        perm = self.permutation(epoch)
+        starts = [step * self.batch_size + self.rank * self.local_batch for step in range(start_step, len(self))]
+        return [perm[s:s + self.local_batch] for s in starts]
+
+    def epoch(self, epoch: int, aug_seed: int, start_step: int = 0):
+        """The epoch's batches from start_step on (a resumed epoch skips the steps already done)."""
+        for images, labels, idx in view_batches(self.split, self.shares(epoch, start_step), self.spec, aug_seed,
+                                                self.device, self.channels_last, self.workers, self.images):
+            yield Batch(images, labels, idx, aug_seed, epoch)
+
+
+def eval_batches(split, batch_size: int, spec: AugmentSpec, device, process_index: int = 0,
+                 num_processes: int = 1, channels_last: bool = False, aug_seed: int | None = None, workers: int = 2,
+                 lo: int = 0, hi: int | None = None):
+    """Batches of this process's share (strided) of samples lo..hi-1 of a split (default: all), in index order, for
+    evaluation or teacher passes.
+
+    Every process gets the same number of batches of the same size, padded with index -1, so gathers line
+    up and each sample counts once. aug_seed=None: evaluation views; else the training views of that seed.
+    """
+    hi = len(split) if hi is None else hi
+    per_process = -(-(hi - lo) // num_processes)
+    idx = torch.arange(lo + process_index, lo + process_index + per_process * num_processes, num_processes)
+    idx = torch.where(idx < hi, idx, torch.full_like(idx, -1))
+    chunks = [idx[start:start + batch_size] for start in range(0, per_process, batch_size)]
+    for images, labels, chunk in view_batches(split, chunks, spec, aug_seed, device, channels_last, workers):
+        yield Batch(images, labels, chunk, aug_seed)
