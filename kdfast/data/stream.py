@@ -46,8 +46,8 @@ def write_encoded(listing: Listing, split: str, path: str, store_size: int, prog
             for values in pool.map(row, entries[start:start + ROWS]):
                 for k, v in zip(cols, values):
                     cols[k].append(v)
-            pool = pa.system_memory_pool()  # malloc: freed batches go back to the system, not to a retained arena
-            arrays = [pa.array(cols[k], type=schema.field(k).type, memory_pool=pool) for k in cols]
+            memory = pa.system_memory_pool()  # malloc: freed batches go back to the system, not to a retained arena
+            arrays = [pa.array(cols[k], type=schema.field(k).type, memory_pool=memory) for k in cols]
             writer.write_batch(pa.record_batch(arrays, schema=schema))
             if progress is not None:
                 progress.update(len(cols["label"]))
