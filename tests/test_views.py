@@ -23,8 +23,8 @@ def test_boxes_are_a_pure_function_of_seed_index_and_size():
     sizes = torch.stack([100 + idx % 37, 60 + idx % 91], 1)
     whole = rrc_boxes(3, idx, sizes, spec)
     perm = torch.randperm(500, generator=torch.Generator().manual_seed(1))
-    for batch in (1, 7, 128):
-        for start in range(0, 500, batch):
+    for batch, stop in ((1, 40), (7, 500), (128, 500)):
+        for start in range(0, stop, batch):
             part = perm[start:start + batch]
             for a, b in zip(rrc_boxes(3, part, sizes[part], spec), whole):
                 assert torch.equal(a, b[part])
