@@ -530,6 +530,10 @@ def checkpoint_meta(cfg: TrainConfig, tr: Training, data: Dataset, test: dict, p
     precision recorded here: exactly what a reload with `kdfast evaluate` reproduces.
     """
     runtime, acc = tr.runtime, tr.acc
+    described = data.describe()
+    if data.tier == "stream":  # collective: every process computes the metadata
+        count = torch.tensor([tr.loader.decoded], device=runtime.device)
+        described["decoded_per_process"] = (acc.gather(count) if acc.num_processes > 1 else count).tolist()
     return {
         "model": cfg.model, "family": model_entry(cfg.model).family, "parameters": params, "classes": data.classes,
         "test_accuracy": test["accuracy"], "test_samples": test["samples"],
@@ -537,7 +541,7 @@ def checkpoint_meta(cfg: TrainConfig, tr: Training, data: Dataset, test: dict, p
         "wall_time_s": round(wall, 1), "precision": runtime.precision, "precision_reason": runtime.precision_reason,
         "device": str(runtime.device), "num_processes": acc.num_processes,
         "distributed_type": acc.distributed_type.value,
-        "eval_batch_size": cfg.eval_batch_size, "data": data.describe(), "recipe": tr.recipe.__dict__,
+        "eval_batch_size": cfg.eval_batch_size, "data": described, "recipe": tr.recipe.__dict__,
         "config": cfg.to_dict(), **(extra_meta or {}),
     }
 

@@ -97,3 +97,20 @@ def test_sigkill_mid_epoch_in_the_streamed_tier_then_resume_gives_the_same_weigh
     assert whole.returncode == 0, whole.stderr[-3000:]
     a, b = weights(tmp_path / "a" / "run.pth"), weights(tmp_path / "b" / "run.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_each_decode_their_share_of_the_streamed_tier(tmp_path):
+    """torchrun + gloo, streamed: each process decodes only its half of every global batch; together every sample
+    once per epoch, as one process alone."""
+    data = write_large_folder(str(tmp_path / "d"), 8, 2, 48)  # 24 train images: 2 steps of 12 per epoch
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    args = train_args(data, str(tmp_path / "c"), str(tmp_path / "o"), "--data-tier", "stream", "--data-workers", "1",
+                      epochs=2)[2:]  # without "-m kdfast.train"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29547", "-m", "kdfast.train", *args], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=ROOT)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    meta = json.load(open(tmp_path / "o" / "run.json"))
+    assert (meta["num_processes"], meta["distributed_type"], meta["data"]["tier"]) == (2, "MULTI_CPU", "stream")
+    assert meta["data"]["decoded_per_process"] == [24, 24]  # 6 of each step's 12, 2 steps, 2 epochs
+    assert meta["test_samples"] == 6

@@ -116,6 +116,7 @@ class TrainLoader:
         self.rank, self.world = process_index, num_processes
         self.local_batch = batch_size // num_processes
         self.channels_last, self.workers = channels_last, workers
+        self.decoded = 0  # streamed tier: training images this process (its workers) decoded
 
     def __len__(self) -> int:
         return len(self.labels) // self.batch_size
@@ -134,6 +135,8 @@ class TrainLoader:
         """The epoch's batches from start_step on (a resumed epoch skips the steps already done)."""
         for images, labels, idx in view_batches(self.split, self.shares(epoch, start_step), self.spec, aug_seed,
                                                 self.device, self.channels_last, self.workers, self.images):
+            if is_streamed(self.split):
+                self.decoded += len(idx)
             yield Batch(images, labels, idx, aug_seed, epoch)
 
 
