@@ -433,6 +433,8 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
                   f"| {cfg.epochs} epochs x {len(tr.loader)} steps of {cfg.batch_size} | {tr.recipe.optimizer} lr "
                   f"{tr.recipe.lr:g} {tr.recipe.schedule} | {runtime.precision} ({runtime.precision_reason}) on "
                   f"{runtime.device} x{acc.num_processes}")
+    runtime.print(f"[{cfg.run_name}] {cfg.augment.describe()} | data: {data.tier} tier"
+                  + (f", stored at up to {data.store_size} px" if data.store_size else ""))
     wall_start = time.perf_counter()
 
     def wall_at() -> float:

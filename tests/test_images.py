@@ -81,7 +81,7 @@ def run_cfgs(folder, tmp_path, tier="device"):
     return common
 
 
-def test_a_folder_of_mixed_sizes_trains_caches_distils_and_evaluates_in_both_tiers(mixed_folder, tmp_path):
+def test_a_folder_of_mixed_sizes_trains_caches_distils_and_evaluates_in_both_tiers(mixed_folder, tmp_path, capsys):
     common = run_cfgs(mixed_folder, tmp_path)
     teacher = train.run(TrainConfig(model="resnet8", name="teacher", epochs=2, out_dir=str(tmp_path / "m"), **common))
     assert teacher["data"]["store_size"] == 48 and teacher["config"]["augment"]["view"] == "rrc"
@@ -96,6 +96,8 @@ def test_a_folder_of_mixed_sizes_trains_caches_distils_and_evaluates_in_both_tie
                                             data_tier=tier))
         assert again["accuracy"] == metas[tier]["test_accuracy"]
     assert metas["stream"]["data"]["tier"] == "stream"
+    said = capsys.readouterr().out  # the log says the views, whose normalization, and the tier
+    assert "[kd-stream] views: RandomResizedCrop + flip at 32 px, eval 32 px, ImageNet's mean/std | data: stream tier" in said
     a, _ = load_checkpoint(str(tmp_path / "m" / "kd-device.pth"))
     b, _ = load_checkpoint(str(tmp_path / "m" / "kd-stream.pth"))
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):

@@ -54,6 +54,16 @@ class AugmentSpec:
         return replace(self, mean=mean if self.mean == CIFAR10_MEAN else self.mean,
                        std=std if self.std == CIFAR10_STD else self.std)
 
+    def describe(self) -> str:
+        """One line for the log: the view and whose normalization it uses."""
+        known = {(IMAGENET_MEAN, IMAGENET_STD): "ImageNet's", (CIFAR10_MEAN, CIFAR10_STD): "CIFAR-10's",
+                 (CIFAR100_MEAN, CIFAR100_STD): "CIFAR-100's"}
+        whose = known.get((tuple(self.mean), tuple(self.std)), "the given")
+        flip = " + flip" if self.flip else ""
+        view = (f"RandomResizedCrop{flip} at {self.crop_size} px, eval {self.eval_resolution} px" if self.view == "rrc"
+                else f"pad {self.padding} + crop {self.crop_size}{flip}")
+        return f"views: {view}, {whose} mean/std"
+
     @property
     def eval_resolution(self) -> int:
         return self.eval_size or self.crop_size if self.view == "rrc" else self.crop_size
