@@ -38,6 +38,12 @@ def test_any_size_and_format_loads_with_the_same_pixels_in_both_tiers(mixed_fold
             assert not d.images[i, :, h:, :].any() and not d.images[i, :, :, w:].any()  # the letterbox is zeros
     gray = device.train.images[2, :, :device.train.sizes[2, 0], :device.train.sizes[2, 1]]  # k % 6 == 2: grayscale
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    from kdfast import data as data_mod
+
+    with pytest.MonkeyPatch.context() as mp:  # indexed once: a streamed run neither lists nor reads the source again
+        mp.setattr(data_mod, "list_source", lambda *a: pytest.fail("listed the source again"))
+        again = load_dataset(mixed_folder, str(tmp_path / "c"), store_size=48, tier="stream")
+    assert again.fingerprint == stream.fingerprint and again.classes == stream.classes
     native = load_dataset(mixed_folder, str(tmp_path / "c"))  # store size 0: the images' own sizes
     assert int(native.train.sizes.max()) > 48 and native.fingerprint != device.fingerprint
 

@@ -68,13 +68,10 @@ def _save(path: str, ds: Dataset, cache_dir: str, log) -> None:
         log(f"note: could not write the data cache under {cache_dir} ({e}); decoding again next time")
 
 
-def _choose_tier(tier: str, listing, store_size: int, budget: int | None, log) -> str:
-    """auto: the device tier when the decoded images fit the budget, else streamed; said in the log."""
+def _choose_tier(tier: str, n: int, side: int, budget: int | None, log) -> str:
+    """auto: the device tier when n images of up to side x side decoded fit the budget, else streamed; said in the log."""
     if tier != "auto":
         return tier
-    n = sum(len(v) for v in listing.splits.values())
-    _, name, key = listing.splits["train"][0]
-    side = store_size or max(image_size(listing.read(key), name))
     need = n * 3 * side * side
     budget = 4 << 30 if budget is None else budget
     chosen = "device" if need <= budget else "stream"
@@ -83,6 +80,12 @@ def _choose_tier(tier: str, listing, store_size: int, budget: int | None, log) -
         f"budget of {budget / 2**20:,.0f} MB (--data-budget-gb): "
         + ("held decoded on the device" if chosen == "device" else "streamed (kept encoded, decoded per batch by workers)"))
     return chosen
+
+
+def _listed_side(listing, store_size: int) -> int:
+    """The side the tier estimate assumes: the store size, else the first training image's longest side."""
+    _, name, key = listing.splits["train"][0]
+    return store_size or max(image_size(listing.read(key), name))
 
 
 def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store_size: int, tier: str,
@@ -96,9 +99,18 @@ def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store
         if loaded:
             train, test, meta = loaded
             return Dataset(train, test, meta["classes"], meta["fingerprint"], meta["source"], "device", store_size)
+    arrows = [cache_path(cache_dir, source, key, store_size, f"-{split}.arrow") for split in ("train", "test")]
+    if tier in ("auto", "stream") and all(map(os.path.exists, arrows)):  # indexed before: no listing, no reading
+        train, test = (StreamedSplit.open(path, store_size) for path in arrows)
+        side = max(max(train.box), max(test.box))
+        if _choose_tier(tier, len(train) + len(test), side, budget, log) == "stream":
+            return Dataset(train, test, train.classes, fingerprint(train, test, train.classes, store_size), where,
+                           "stream", store_size)
+        tier = "device"
     listing = list_source(source, kind)
-    tier = _choose_tier(tier, listing, store_size, budget, log)
     total = sum(len(v) for v in listing.splits.values())
+    if tier == "auto":
+        tier = _choose_tier(tier, total, _listed_side(listing, store_size), budget, log)
     if tier == "device":
         log(f"decoding {source} ({kind}) into uint8 tensors" + (f" at up to {store_size} px" if store_size else "")
             + ", once ...")
@@ -109,8 +121,7 @@ def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store
         _save(decoded_file, ds, cache_dir, log)
         return ds
     splits = []
-    for split in ("train", "test"):
-        path = cache_path(cache_dir, source, key, store_size, f"-{split}.arrow")
+    for split, path in zip(("train", "test"), arrows):
         if not os.path.exists(path):
             log(f"writing the encoded {split} images of {source} into {path} (memory-mapped, read per batch) ...")
             with tqdm(total=len(listing.splits[split]), unit="img", desc=f"index {split}", disable=not progress,

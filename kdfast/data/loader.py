@@ -70,10 +70,11 @@ def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed:
         labels = split.labels.to(device)
         for idx in chunks:
             safe = idx.clamp(min=0)
-            on_device = safe.to(device)
+            idx_on_device = idx.to(device)  # the one host-to-device copy of a step
+            on_device = idx_on_device.clamp(min=0)
             index = safe if spec.view == "rrc" else on_device  # rrc boxes come from CPU indices: no sync
             views = _views(images[on_device], index, split.sizes[safe], spec, aug_seed)
-            yield normalize(views, spec, channels_last), labels[on_device], idx.to(device)
+            yield normalize(views, spec, channels_last), labels[on_device], idx_on_device
         return
     view_in_worker = device.type == "cpu"
     loader = torch.utils.data.DataLoader(_StepViews(split, chunks, spec, aug_seed, view_in_worker), batch_size=None,

@@ -5,10 +5,12 @@ Arrow is the format Hugging Face `datasets` keeps its tables in, read here with 
 (the operating system pages bytes in and out, so a dataset far larger than memory needs no more than the pages
 a batch touches), record batches of ROWS rows, so row i is batch i // ROWS, row i % ROWS: a zero-copy slice.
 Columns: bytes (decode.prepare's: the file, or its reduced image as a JPEG), label, width and height (of those
-bytes), digest (of the source file: what the fingerprint hashes). One file per split and store size.
+bytes), digest (of the source file: what the fingerprint hashes); the class names in the schema's metadata, so a
+run over an indexed source neither lists nor reads it again. One file per split and store size.
 """
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,7 +30,8 @@ def write_encoded(listing: Listing, split: str, path: str, store_size: int, prog
     import pyarrow as pa
 
     schema = pa.schema([("bytes", pa.large_binary()), ("label", pa.int64()), ("width", pa.int32()),
-                        ("height", pa.int32()), ("digest", pa.binary(16))])
+                        ("height", pa.int32()), ("digest", pa.binary(16))],
+                       metadata={"classes": json.dumps(listing.classes)})
     entries = listing.splits[split]
     partial = path + ".partial"
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -81,8 +84,9 @@ class EncodedStore:
             self._pid = os.getpid()
         return self._reader
 
-    def __len__(self) -> int:
-        return sum(self.reader.get_batch(b).num_rows for b in range(self.reader.num_record_batches))
+    @property
+    def classes(self) -> list[str]:
+        return json.loads(self.reader.schema.metadata[b"classes"])
 
     def column(self, name: str) -> list:
         return [v for b in range(self.reader.num_record_batches)
@@ -96,7 +100,7 @@ class StreamedSplit:
     """A split whose images stay encoded: labels, stored sizes and digests in memory, bytes in the EncodedStore."""
 
     def __init__(self, store: EncodedStore, rows: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor,
-                 digests: list[bytes], store_size: int, names: list[str] | None = None):
+                 digests: list[bytes], store_size: int):
         self.store, self.rows, self.labels, self.sizes = store, rows, labels, sizes
         self.digests, self.store_size = digests, store_size
         self.decoded = 0  # images this process decoded (counted where decoding runs in this process)
@@ -112,6 +116,10 @@ class StreamedSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.store.classes
 
     @property
     def box(self) -> tuple[int, int]:
