@@ -133,11 +133,32 @@ class LockedError(OutputError):
     """Another process is writing the same output."""
 
 
+_HELD: set = set()  # the FileLocks this process holds (strong references: a held lock is never collected)
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close its copies of the parent's lock descriptors. flock(2) belongs
+    to the open file, which a fork shares: a worker that outlives a killed trainer by a few seconds would otherwise
+    keep the trainer's lock, and the rerun right after a kill -9 would be refused. The parent's lock is unaffected."""
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class FileLock:
     """An exclusive lock on one output, held for a whole run: `path` (NAME.lock) with the holder's pid in it.
 
     flock(2) is released by the kernel when the holder dies, so a lock left by a killed process never
-    blocks: the next run takes it over and says so. A second live writer is refused at once.
+    blocks: the next run takes it over and says so. A second live writer is refused at once. Forked children
+    (data workers) do not keep it (_drop_inherited_locks).
     """
 
     def __init__(self, path: str, what: str):
@@ -171,9 +192,11 @@ class FileLock:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self.fd = fd
+        _HELD.add(self)
         return self
 
     def release(self) -> None:
+        _HELD.discard(self)
         if self.fd is None:
             return
         remove_quietly(self.path)  # while still held: nobody can lock the old file after this

@@ -575,3 +575,20 @@ def test_cache_build_and_lab_report_are_one_writer_each(data, teacher, tmp_path)
     finally:
         held.release()
     assert not (tmp_path / "m").exists() and not out.exists()
+
+
+def test_a_forked_child_does_not_keep_a_dead_holders_lock(tmp_path):
+    """A data worker forked by a trainer that is then killed must not hold the trainer's lock (the rerun right after
+    a kill -9 would be refused for as long as the worker lives)."""
+    path = str(tmp_path / "run.lock")
+    script = ("import os, sys, time; from kdfast.files import FileLock; FileLock(sys.argv[1], 'run').acquire(); "
+              "pid = os.fork()\nif pid == 0:\n    time.sleep(60); os._exit(0)\n"
+              "open(sys.argv[2], 'w').write(str(pid)); os._exit(0)")
+    subprocess.run([sys.executable, "-c", script, path, str(tmp_path / "child")], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=60, cwd=ROOT, check=True)  # the parent exits holding the lock
+    child = int((tmp_path / "child").read_text())
+    try:
+        os.kill(child, 0)  # the child still runs; its parent died holding the lock
+        FileLock(path, "run").acquire(lambda *a: None).release()
+    finally:
+        os.kill(child, signal.SIGKILL)
