@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU checks of issues #6, #7 (and #8's K-students benchmark, #14's loader) in one device call (prepared, not yet run: no GPU was lent).
+# The GPU checks of issues #6, #7 (and #8's K-students benchmark, #14's loader, #15's policies) in one device call (prepared, not yet run: no GPU was lent).
 # Carry the data and an old tree for the overhead comparison, e.g. in .gpu/ (git-ignored):
 #   cp ../shared/data/cifar10-jpeg.tar.gz .gpu/; git archive 971d078 kdfast | tar -x -C .gpu/old
 # and tyro's wheels in .whl/ (see the device README). TINY=1 runs it at toy size (a dry run on a CPU).
@@ -32,6 +32,10 @@ $PY benchmarks/make_images.py --data $KDFAST_DATA --out /tmp/photos --train-per-
 timeout 180 $PY benchmarks/loader.py --data /tmp/photos --size 224 --workers 8 --steps 20 --batch-size 256 >> $O/loader.txt 2>&1
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_views.py tests/test_images.py >> $O/loader.txt 2>&1
 el "loader done" >> $O/bench.txt
+# 1d) #15: the policies' cost on the GPU against timm's CPU pipeline, and their views on CUDA = the CPU's
+timeout 150 $PY benchmarks/policies.py --steps 10 > $O/policies.txt 2>&1
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_policies.py >> $O/policies.txt 2>&1
+el "policies done" >> $O/bench.txt
 # 2) #6 and #7 tests on the GPU (beside the teachers)
 ( timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_runs.py -k "sigterm_mid_epoch or vit_resumes or nan_loss or payload_planted or refuses_another or disk_full" tests/test_augment.py > $O/tests.txt 2>&1
   timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_methods.py -k "resumes or no_hook or two_stage_trains or vit_tokens or from_the_cache" >> $O/tests.txt 2>&1 ) &

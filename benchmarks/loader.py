@@ -25,22 +25,7 @@ from kdfast.config import resolved_store_size  # noqa: E402
 from kdfast.data import TrainLoader, load_dataset  # noqa: E402
 from kdfast.machine import describe, resolve_precision  # noqa: E402
 from results_table import print_and_save  # noqa: E402
-
-
-def rate(batches, batch_size: int, steps: int, warmup: int, device) -> float:
-    """Images per second over `steps` batches of an iterator, after `warmup` batches (workers started, caches warm)."""
-    it = iter(batches)
-    for _ in range(warmup):
-        next(it)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        batch = next(it)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    del batch
-    return batch_size * steps / (time.perf_counter() - t0)
+from timing import rate, train_step_rate  # noqa: E402
 
 
 def torchvision_loader(root: str, size: int, batch_size: int, workers: int, spec: AugmentSpec):
@@ -67,20 +52,8 @@ def kdfast_loader(split, size: int, batch_size: int, workers: int, spec: Augment
 def model_rate(name: str, size: int, batch_size: int, steps: int, device, precision: str) -> float:
     import torchvision
 
-    model = torchvision.models.get_model(name, num_classes=10).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else None
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return rate((step() for _ in iter(int, 1)), batch_size, steps, 1, device)
+    return train_step_rate(torchvision.models.get_model(name, num_classes=10), size, batch_size, steps, device,
+                           precision)
 
 
 def gpu_decode_rate(root: str, batch_size: int, steps: int) -> float:

@@ -28,6 +28,7 @@ import tyro
 
 from . import __version__
 from .augment import AugmentSpec, epoch_seed
+from .augment.recipes import RECIPES as AUG_RECIPES, apply_recipe
 from .checkpoint import load_teacher, weights_sha256
 from .config import DatasetName, Precision, check_augment, check_data_flags, check_int, resolved_store_size
 from .data import Dataset, view_batches
@@ -84,12 +85,14 @@ class BuildConfig:
     """Store only the k largest logits per sample (+ one logit standing for the rest); 0: dense; -1: auto (dense up
     to 100 classes, top-AUTO_TOPK above: a 1,000-class slot of 1.28 M images is then 51 MiB, not 2.4 GiB)."""
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    aug_recipe: Literal[tuple(AUG_RECIPES)] = "none"  # type: ignore[valid-type]
+    """A named augmentation recipe (see kdfast train --help): the students' views, mixed ones included."""
     overwrite: bool = False
     """Replace an existing cache (or partial build) made with other settings."""
     progress: bool = True
 
     def __post_init__(self):
-        self.augment = self.augment.for_dataset(self.dataset)
+        self.augment = apply_recipe(self.augment, self.aug_recipe).for_dataset(self.dataset)
 
     def validate(self) -> None:
         for name in ("seeds", "batch_size"):
@@ -539,7 +542,7 @@ def verify(cfg: VerifyConfig) -> dict:
     largest, agree = 0.0, 0
     for slot in slots.unique().tolist():
         idx = indices[slots == slot]
-        views, _, _ = next(view_batches(data.train, [idx], spec, cache.seeds[slot], runtime.device, channels_last, 0))
+        views, _, _, _ = next(view_batches(data.train, [idx], spec, cache.seeds[slot], runtime.device, channels_last, 0))
         with torch.no_grad(), runtime.accelerator.autocast():
             online = teacher(views).float().cpu()
         cached = cache.slot_logits(slot)[idx]

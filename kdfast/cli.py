@@ -14,6 +14,7 @@ COMMANDS = {
     "report": ("kdfast.labreport", "rebuild report.json and report.md (table, curves, sweep) from a lab's saved runs"),
     "models": (None, "list the registered models and how to name any timm / torchvision model"),
     "methods": (None, "list the distillation methods (kdfast distill --method NAME)"),
+    "recipes": (None, "list the named augmentation recipes (--aug-recipe NAME) with their sources"),
 }
 
 
@@ -52,6 +53,16 @@ def main(argv: list[str] | None = None):
             entry = method_entry(name)
             source = "teacher logits: cache or online" if entry.needs == "logits" else "teacher features: online"
             print(f"{name:<9} {source:<32} {entry.description}")
+        return 0
+    if command == "recipes":
+        from .augment.recipes import RECIPES
+
+        for recipe in RECIPES.values():
+            fields = ", ".join(f"{k} {v}" for k, v in recipe.augment.items()) or "-"
+            smoothing = "" if recipe.label_smoothing is None else f"; label smoothing {recipe.label_smoothing:g}"
+            print(f"{recipe.name:<15} {fields}{smoothing}\n{'':<15} {recipe.source}")
+        print("\nPolicies are torchvision's RandAugment / TrivialAugmentWide, keyed per sample: a recipe's views are cached "
+              "like any other (kdfast cache build --aug-recipe NAME).")
         return 0
     importlib.import_module(COMMANDS[command][0]).main(rest)
     return 0

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, Optional
 
 from .augment import AugmentSpec
+from .augment.recipes import RECIPES as AUG_RECIPES, apply_recipe
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DatasetName = Literal["cifar10", "cifar100"]
@@ -59,6 +60,27 @@ def check_augment(spec) -> None:
     (s0, s1), (r0, r1) = spec.scale, spec.ratio
     check("augment.scale", spec.scale, all(map(_finite, spec.scale)) and 0 < s0 <= s1 <= 1, "two numbers 0 < MIN <= MAX <= 1")
     check("augment.ratio", spec.ratio, all(map(_finite, spec.ratio)) and 0 < r0 <= r1, "two numbers 0 < MIN <= MAX")
+    check_policies(spec)
+
+
+def check_policies(spec) -> None:
+    check("augment.policy", spec.policy, spec.policy in ("none", "randaugment", "trivialaugment"),
+          "none, randaugment or trivialaugment")
+    check("augment.policy_ops", spec.policy_ops, isinstance(spec.policy_ops, int) and spec.policy_ops >= 1,
+          "a whole number >= 1")
+    check("augment.policy_magnitude", spec.policy_magnitude,
+          isinstance(spec.policy_magnitude, int) and 0 <= spec.policy_magnitude <= 30, "a whole number in 0..30")
+    for name in ("mixup", "cutmix"):
+        value = getattr(spec, name)
+        check(f"augment.{name}", value, _finite(value) and value >= 0, "a number >= 0 (Beta's alpha; 0: off)")
+    for name in ("mix_prob", "switch_prob", "erasing"):
+        value = getattr(spec, name)
+        check(f"augment.{name}", value, _finite(value) and 0 <= value <= 1, "a probability in [0, 1]")
+    (a0, a1), (r0, r1) = spec.erasing_area, spec.erasing_ratio
+    check("augment.erasing_area", spec.erasing_area, all(map(_finite, spec.erasing_area)) and 0 < a0 <= a1 < 1,
+          "two numbers 0 < MIN <= MAX < 1")
+    check("augment.erasing_ratio", spec.erasing_ratio, all(map(_finite, spec.erasing_ratio)) and 0 < r0 <= r1,
+          "two numbers 0 < MIN <= MAX")
 
 
 def resolved_store_size(spec, store_size: int) -> int:
@@ -169,6 +191,17 @@ class TrainConfig:
     """torch.compile the model being trained."""
     seed: int = 0
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    aug_recipe: Literal[tuple(AUG_RECIPES)] = "none"  # type: ignore[valid-type]
+    """A named augmentation recipe: its policies fill the --augment fields left at their defaults, and its label
+    smoothing --label-smoothing if unset. none; cct (RandAugment m9, mixup 0.8, CutMix 1.0, smoothing 0.1); deit
+    (cct + random erasing 0.25); trivialaugment (TrivialAugmentWide + erasing 0.25); mixup (alpha 0.2).
+    `kdfast recipes` lists them with their sources."""
+    ema: float = 0.0
+    """Keep an exponential moving average of the weights with this decay per step (0: off; e.g. 0.999): it is
+    what is evaluated and exported, and it is in the resumable state."""
+    tta: Literal["none", "flip", "translate"] = "none"
+    """Test-time augmentation at evaluation: flip (mean of the logits of the image and its mirror), translate
+    (airbench's: flip, plus the mirrored pair shifted by one pixel each way, weights 1/2, 1/4, 1/4)."""
     resume: bool = False
     """Continue an interrupted run from its saved state (out_dir/.state/NAME); refused if its config differs."""
     fresh: bool = False
@@ -182,7 +215,10 @@ class TrainConfig:
     (tensorboard writes to OUT_DIR/logs/NAME; wandb, mlflow, aim need their package and login)."""
 
     def __post_init__(self):
-        self.augment = self.augment.for_dataset(self.dataset)
+        self.augment = apply_recipe(self.augment, self.aug_recipe).for_dataset(self.dataset)
+        recipe_smoothing = AUG_RECIPES[self.aug_recipe].label_smoothing
+        if self.label_smoothing is None and recipe_smoothing is not None:
+            self.label_smoothing = recipe_smoothing
 
     @property
     def stored_size(self) -> int:
@@ -204,6 +240,7 @@ class TrainConfig:
         check_float(self, "warmup", 0.0, 1.0)
         check_float(self, "grad_clip", 0.0)
         check_float(self, "label_smoothing", 0.0, 1.0)
+        check_float(self, "ema", 0.0, 1.0)
         check_augment(self.augment)
         check_data_flags(self)
         if self.resume and self.fresh:
@@ -240,7 +277,8 @@ class DistillConfig(TrainConfig):
     cache_slots: int = 0
     """Use only the first N slots of the cache (0 = all)."""
     method: str = "kd"
-    """Distillation method: kd (Hinton), dkd (decoupled KD), fitnets (hints + KD, teacher online); `kdfast methods`."""
+    """Distillation method: kd (Hinton), dkd (decoupled KD), fitnets (hints + KD, teacher online), deit (DeiT's
+    distillation token, student vit_student_distilled: --alpha weighs the class head); `kdfast methods`."""
     logit_std: bool = False
     """Logit standardization (Sun et al. 2024): z-score teacher and student logits before the softened softmax."""
     dkd_alpha: float = 1.0
@@ -294,6 +332,8 @@ class EvaluateConfig:
     data_workers: int = 2
     store_size: int = 0
     """Default (0): as the checkpoint's run stored its images."""
+    tta: Optional[Literal["none", "flip", "translate"]] = None
+    """Test-time augmentation (default: as the checkpoint's run evaluated it); see kdfast train --help."""
     progress: bool = True
 
     def validate(self) -> None:
@@ -377,6 +417,14 @@ class LabConfig:
     """Experiment trackers for every run (see kdfast train --help)."""
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     """The views of every run and cache (see kdfast train --help); the imagenet preset sets --augment.view rrc at 224."""
+    cnn_aug_recipe: Literal[tuple(AUG_RECIPES)] = "none"  # type: ignore[valid-type]
+    """Named augmentation recipe of the CNN pair's runs and cache (see kdfast train --help, `kdfast recipes`)."""
+    vit_aug_recipe: Literal[tuple(AUG_RECIPES)] = "none"  # type: ignore[valid-type]
+    """Named augmentation recipe of the ViT pair's runs and cache; the full preset's is cct, the imagenet preset's deit."""
+    ema: float = 0.0
+    """EMA decay of every run's weights (0: off; see kdfast train --help)."""
+    tta: Literal["none", "flip", "translate"] = "none"
+    """Test-time augmentation of every evaluation (see kdfast train --help)."""
     store_size: int = 0
     """Longest side of images as stored (0: auto; see kdfast train --help)."""
     data_tier: Literal["auto", "device", "stream"] = "auto"
@@ -387,6 +435,7 @@ class LabConfig:
     def validate(self) -> None:
         check_augment(self.augment)
         check_data_flags(self)
+        check_float(self, "ema", 0.0, 1.0)
         check("sweep_taus", self.sweep_taus, bool(self.sweep_alphas) == bool(self.sweep_taus),
               "given together with --sweep-alphas (both or neither)")
         if self.sweep_alphas:
@@ -489,7 +538,10 @@ LAB_PRESETS = {
                           cnn_teacher_pretrained=True, vit_teacher_pretrained=True, cnn_teacher_lr=0.01,
                           vit_teacher_lr=1e-4, cnn_teacher_epochs=30, vit_teacher_epochs=30, cnn_student_epochs=100,
                           vit_student_epochs=100, eval_every=5, eval_batch_size=250,
-                          augment=AugmentSpec(view="rrc", crop_size=224)),
+                          augment=AugmentSpec(view="rrc", crop_size=224), vit_aug_recipe="deit"),
+    # the ViT pair with CCT's CIFAR recipe (RandAugment m9, mixup 0.8, CutMix 1.0, label smoothing 0.1; AdamW,
+    # warm-up, cosine are the ViT family's); every evaluation with flip TTA. Not measured at this size here
     "full": LabConfig(preset="full", cnn_teacher_epochs=100, cnn_student_epochs=200, vit_teacher_epochs=200,
-                      vit_student_epochs=200, cnn_batch_size=512, vit_batch_size=512, eval_every=5),
+                      vit_student_epochs=200, cnn_batch_size=512, vit_batch_size=512, eval_every=5,
+                      vit_aug_recipe="cct", tta="flip"),
 }

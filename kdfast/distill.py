@@ -66,15 +66,27 @@ def check_same_teacher(teacher: str, cache: LogitCache) -> None:
 def logit_method_run(cfg: DistillConfig, runtime: Runtime, run_dir, loss_fn) -> dict:
     """A method on teacher logits: served from the cache, or the teacher run online on every batch."""
     data, model = build_student(cfg, runtime)
+    if cfg.method == "deit":
+        distillation_token(model, cfg.model)
     source = cached_teacher if cfg.teacher_cache else online_teacher
     teacher_logits, aug_seed_for_epoch, kd = source(cfg, data, runtime)
 
     def loss_step(model, batch):
         target = teacher_logits(batch)
         logits = model(batch.images)
-        return loss_fn(logits, target, batch.labels, batch.epoch), logits
+        loss = loss_fn(logits, target, batch.targets, batch.epoch)
+        return loss, (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits  # deit: heads averaged
 
     return fit(model, loss_step, data, cfg, runtime, run_dir, {"kd": {**kd, **method_meta(cfg)}}, aug_seed_for_epoch)
+
+
+def distillation_token(model, name: str) -> None:
+    """--method deit: the student's forward returns (class head, distillation head) while training; at evaluation
+    (and in its checkpoint) the mean of the two, as DeiT's."""
+    if not hasattr(model, "set_distilled_training"):
+        raise ValueError(f"--method deit needs a student with a distillation token; {name} has none: use --model "
+                         "vit_student_distilled (or a timm DeiT: timm:deit_tiny_distilled_patch16_224)")
+    model.set_distilled_training(True)
 
 
 def feature_method_run(cfg: DistillConfig, runtime: Runtime, run_dir, loss_fn) -> dict:
@@ -97,7 +109,7 @@ def feature_method_run(cfg: DistillConfig, runtime: Runtime, run_dir, loss_fn) -
         with torch.no_grad(), runtime.accelerator.autocast():
             target, teacher_feature = teacher_hook.capture(lambda: teacher(batch.images))
         logits, hint = model(batch.images)
-        return loss_fn(logits, target, batch.labels, batch.epoch, (hint, teacher_feature)), logits
+        return loss_fn(logits, target, batch.targets, batch.epoch, (hint, teacher_feature)), logits
 
     kd = {"mode": "online", "teacher": cfg.teacher, "teacher_model": meta["model"],
           "teacher_accuracy": meta.get("test_accuracy"), "hint": f"{layers[0]}:{layers[1]}"}
@@ -114,6 +126,8 @@ def method_meta(cfg: DistillConfig) -> dict:
     meta = {"method": cfg.method, "alpha": cfg.alpha, "tau": cfg.tau, "logit_std": cfg.logit_std}
     if cfg.method == "dkd":  # its CE weight is 1; alpha and beta weigh its two KD terms
         meta.update(alpha=None, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta, dkd_warmup=cfg.dkd_warmup)
+    if cfg.method == "deit":  # alpha weighs the class head's CE; no temperature
+        meta.update(tau=None, logit_std=None)
     if cfg.method == "fitnets":
         meta.update(hint_weight=cfg.hint_weight, fitnets_schedule=cfg.fitnets_schedule, hint_epochs=cfg.hint_epochs)
     return meta

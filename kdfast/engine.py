@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, parse_flag_from_env
@@ -27,6 +28,7 @@ from .machine import accelerate_mixed_precision, resolve_precision
 from .models import count_parameters, model_entry
 from .rundir import RunDir, describe_progress
 from .together import clip_per_student
+from .tta import tta_logits
 
 LossStep = Callable[[nn.Module, Batch], "tuple[torch.Tensor, torch.Tensor]"]  # -> (loss, student logits)
 LOG_EVERY = 25  # steps between progress-bar updates (each one is a host-device sync)
@@ -137,10 +139,12 @@ def load_data(cfg, runtime: Runtime, source: str | None, train_per_class: int, t
 
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: int, channels_last: bool = False,
-            aug_seed: int | None = None, workers: int = 2, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+            aug_seed: int | None = None, workers: int = 2, lo: int = 0, hi: int | None = None,
+            tta: str = "none") -> torch.Tensor:
     """Logits (hi - lo, C) float32 of samples lo..hi-1 of a split (default: all), in index order, on every process.
 
-    Each process runs its share; aug_seed=None: evaluation views, else the training views of that seed.
+    Each process runs its share; aug_seed=None: evaluation views, else the training views of that seed; tta: the
+    test-time augmentation of each view (tta.py).
     """
     acc = runtime.accelerator
     model.eval()
@@ -148,7 +152,7 @@ def predict(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: 
     for batch in eval_batches(split, batch_size, spec, runtime.device, acc.process_index, acc.num_processes,
                               channels_last, aug_seed, workers, lo, hi):
         with acc.autocast():
-            logits_all.append(model(batch.images).float())
+            logits_all.append(tta_logits(model, batch.images, tta))
         indices_all.append(batch.indices)
     logits, index = acc.gather(torch.cat(logits_all)), acc.gather(torch.cat(indices_all))
     valid = index >= 0
@@ -163,10 +167,10 @@ def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def evaluate_model(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: int,
-                   channels_last: bool = False, workers: int = 2) -> dict:
+                   channels_last: bool = False, workers: int = 2, tta: str = "none") -> dict:
     """Test accuracy and mean CE, each sample counted once whatever the number of processes."""
-    return accuracy_and_loss(predict(model, split, spec, runtime, batch_size, channels_last, workers=workers),
-                             split.labels)
+    return accuracy_and_loss(predict(model, split, spec, runtime, batch_size, channels_last, workers=workers,
+                                     tta=tta), split.labels)
 
 
 def step_seed(run_seed: int, epoch: int, step: int, rank: int) -> int:
@@ -270,6 +274,7 @@ class Training:
     cfg: TrainConfig
     export: Callable[[nn.Module], nn.Module]  # the trained module -> the model that is evaluated and saved
     students: int = 0  # K students trained together (kdfast.group): losses and sums are (K,) vectors; 0: one model
+    ema: AveragedModel | None = None  # --ema: the moving average of the exported model's weights and buffers
     # per-epoch sums (device tensors, this process's part) and the first non-finite step (-1: none)
     sums: dict = field(default_factory=dict)
     bad_step: torch.Tensor | None = None
@@ -279,11 +284,16 @@ class Training:
         return self.runtime.accelerator
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.acc.unwrap_model(self.model, keep_torch_compile=False)}
+        modules = {"model": self.acc.unwrap_model(self.model, keep_torch_compile=False)}
+        return modules | ({"ema": self.ema} if self.ema is not None else {})
+
+    def trained(self) -> nn.Module:
+        """The trained model unwrapped, without helpers such as a hint regressor."""
+        return self.export(self.acc.unwrap_model(self.model, keep_torch_compile=False))
 
     def exported(self) -> nn.Module:
-        """The model to evaluate and save: unwrapped, without helpers such as a hint regressor."""
-        return self.export(self.acc.unwrap_model(self.model, keep_torch_compile=False))
+        """The model to evaluate and save: the trained one, or its moving average with --ema."""
+        return self.trained() if self.ema is None else self.ema.module
 
     def reset_sums(self, saved: dict | None = None) -> None:
         """Zero the epoch's sums; a resumed epoch starts from the saved global sums (on the main process)."""
@@ -318,6 +328,8 @@ def train_step(tr: Training, batch: Batch, global_step: int) -> torch.Tensor:
             tr.acc.clip_grad_norm_(tr.model.parameters(), tr.recipe.grad_clip)
     tr.optimizer.step()
     tr.scheduler.step()
+    if tr.ema is not None:
+        tr.ema.update_parameters(tr.trained())
     loss = loss.detach()
     tr.sums["loss"] += loss
     tr.sums["correct"] += (logits.detach().argmax(-1) == batch.labels).sum(-1)
@@ -403,7 +415,14 @@ def setup_training(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: Tr
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand, once per optimizer step
-    return Training(model, optimizer, scheduler, loader, loss_step, recipe, runtime, run_dir, cfg, export)
+    ema = make_ema(export(acc.unwrap_model(model, keep_torch_compile=False)), cfg.ema) if cfg.ema else None
+    return Training(model, optimizer, scheduler, loader, loss_step, recipe, runtime, run_dir, cfg, export, ema=ema)
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """torch's AveragedModel as an EMA of parameters and buffers: its first update copies the weights, each later
+    one sets ema = decay * ema + (1 - decay) * weights."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, runtime: Runtime, run_dir: RunDir,
@@ -516,7 +535,7 @@ def end_epoch(tr: Training, data: Dataset, epoch: int, epoch_time: float) -> tup
     test = {}
     if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
         test = evaluate_model(tr.exported(), data.test, cfg.augment, tr.runtime, cfg.eval_batch_size,
-                              tr.loader.channels_last, cfg.data_workers)
+                              tr.loader.channels_last, cfg.data_workers, cfg.tta)
         record.update(test_accuracy=test["accuracy"], test_loss=round(test["loss"], 5))
     tr.runtime.print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} loss {train_loss:.4f} train {train_acc:.4f}"
                      + (f" test {record['test_accuracy']:.4f}" if test else "")
@@ -555,7 +574,7 @@ def finish(tr: Training, data: Dataset, test: dict, params: int, train_img_s: fl
     final_model = tr.exported()
     if not test:  # nothing left to train after a resume
         test = evaluate_model(final_model, data.test, cfg.augment, runtime, cfg.eval_batch_size, tr.loader.channels_last,
-                              cfg.data_workers)
+                              cfg.data_workers, cfg.tta)
     meta = checkpoint_meta(cfg, tr, data, test, params, train_img_s, wall, extra_meta)
     if acc.is_main_process:
         save_checkpoint(cfg.out_dir, cfg.run_name, final_model, meta)

@@ -33,12 +33,13 @@ def run(cfg: EvaluateConfig) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     batch_size = cfg.batch_size or meta.get("eval_batch_size", 500)
-    result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last, cfg.data_workers)
-    result.update(checkpoint=cfg.checkpoint, model=meta["model"], precision=runtime.precision,
+    tta = cfg.tta or recorded.get("tta", "none")
+    result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last, cfg.data_workers, tta)
+    result.update(checkpoint=cfg.checkpoint, model=meta["model"], precision=runtime.precision, tta=tta,
                   recorded_accuracy=meta.get("test_accuracy"))
     match = "matches" if result["accuracy"] == result["recorded_accuracy"] else "differs from"
     runtime.print(f"{cfg.checkpoint}: {meta['model']} test accuracy {result['accuracy']:.4f} on {result['samples']} "
-                  f"samples ({runtime.precision}); {match} the recorded {result['recorded_accuracy']}")
+                  f"samples ({runtime.precision}{', TTA ' + tta if tta != 'none' else ''}); {match} the recorded {result['recorded_accuracy']}")
     return result
 
 

@@ -36,7 +36,7 @@ from .together import together
 SHARED = ("model", "seed", "epochs", "batch_size", "data", "dataset", "train_per_class", "test_per_class", "augment",
           "store_size",
           "precision", "out_dir", "eval_every", "eval_batch_size", "recipe", "lr", "optimizer", "weight_decay",
-          "momentum", "schedule", "warmup", "grad_clip", "label_smoothing")
+          "momentum", "schedule", "warmup", "grad_clip", "label_smoothing", "aug_recipe", "ema", "tta")
 
 
 @dataclass
@@ -54,6 +54,9 @@ def group_config(name: str, members: list[DistillConfig]) -> GroupConfig:
     different = sorted({f for m in members[1:] for f in SHARED + ("cache_slots",) if getattr(m, f) != getattr(first, f)})
     if different:
         raise ValueError(f"students trained together must share {', '.join(different)}")
+    if any(m.method == "deit" for m in members):
+        raise ValueError("students trained together cannot use --method deit (two heads per student): train them "
+                         "one at a time (--together off)")
     if any(method_entry(m.method).needs != "logits" for m in members):
         raise ValueError("students trained together use logit methods only (kd, dkd): FitNets needs the teacher online")
     caches = {m.teacher_cache for m in members}
@@ -107,7 +110,7 @@ def _train(members: list[TrainConfig], cfg: GroupConfig, runtime: Runtime, run_d
     def loss_step(model, batch):
         target = teacher_logits(batch)
         logits = model(batch.images)
-        return losses(logits, target, batch.labels, batch.epoch), logits
+        return losses(logits, target, batch.targets, batch.epoch), logits
 
     tr = setup_training(model, loss_step, data, cfg, runtime, run_dir, lambda m: m)
     tr.students = len(members)
@@ -150,7 +153,8 @@ def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall)
     steps = len(tr.loader) * tr.acc.num_processes
     due = epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)
     tests = [evaluate_model(student(tr, plain, i), data.test, cfg.augment, tr.runtime, cfg.eval_batch_size,
-                            tr.loader.channels_last) for i in range(len(members))] if due else None
+                            tr.loader.channels_last, cfg.data_workers, cfg.tta)
+             for i in range(len(members))] if due else None
     img_s = sums["seen"] / max(epoch_time, 1e-9)  # per student: what each run's metrics and .json say
     for i, m in enumerate(members):
         record = {"epoch": epoch, "train_loss": round(sums["loss"][i] / steps, 5),
@@ -175,7 +179,7 @@ def _finish(tr, members, data, plain, tests, img_s: float, kd: dict, wall: float
     for i, m in enumerate(members):
         model = student(tr, plain, i)
         test = tests[i] if tests else evaluate_model(model, data.test, cfg.augment, runtime, cfg.eval_batch_size,
-                                                     tr.loader.channels_last)
+                                                     tr.loader.channels_last, cfg.data_workers, cfg.tta)
         meta = checkpoint_meta(m, tr, data, test, count_parameters(model), img_s, wall, {
             "trained_with": {"group": cfg.run_name, "students": len(members)}, "kd": {**kd, **method_meta(m)}})
         if acc.is_main_process:

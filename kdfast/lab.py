@@ -43,7 +43,8 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                       batch_size=getattr(cfg, f"{pair}_batch_size"), eval_every=cfg.eval_every,
                       eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, compile=cfg.compile,
                       seed=cfg.seed, resume=not cfg.fresh, fresh=cfg.fresh, checkpoint_every=cfg.checkpoint_every,
-                      progress=cfg.progress, augment=cfg.augment, **data_flags(cfg))
+                      progress=cfg.progress, augment=cfg.augment, aug_recipe=getattr(cfg, f"{pair}_aug_recipe"),
+                      ema=cfg.ema, tta=cfg.tta, **data_flags(cfg))
         student_epochs = getattr(cfg, f"{pair}_student_epochs")
         teacher_path = checkpoint_paths(cfg.out_dir, f"{pair}_teacher")["pth"]
         teacher_cache = None if cfg.online else os.path.join(cfg.cache_dir, f"{pair}_teacher.h5")
@@ -61,7 +62,8 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                 dataset=cfg.dataset,
                 cache_dir=cfg.cache_dir, train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
                 batch_size=max(cfg.eval_batch_size, 500), precision=cfg.precision, overwrite=True,
-                progress=cfg.progress, augment=cfg.augment, **data_flags(cfg))))
+                progress=cfg.progress, augment=cfg.augment, aug_recipe=getattr(cfg, f"{pair}_aug_recipe"),
+                **data_flags(cfg))))
         runs.append((f"{pair}_student_with_kd", distill,
                      DistillConfig(model=student, name=f"{pair}_student_with_kd", epochs=student_epochs,
                                    teacher=teacher_path, teacher_cache=teacher_cache, alpha=cfg.alpha, tau=cfg.tau,

@@ -15,9 +15,24 @@ def check_kd_params(alpha: float, tau: float) -> None:
         raise ValueError(f"tau (temperature) must be > 0, got {tau!r}; try 4.0")
 
 
-def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Batch-mean CE, computed in fp32 whatever the autocast dtype."""
-    return F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
+def hard_labels(targets) -> torch.Tensor:
+    """The sample's own labels of targets given as labels or as mixed (labels, partner labels, λ)."""
+    return targets[0] if isinstance(targets, tuple) else targets
+
+
+def cross_entropy(student_logits: torch.Tensor, targets, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Batch-mean CE, computed in fp32 whatever the autocast dtype.
+
+    targets: labels (B,), or mixed targets (labels, partner labels, λ) of mixup / CutMix: the CE against the soft
+    target λ·y + (1 − λ)·y', label smoothing on top (timm's mixup_target with SoftTargetCrossEntropy).
+    """
+    logits = student_logits.float()
+    if not isinstance(targets, tuple):
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    labels, partner, lam = targets
+    own = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+    other = F.cross_entropy(logits, partner, label_smoothing=label_smoothing, reduction="none")
+    return (lam * own + (1 - lam) * other).mean()
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -30,13 +45,16 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: flo
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
+    labels,
     alpha: float,
     tau: float,
     label_smoothing: float = 0.0,
     standardized: bool = False,
 ) -> torch.Tensor:
     """L = α·CE(y, p_s) + (1−α)·τ²·KL(p_t^τ ‖ p_s^τ)  (Hinton et al. 2015), batch mean.
+
+    labels: labels, or mixed targets (labels, partner labels, λ): the CE is then against the mixed target and the
+    KL against the teacher's logits of the same mixed image (function matching).
 
     standardized=True z-scores both logits before the softened softmax (logit standardization); the hard
     CE keeps the raw student logits.
@@ -88,12 +106,25 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 
 def dkd_loss(student_logits, teacher_logits, labels, alpha: float, beta: float, tau: float, warmup: float = 1.0,
              ce_weight: float = 1.0, label_smoothing: float = 0.0, standardized: bool = False) -> torch.Tensor:
-    """ce_weight·CE + warmup·τ²·(α·TCKD + β·NCKD), batch mean (mdistiller's DKD: ce 1, α 1, β 8, τ 4)."""
+    """ce_weight·CE + warmup·τ²·(α·TCKD + β·NCKD), batch mean (mdistiller's DKD: ce 1, α 1, β 8, τ 4).
+
+    labels may be mixed targets (labels, partner labels, λ): the CE takes the mixed target, the decoupling the
+    sample's own label (its target class).
+    """
     s, t = (standardize(student_logits), standardize(teacher_logits.detach())) if standardized else \
         (student_logits, teacher_logits)
-    tckd, nckd, _ = dkd_terms(s, t, labels, tau)
+    tckd, nckd, _ = dkd_terms(s, t, hard_labels(labels), tau)
     hard = cross_entropy(student_logits, labels, label_smoothing)
     return ce_weight * hard + warmup * tau**2 * (alpha * tckd.mean() + beta * nckd.mean())
+
+
+def deit_loss(class_logits: torch.Tensor, dist_logits: torch.Tensor, teacher_logits: torch.Tensor, labels,
+              alpha: float = 0.5, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DeiT's hard distillation (Touvron et al. 2021): α·CE(class head, labels) + (1−α)·CE(distillation head, the
+    teacher's argmax), batch mean; labels may be mixed targets, the teacher's argmax is of the same mixed image."""
+    hard_teacher = teacher_logits.detach().argmax(-1)
+    return alpha * cross_entropy(class_logits, labels, label_smoothing) + (1 - alpha) * cross_entropy(dist_logits,
+                                                                                                    hard_teacher)
 
 
 def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
     kd       Hinton et al. 2015: α·CE + (1−α)·τ²·KL(p_t^τ ‖ p_s^τ)                     teacher logits
     dkd      Zhao et al. 2022: CE + warm-up·τ²·(α·TCKD + β·NCKD)                        teacher logits
     fitnets  Romero et al. 2015: KD + β·MSE(regressor(student layer), teacher layer)   teacher features (online)
+    deit     Touvron et al. 2021: α·CE(class head) + (1−α)·CE(distillation head, argmax of the teacher's logits)
 
 Logit methods read the teacher's logits from a logit cache (no teacher pass) or run it online; every logit
 term can use logit standardization (`--logit-std`, Sun et al. 2024).
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import DistillConfig
-from .losses import dkd_loss, hint_loss, kd_loss
+from .losses import deit_loss, dkd_loss, hint_loss, kd_loss
 from .models.registry import Registry, first_doc_line
 
 # loss(student_logits, teacher_logits, labels, epoch, hints) -> scalar; hints = (regressed student, teacher) features
@@ -69,6 +70,15 @@ def dkd(cfg: DistillConfig, label_smoothing: float) -> MethodLoss:
         warm = warmup_factor(epoch, cfg.dkd_warmup, cfg.epochs)
         return dkd_loss(student_logits, teacher_logits, labels, cfg.dkd_alpha, cfg.dkd_beta, cfg.tau, warm,
                         label_smoothing=label_smoothing, standardized=cfg.logit_std)
+
+    return loss
+
+
+@register_method("logits")
+def deit(cfg: DistillConfig, label_smoothing: float) -> MethodLoss:
+    """DeiT hard distillation: a distillation token's head learns the teacher's argmax (student vit_student_distilled)."""
+    def loss(student_logits, teacher_logits, labels, epoch, hints=None):
+        return deit_loss(*student_logits, teacher_logits, labels, cfg.alpha, label_smoothing)
 
     return loss
 

@@ -34,7 +34,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 NOT_COMPARED = ("resume", "fresh", "progress", "checkpoint_every", "log_every", "log_with", "data_tier", "data_budget_gb",
                 "data_workers")
 # fields added since a state or checkpoint may have been written, with the value that older runs had
-ADDED_FIELDS = {"dataset": "cifar10", "store_size": 0}
+ADDED_FIELDS = {"dataset": "cifar10", "store_size": 0, "aug_recipe": "none", "ema": 0.0, "tta": "none"}
 
 
 class StateError(KdfastError):

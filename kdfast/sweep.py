@@ -213,6 +213,8 @@ def use_together(cfg: SweepConfig, device_type: str) -> bool:
     (404 s against 271 s for one epoch; the benchmark's 1.37x at K = 2 was at batch 32)."""
     if cfg.together != "auto":
         return cfg.together == "on"
+    if cfg.method == "deit":  # two heads per student: not stacked
+        return False
     return device_type == "cuda"
 
 

@@ -42,7 +42,7 @@ def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
 
         def loss_step(model, batch):
             logits = model(batch.images)
-            return cross_entropy(logits, batch.labels, label_smoothing), logits
+            return cross_entropy(logits, batch.targets, label_smoothing), logits
 
         return fit(model, loss_step, data, cfg, runtime, run_dir, {"kd": None})
 

@@ -6,18 +6,28 @@ image), computed batch-wise on the device. One module a concept:
     cifar     the CIFAR view: pad + random crop + flip at the image's size
     rrc       ImageNet-style views: RandomResizedCrop + flip; resize + center crop for evaluation
     resample  the exact batched crop + antialiased resize both rrc views use
+    policy    RandAugment and TrivialAugmentWide on the views (torchvision's ops, per-sample parameters)
+    erasing   random erasing of a box of the normalized view
+    mixing    mixup and CutMix with a partner drawn from the whole training set
+    recipes   named recipes: the policies and label smoothing of CCT, DeiT, TrivialAugment
+
+Order, as timm's: view -> policy (uint8) -> normalize -> erasing -> mixing (with the partner's view, itself
+made the same way under its own index).
 """
 from __future__ import annotations
 
 import torch
 
 from .cifar import cifar_view, crop_flip_params
+from .erasing import erase, erase_boxes
+from .mixing import MixParams, mix, mix_params
+from .policy import apply_policy
 from .keyed import epoch_seed, sample_hash, splitmix64, uniform
 from .rrc import center_view, center_view_pil, rrc_boxes, rrc_view, rrc_view_pil
 from .spec import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DATASET_STATS, IMAGENET_MEAN,
                    IMAGENET_STD, AugmentSpec)
 
-__all__ = ["AugmentSpec", "augment", "eval_view", "views_of_pil", "normalize", "epoch_seed", "crop_flip_params", "rrc_boxes",
+__all__ = ["AugmentSpec", "MixParams", "augment", "mix", "mixing_params", "train_tensor", "with_policy", "eval_view", "views_of_pil", "normalize", "epoch_seed", "crop_flip_params", "rrc_boxes",
            "sample_hash", "splitmix64", "uniform", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
            "DATASET_STATS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -27,14 +37,36 @@ def _full_sizes(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def augment(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, spec: AugmentSpec,
-            sizes: torch.Tensor | None = None) -> torch.Tensor:
-    """The training views of the samples `indices` under augmentation seed `seed`; uint8 in, uint8 out.
+            sizes: torch.Tensor | None = None, cpu_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """The training views of the samples `indices` under augmentation seed `seed`, the policy applied; uint8 in,
+    uint8 out.
 
-    images_u8: (B, C, H, W) stored images; sizes: (B, 2) their true (h, w) inside that box (None: the whole box).
+    images_u8: (B, C, H, W) stored images; sizes: (B, 2) their true (h, w) inside that box (None: the whole box);
+    cpu_indices: the same indices on the CPU when `indices` are on a GPU (the policy draws there, with no sync).
     """
     if spec.view == "rrc":
-        return rrc_view(images_u8, indices, seed, spec, _full_sizes(images_u8) if sizes is None else sizes)
-    return cifar_view(images_u8, indices.to(images_u8.device), seed, spec)
+        views = rrc_view(images_u8, indices, seed, spec, _full_sizes(images_u8) if sizes is None else sizes)
+    else:
+        views = cifar_view(images_u8, indices.to(images_u8.device), seed, spec)
+    return with_policy(views, indices if cpu_indices is None else cpu_indices, seed, spec)
+
+
+def with_policy(views_u8: torch.Tensor, indices: torch.Tensor, seed: int, spec: AugmentSpec) -> torch.Tensor:
+    return apply_policy(views_u8, indices, seed, spec.policy, spec.policy_ops, spec.policy_magnitude)
+
+
+def train_tensor(views_u8: torch.Tensor, indices: torch.Tensor, seed: int | None, spec: AugmentSpec) -> torch.Tensor:
+    """Normalized float views; random erasing on when training (seed given) and the spec asks for it."""
+    out = normalize(views_u8, spec)
+    if seed is None or not spec.erasing:
+        return out
+    h, w = views_u8.shape[-2:]
+    return erase(out, erase_boxes(seed, indices, h, w, spec.erasing, spec.erasing_area, spec.erasing_ratio))
+
+
+def mixing_params(seed: int, indices: torch.Tensor, n: int, h: int, w: int, spec: AugmentSpec) -> MixParams:
+    """The partners, λ and CutMix boxes of the samples `indices` (CPU) of a training set of n samples."""
+    return mix_params(seed, indices, n, h, w, spec.mixup, spec.cutmix, spec.mix_prob, spec.switch_prob)
 
 
 def eval_view(images_u8: torch.Tensor, spec: AugmentSpec, sizes: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,7 +82,7 @@ def views_of_pil(images: list, indices: torch.Tensor, seed: int | None, spec: Au
     the same pixels as augment / eval_view of the same images as tensors."""
     if seed is None:
         return center_view_pil(images, spec, sizes)
-    return rrc_view_pil(images, indices, seed, spec, sizes)
+    return with_policy(rrc_view_pil(images, indices, seed, spec, sizes), indices, seed, spec)
 
 
 def normalize(images_u8: torch.Tensor, spec: AugmentSpec, channels_last: bool = False) -> torch.Tensor:

@@ -49,6 +49,14 @@ def uniform(seed: int, indices: torch.Tensor, stream: int) -> torch.Tensor:
     return shr(stream_hash(seed, indices, stream), 11).to(torch.float64) * 2.0 ** -53
 
 
+def uniforms(seed: int, indices: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """uniform(seed, indices, first + k) for k < count at once, float64 (B, count): the same bits, one hash chain."""
+    streams = torch.arange(first, first + count, dtype=torch.int64, device=indices.device) * 0x10001 + 1
+    keys = splitmix64(streams)[None, :]  # as stream_hash keys each stream
+    bits = splitmix64(sample_hash(seed, indices)[:, None] ^ keys)
+    return shr(bits, 11).to(torch.float64) * 2.0 ** -53
+
+
 def epoch_seed(run_seed: int, epoch: int) -> int:
     """The augmentation seed of an epoch of a run: distinct per epoch, fixed by the run seed."""
     return (run_seed * 1_000_003 + epoch) % (1 << 62)

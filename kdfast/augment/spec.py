@@ -16,6 +16,10 @@ DATASET_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_M
 # the fields a CIFAR view has always saved: its saved form stays exactly this, so older runs and caches match
 CIFAR_FIELDS = ("crop_size", "padding", "pad_mode", "flip", "mean", "std")
 RRC_FIELDS = ("view", "crop_size", "eval_size", "crop_fraction", "scale", "ratio", "flip", "mean", "std")
+# the policies' fields, saved only when the policy is on (a spec without policies saves what it always saved)
+POLICY_FIELDS = {"policy": ("policy", "policy_ops", "policy_magnitude"),
+                 "mixing": ("mixup", "cutmix", "mix_prob", "switch_prob"),
+                 "erasing": ("erasing", "erasing_area", "erasing_ratio")}
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,27 @@ class AugmentSpec:
     """rrc view: range of the crop's area as a fraction of the image's."""
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     """rrc view: range of the crop's aspect ratio (width / height), drawn log-uniformly."""
+    policy: Literal["none", "randaugment", "trivialaugment"] = "none"
+    """Per-sample augmentation policy on the view (torchvision's RandAugment / TrivialAugmentWide: their ops,
+    magnitudes and 31 bins), keyed by (seed, index)."""
+    policy_ops: int = 2
+    """randaugment: ops applied in sequence (torchvision's num_ops)."""
+    policy_magnitude: int = 9
+    """randaugment: magnitude bin, 0..30 (torchvision's magnitude)."""
+    mixup: float = 0.0
+    """Mixup's Beta(alpha, alpha) (0: off); the partner is drawn from the whole training set by the hash."""
+    cutmix: float = 0.0
+    """CutMix's Beta(alpha, alpha) (0: off)."""
+    mix_prob: float = 1.0
+    """Probability that a sample is mixed (mixup or CutMix on)."""
+    switch_prob: float = 0.5
+    """Probability of CutMix rather than mixup when both are on."""
+    erasing: float = 0.0
+    """Random erasing probability (0: off); the box is zeroed in the normalized view."""
+    erasing_area: tuple[float, float] = (0.02, 1 / 3)
+    """Random erasing: range of the box's area as a fraction of the view's."""
+    erasing_ratio: tuple[float, float] = (0.3, 3.3)
+    """Random erasing: range of the box's aspect ratio, drawn log-uniformly."""
     mean: tuple[float, float, float] = CIFAR10_MEAN
     """Normalization mean (default: the dataset's for the cifar view, ImageNet's for the rrc view)."""
     std: tuple[float, float, float] = CIFAR10_STD
@@ -62,7 +87,31 @@ class AugmentSpec:
         flip = " + flip" if self.flip else ""
         view = (f"RandomResizedCrop{flip} at {self.crop_size} px, eval {self.eval_resolution} px" if self.view == "rrc"
                 else f"pad {self.padding} + crop {self.crop_size}{flip}")
-        return f"views: {view}, {whose} mean/std"
+        return f"views: {view}{self.describe_policies()}, {whose} mean/std"
+
+    def describe_policies(self) -> str:
+        parts = []
+        if self.policy == "randaugment":
+            parts.append(f"RandAugment {self.policy_ops} ops m{self.policy_magnitude}")
+        elif self.policy == "trivialaugment":
+            parts.append("TrivialAugmentWide")
+        if self.mixup:
+            parts.append(f"mixup {self.mixup:g}")
+        if self.cutmix:
+            parts.append(f"CutMix {self.cutmix:g}")
+        if self.mixes and self.mix_prob < 1:
+            parts.append(f"mixed with p {self.mix_prob:g}")
+        if self.erasing:
+            parts.append(f"erasing {self.erasing:g}")
+        return "".join(" + " + p for p in parts)
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    def policy_fields(self) -> tuple[str, ...]:
+        on = {"policy": self.policy != "none", "mixing": self.mixes, "erasing": self.erasing > 0}
+        return tuple(f for group, names in POLICY_FIELDS.items() if on[group] for f in names)
 
     @property
     def eval_resolution(self) -> int:
@@ -72,7 +121,7 @@ class AugmentSpec:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if self.view == "rrc":
             d["eval_size"] = self.eval_resolution
-        return {k: d[k] for k in (RRC_FIELDS if self.view == "rrc" else CIFAR_FIELDS)}
+        return {k: d[k] for k in (RRC_FIELDS if self.view == "rrc" else CIFAR_FIELDS) + self.policy_fields()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AugmentSpec":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..augment import AugmentSpec, augment, eval_view, normalize, views_of_pil
+from ..augment import AugmentSpec, MixParams, augment, eval_view, mix, mixing_params, train_tensor, views_of_pil
 from .types import DataError, Split
 
 
@@ -23,20 +23,35 @@ class Batch:
     indices: torch.Tensor  # (B,) int64, sample indices into the split (-1: padding of an evaluation batch)
     aug_seed: int | None  # augmentation seed of these views (None: evaluation views)
     epoch: int = -1  # the training epoch (0-based) of these batches; -1 outside training
+    mix: tuple | None = None  # mixup / CutMix: (partner labels (B,), λ (B,) float32), on the device
+
+    @property
+    def targets(self):
+        """What the hard-label term is taken against: the labels, or (labels, partner labels, λ) when mixed."""
+        return self.labels if self.mix is None else (self.labels, *self.mix)
 
 
 def _permutation_seed(seed: int, epoch: int) -> int:
     return (seed * 7919 + epoch * 104_729 + 17) % (1 << 62)
 
 
-def _views(images_u8, indices, sizes, spec: AugmentSpec, aug_seed: int | None) -> torch.Tensor:
+def _views(images_u8, indices, sizes, spec: AugmentSpec, aug_seed: int | None, cpu_indices=None) -> torch.Tensor:
     if aug_seed is None:
         return eval_view(images_u8, spec, sizes)
-    return augment(images_u8, indices, aug_seed, spec, sizes)
+    return augment(images_u8, indices, aug_seed, spec, sizes, cpu_indices)
+
+
+def _mixing(spec: AugmentSpec, aug_seed: int | None, safe: torch.Tensor, n: int) -> MixParams | None:
+    """The chunk's mixing parameters when training views are mixed (None otherwise)."""
+    if aug_seed is None or not spec.mixes:
+        return None
+    size = spec.crop_size
+    return mixing_params(aug_seed, safe, n, size, size, spec)
 
 
 class _StepViews(torch.utils.data.Dataset):
-    """The worker side of the streamed tier: item k is chunk k's stored images decoded (and, on a CPU, viewed)."""
+    """The worker side of the streamed tier: item k is chunk k's stored images decoded (and, on a CPU, viewed),
+    with its mixing partners' when the views are mixed."""
 
     def __init__(self, split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed: int | None, view: bool):
         self.split, self.chunks, self.spec, self.aug_seed, self.view = split, chunks, spec, aug_seed, view
@@ -44,47 +59,81 @@ class _StepViews(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.chunks)
 
+    def _images(self, safe: torch.Tensor):
+        sizes = self.split.sizes[safe]
+        if self.view and self.spec.view == "rrc":  # decoded straight into Pillow, viewed there: no tensor copies
+            return views_of_pil(self.split.decode_pil(safe), safe, self.aug_seed, self.spec, sizes), sizes
+        images, sizes = self.split.decode(safe)
+        if self.view:
+            images = _views(images, safe, sizes, self.spec, self.aug_seed)
+        return images, sizes
+
     def __getitem__(self, k: int):
         idx = self.chunks[k]
         safe = idx.clamp(min=0)
-        sizes = self.split.sizes[safe]
-        if self.view and self.spec.view == "rrc":  # decoded straight into Pillow, viewed there: no tensor copies
-            images = views_of_pil(self.split.decode_pil(safe), safe, self.aug_seed, self.spec, sizes)
-        else:
-            images, sizes = self.split.decode(safe)
-            if self.view:
-                images = _views(images, safe, sizes, self.spec, self.aug_seed)
-        return images, self.split.labels[safe], idx, sizes
+        images, sizes = self._images(safe)
+        params = _mixing(self.spec, self.aug_seed, safe, len(self.split))
+        partner = None
+        if params is not None:
+            partner = (*self._images(params.partner), params.partner, params.lam, params.cut, params.box)
+        return images, self.split.labels[safe], idx, sizes, partner
 
 
 def is_streamed(split) -> bool:
     return not isinstance(split, Split)
 
 
+def _finish(views_u8, partner_views_u8, params: MixParams | None, safe, labels, spec, aug_seed, device,
+            channels_last: bool):
+    """Normalized (erased, mixed) views on the device, and the batch's mix (partner labels, λ) or None."""
+    out = train_tensor(views_u8, safe, aug_seed, spec)
+    mixed = None
+    if params is not None:
+        partner = train_tensor(partner_views_u8, params.partner, aug_seed, spec)
+        out = mix(out, partner, params)
+        mixed = (labels[params.partner.to(device)], params.lam.to(torch.float32).to(device))
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous(), mixed
+
+
 def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed: int | None, device,
                  channels_last: bool = False, workers: int = 2, images_on_device: torch.Tensor | None = None):
-    """(normalized views, labels, indices on the device) of each chunk of sample indices (CPU, -1 = padding)."""
+    """(normalized views, labels, indices on the device, mix) of each chunk of sample indices (CPU, -1 = padding);
+    mix: (partner labels, λ) where the views are mixed, else None."""
     device = torch.device(device)
     if not is_streamed(split):
         images = split.images.to(device) if images_on_device is None else images_on_device
         labels = split.labels.to(device)
+
+        def views_of(safe: torch.Tensor, on_device: torch.Tensor):
+            index = safe if spec.view == "rrc" else on_device  # rrc boxes come from CPU indices: no sync
+            return _views(images[on_device], index, split.sizes[safe], spec, aug_seed, safe)
+
         for idx in chunks:
             safe = idx.clamp(min=0)
             idx_on_device = idx.to(device)  # the one host-to-device copy of a step
             on_device = idx_on_device.clamp(min=0)
-            index = safe if spec.view == "rrc" else on_device  # rrc boxes come from CPU indices: no sync
-            views = _views(images[on_device], index, split.sizes[safe], spec, aug_seed)
-            yield normalize(views, spec, channels_last), labels[on_device], idx_on_device
+            params = _mixing(spec, aug_seed, safe, len(split))
+            partner = None if params is None else views_of(params.partner, params.partner.to(device))
+            out, mixed = _finish(views_of(safe, on_device), partner, params, safe, labels, spec, aug_seed, device,
+                                 channels_last)
+            yield out, labels[on_device], idx_on_device, mixed
         return
     view_in_worker = device.type == "cpu"
     loader = torch.utils.data.DataLoader(_StepViews(split, chunks, spec, aug_seed, view_in_worker), batch_size=None,
                                          shuffle=False, num_workers=workers, prefetch_factor=4 if workers else None,
                                          pin_memory=device.type == "cuda")
-    for images, labels, idx, sizes in loader:
+    labels_all = split.labels.to(device)
+    for images, labels, idx, sizes, partner in loader:
+        safe = idx.clamp(min=0)
         images = images.to(device, non_blocking=True)
+        params = None if partner is None else MixParams(*partner[2:])
+        partner_images = None if partner is None else partner[0].to(device, non_blocking=True)
         if not view_in_worker:
-            images = _views(images, idx.clamp(min=0), sizes, spec, aug_seed)
-        yield normalize(images, spec, channels_last), labels.to(device, non_blocking=True), idx.to(device)
+            images = _views(images, safe, sizes, spec, aug_seed, safe)
+            if partner is not None:
+                partner_images = _views(partner_images, params.partner, partner[1], spec, aug_seed, params.partner)
+        out, mixed = _finish(images, partner_images, params, safe, labels_all, spec, aug_seed, device, channels_last)
+        yield out, labels.to(device, non_blocking=True), idx.to(device), mixed
 
 
 def check_view(split, spec: AugmentSpec) -> None:
@@ -134,11 +183,12 @@ class TrainLoader:
 
     def epoch(self, epoch: int, aug_seed: int, start_step: int = 0):
         """The epoch's batches from start_step on (a resumed epoch skips the steps already done)."""
-        for images, labels, idx in view_batches(self.split, self.shares(epoch, start_step), self.spec, aug_seed,
-                                                self.device, self.channels_last, self.workers, self.images):
+        for images, labels, idx, mixed in view_batches(self.split, self.shares(epoch, start_step), self.spec,
+                                                       aug_seed, self.device, self.channels_last, self.workers,
+                                                       self.images):
             if is_streamed(self.split):
-                self.decoded += len(idx)
-            yield Batch(images, labels, idx, aug_seed, epoch)
+                self.decoded += len(idx) * (2 if mixed is not None else 1)
+            yield Batch(images, labels, idx, aug_seed, epoch, mixed)
 
 
 def eval_batches(split, batch_size: int, spec: AugmentSpec, device, process_index: int = 0,
@@ -155,5 +205,5 @@ def eval_batches(split, batch_size: int, spec: AugmentSpec, device, process_inde
     idx = torch.arange(lo + process_index, lo + process_index + per_process * num_processes, num_processes)
     idx = torch.where(idx < hi, idx, torch.full_like(idx, -1))
     chunks = [idx[start:start + batch_size] for start in range(0, per_process, batch_size)]
-    for images, labels, chunk in view_batches(split, chunks, spec, aug_seed, device, channels_last, workers):
-        yield Batch(images, labels, chunk, aug_seed)
+    for images, labels, chunk, mixed in view_batches(split, chunks, spec, aug_seed, device, channels_last, workers):
+        yield Batch(images, labels, chunk, aug_seed, mix=mixed)

@@ -11,10 +11,11 @@ from .registry import register_model
 PRETRAINED_TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 
-def _vit(depth: int, num_classes: int, pretrained: bool, drop_path_rate: float) -> nn.Module:
+def _vit(depth: int, num_classes: int, pretrained: bool, drop_path_rate: float,
+         arch: str = "vit_tiny_patch16_224") -> nn.Module:
     kwargs = dict(img_size=32, patch_size=4, embed_dim=192, num_heads=3, drop_path_rate=drop_path_rate)
     if not pretrained:
-        return timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, depth=depth, **kwargs)
+        return timm.create_model(arch, num_classes=num_classes, depth=depth, **kwargs)
     # timm resamples the 16x16 patch embedding and the position embedding to 4x4 / 8x8 when loading
     model = timm_model(PRETRAINED_TAG, num_classes, True, depth=12, **kwargs)
     model.blocks = model.blocks[:depth]  # a shallower student keeps the first blocks
@@ -31,6 +32,14 @@ def vit_tiny(num_classes: int = 10, pretrained: bool = False, drop_path_rate: fl
 def vit_student(num_classes: int = 10, pretrained: bool = False, drop_path_rate: float = 0.05) -> nn.Module:
     """ViT student: ViT-Tiny with 6 blocks (192-dim, 3 heads, 4x4 patches); 2.7M params."""
     return _vit(6, num_classes, pretrained, drop_path_rate)
+
+
+@register_model("vit")
+def vit_student_distilled(num_classes: int = 10, pretrained: bool = False, drop_path_rate: float = 0.05) -> nn.Module:
+    """ViT student with DeiT's distillation token and head (timm's VisionTransformerDistilled), for --method deit."""
+    if pretrained:
+        raise ValueError("vit_student_distilled has no pretrained weights: drop --pretrained")
+    return _vit(6, num_classes, False, drop_path_rate, arch="deit_tiny_distilled_patch16_224")
 
 
 @register_model("vit")
