@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from kdfast.augment import AugmentSpec, erase_boxes, mix_params
 from kdfast.augment.mixing import keyed_beta
-from kdfast.augment.policy import OPS, SPACES, apply_op, apply_policy, magnitude_of, policy_params
+from kdfast.augment.policy import (OPS, SPACES, apply_op, apply_op_batch, apply_policy, magnitude_of, magnitudes_of,
+                                   policy_params)
 from kdfast.augment.recipes import RECIPES, apply_recipe
 from kdfast.config import TrainConfig
 from kdfast.data import Split, TrainLoader
@@ -85,6 +86,22 @@ def test_every_op_follows_torchvision_per_image_and_identity_keeps_pixels():
                     assert torch.equal(out, x)
                 elif level == 30 or space[op][0] is None:
                     assert not torch.equal(out, x), (space_name, op, level)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+def test_every_op_with_a_magnitude_per_image_equals_torchvision_on_each_image(size):
+    """The batched ops (one magnitude per image: blends, masks, thresholds, affine grids) against torchvision's
+    functions called image by image: every bin with both signs, in one batch."""
+    level = torch.arange(31).repeat(2)
+    negative = torch.arange(62) >= 31
+    x = images(62, 48)[..., :size[0], :size[1]] // 2 + 40
+    for space_name, space in SPACES.items():
+        for op in OPS:
+            m = magnitudes_of(space, op, level, negative, *size)
+            batched = apply_op_batch(x, op, m)
+            one_by_one = torch.cat([apply_op(x[i:i + 1], op, magnitude_of(space, op, int(level[i]), bool(negative[i]),
+                                                                            *size)) for i in range(62)])
+            assert torch.equal(batched, one_by_one), (space_name, op, size)
 
 
 def test_policy_draws_ops_and_signs_evenly_and_randaugment_keeps_its_magnitude():
