@@ -453,7 +453,8 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
                   f"{tr.recipe.lr:g} {tr.recipe.schedule} | {runtime.precision} ({runtime.precision_reason}) on "
                   f"{runtime.device} x{acc.num_processes}")
     runtime.print(f"[{cfg.run_name}] {cfg.augment.describe()} | data: {data.tier} tier"
-                  + (f", stored at up to {data.store_size} px" if data.store_size else ""))
+                  + (f", stored at up to {data.store_size} px" if data.store_size else "")
+                  + (f" | EMA {cfg.ema:g}" if cfg.ema else "") + (f" | TTA {cfg.tta}" if cfg.tta != "none" else ""))
     wall_start = time.perf_counter()
 
     def wall_at() -> float:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from kdfast.augment import AugmentSpec, erase_boxes, mix_params
 from kdfast.augment.mixing import keyed_beta
-from kdfast.augment.policy import (OPS, SPACES, apply_op, apply_op_batch, apply_policy, magnitude_of, magnitudes_of,
-                                   policy_params)
+from kdfast.augment.ops import apply_op, apply_op_batch
+from kdfast.augment.policy import OPS, SPACES, apply_policy, magnitude_of, magnitudes_of, policy_params
 from kdfast.augment.recipes import RECIPES, apply_recipe
 from kdfast.config import TrainConfig
 from kdfast.data import Split, TrainLoader

@@ -6,7 +6,8 @@ image), computed batch-wise on the device. One module a concept:
     cifar     the CIFAR view: pad + random crop + flip at the image's size
     rrc       ImageNet-style views: RandomResizedCrop + flip; resize + center crop for evaluation
     resample  the exact batched crop + antialiased resize both rrc views use
-    policy    RandAugment and TrivialAugmentWide on the views (torchvision's ops, per-sample parameters)
+    policy    RandAugment and TrivialAugmentWide on the views: per-sample ops, signs and bins
+    ops       their 14 ops on a batch with a magnitude per image (torchvision's formulas, tested equal to it)
     erasing   random erasing of a box of the normalized view
     mixing    mixup and CutMix with a partner drawn from the whole training set
     recipes   named recipes: the policies and label smoothing of CCT, DeiT, TrivialAugment
