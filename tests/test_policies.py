@@ -9,11 +9,20 @@ import torch.nn.functional as F
 from kdfast.augment import AugmentSpec, erase_boxes, mix_params
 from kdfast.augment.mixing import keyed_beta
 from kdfast.augment.ops import apply_op, apply_op_batch
-from kdfast.augment.policy import OPS, SPACES, apply_policy, magnitude_of, magnitudes_of, policy_params
+from kdfast.augment.policy import OPS, SPACES, apply_policy, magnitudes_of, policy_params
 from kdfast.augment.recipes import RECIPES, apply_recipe
 from kdfast.config import TrainConfig
 from kdfast.data import Split, TrainLoader
 from kdfast.losses import cross_entropy, kd_loss
+
+def magnitude_of(space: dict, op: str, level: int, negative: bool, h: int, w: int) -> float:
+    """The reference: the magnitude torchvision's RandAugment.forward computes for one image."""
+    table, signed = space[op]
+    if table is None:
+        return 0.0
+    m = float(table(h, w)[level])
+    return -m if signed and negative else m
+
 
 ALL_ON = AugmentSpec(policy="randaugment", mixup=0.8, cutmix=1.0, erasing=0.5)
 SPECS = {"randaugment": replace(AugmentSpec(), policy="randaugment"),

@@ -29,6 +29,10 @@ class MixParams:
     cut: torch.Tensor  # (B,) bool: CutMix (else mixup, where lam < 1)
     box: torch.Tensor  # (B, 4) int64: CutMix (top, bottom, left, right), bottom/right exclusive
 
+    def to(self, device) -> "MixParams":
+        """The same parameters on `device` (drawn on the CPU, copied once per batch)."""
+        return MixParams(*(t.to(device, non_blocking=True) for t in (self.partner, self.lam, self.cut, self.box)))
+
 
 def keyed_gamma(seed: int, idx: torch.Tensor, stream: int, a: float) -> torch.Tensor:
     """Gamma(a, 1) samples per index (float64, CPU): Marsaglia and Tsang's method on keyed uniforms, with the
@@ -81,11 +85,10 @@ def mix_params(seed: int, indices: torch.Tensor, n: int, h: int, w: int, mixup: 
 
 def mix(images: torch.Tensor, partners: torch.Tensor, params: MixParams) -> torch.Tensor:
     """Mix float views (B, C, H, W) with their partners' views: CutMix pastes the partner's box, mixup blends
-    λ·own + (1 − λ)·partner's; unmixed samples (λ = 1) come out unchanged."""
-    dev = images.device
-    lam = params.lam.to(torch.float32).to(dev).view(-1, 1, 1, 1)
-    rest = (1.0 - params.lam).to(torch.float32).to(dev).view(-1, 1, 1, 1)
-    pasted = box_mask(params.box, *images.shape[-2:], dev)
+    λ·own + (1 − λ)·partner's; unmixed samples (λ = 1) come out unchanged. params: on the images' device."""
+    lam = params.lam.to(torch.float32).view(-1, 1, 1, 1)
+    rest = (1.0 - params.lam).to(torch.float32).view(-1, 1, 1, 1)
+    pasted = box_mask(params.box, *images.shape[-2:], images.device)
     blended = images * lam + partners * rest
-    cut = params.cut.to(dev).view(-1, 1, 1, 1)
+    cut = params.cut.view(-1, 1, 1, 1)
     return torch.where(cut, torch.where(pasted, partners, images), blended)

@@ -50,15 +50,6 @@ SPACES = {"randaugment": _RAND, "trivialaugment": _WIDE}
 OPS = tuple(_RAND)  # the same 14 ops, in torchvision's order, in both spaces
 
 
-def magnitude_of(space: dict, op: str, level: int, negative: bool, h: int, w: int) -> float:
-    """The magnitude torchvision uses for op at bin `level` (0..30), negated for a signed op drawn negative."""
-    table, signed = space[op]
-    if table is None:
-        return 0.0
-    m = float(table(h, w)[level])
-    return -m if signed and negative else m
-
-
 def policy_params(seed: int, indices: torch.Tensor, policy: str, ops: int, magnitude: int):
     """Per sample and op slot: (op index (B, S), bin (B, S), negative (B, S)), int64/bool on the CPU.
 
@@ -75,7 +66,8 @@ def policy_params(seed: int, indices: torch.Tensor, policy: str, ops: int, magni
 
 
 def magnitudes_of(space: dict, op: str, level: torch.Tensor, negative: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """magnitude_of for many samples of one op at once: float64 (G,) on the CPU."""
+    """The magnitudes torchvision uses for op at bins `level` (0..30), negated for a signed op drawn negative:
+    float64 (G,) on the CPU."""
     table, signed = space[op]
     if table is None:
         return torch.zeros(len(level), dtype=torch.float64)

@@ -83,15 +83,18 @@ def is_streamed(split) -> bool:
     return not isinstance(split, Split)
 
 
-def _finish(views_u8, partner_views_u8, params: MixParams | None, safe, labels, spec, aug_seed, device,
-            channels_last: bool):
-    """Normalized (erased, mixed) views on the device, and the batch's mix (partner labels, λ) or None."""
+def _finish(views_u8, partner_views_u8, params: MixParams | None, on_device: MixParams | None, safe, labels, spec,
+            aug_seed, channels_last: bool):
+    """Normalized (erased, mixed) views on the device, and the batch's mix (partner labels, λ) or None.
+
+    params: the mixing parameters on the CPU (erasing draws from their partner indices), on_device: the same on
+    the device (mixing and the targets read them)."""
     out = train_tensor(views_u8, safe, aug_seed, spec)
     mixed = None
     if params is not None:
         partner = train_tensor(partner_views_u8, params.partner, aug_seed, spec)
-        out = mix(out, partner, params)
-        mixed = (labels[params.partner.to(device)], params.lam.to(torch.float32).to(device))
+        out = mix(out, partner, on_device)
+        mixed = (labels[on_device.partner], on_device.lam.to(torch.float32))
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous(), mixed
 
 
@@ -113,8 +116,9 @@ def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed:
             idx_on_device = idx.to(device)  # the one host-to-device copy of a step
             on_device = idx_on_device.clamp(min=0)
             params = _mixing(spec, aug_seed, safe, len(split))
-            partner = None if params is None else views_of(params.partner, params.partner.to(device))
-            out, mixed = _finish(views_of(safe, on_device), partner, params, safe, labels, spec, aug_seed, device,
+            mixing = None if params is None else params.to(device)
+            partner = None if params is None else views_of(params.partner, mixing.partner)
+            out, mixed = _finish(views_of(safe, on_device), partner, params, mixing, safe, labels, spec, aug_seed,
                                  channels_last)
             yield out, labels[on_device], idx_on_device, mixed
         return
@@ -127,12 +131,13 @@ def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed:
         safe = idx.clamp(min=0)
         images = images.to(device, non_blocking=True)
         params = None if partner is None else MixParams(*partner[2:])
+        mixing = None if params is None else params.to(device)
         partner_images = None if partner is None else partner[0].to(device, non_blocking=True)
         if not view_in_worker:
             images = _views(images, safe, sizes, spec, aug_seed, safe)
             if partner is not None:
                 partner_images = _views(partner_images, params.partner, partner[1], spec, aug_seed, params.partner)
-        out, mixed = _finish(images, partner_images, params, safe, labels_all, spec, aug_seed, device, channels_last)
+        out, mixed = _finish(images, partner_images, params, mixing, safe, labels_all, spec, aug_seed, channels_last)
         yield out, labels.to(device, non_blocking=True), idx.to(device), mixed
 
 
