@@ -61,7 +61,7 @@ def bench_pair(teacher_name, student_name, data, args, runtime, workdir) -> dict
     ckpt = os.path.join(workdir, f"{teacher_name}_random.pth")
 
     t0 = time.perf_counter()
-    cache_path = build(BuildConfig(teacher=ckpt, out=os.path.join(workdir, f"{teacher_name}.h5"), seeds=1,
+    cache_path = build(BuildConfig(teacher=ckpt, out=os.path.join(workdir, f"{teacher_name}.h5"), slots=1,
                                    data=args.data, cache_dir=args.cache_dir, train_per_class=args.train_per_class,
                                    test_per_class=args.test_per_class, batch_size=args.build_batch_size,
                                    precision=args.precision, progress=False), runtime)

@@ -87,7 +87,7 @@ def main(argv=None):
     if not os.path.exists(teacher):
         subprocess.run(kdfast(args, "kdfast.train", "--model", teacher_model, "--name", "teacher", "--epochs",
                               str(args.teacher_epochs), *batch, "--resume"), check=True)
-    subprocess.run(kdfast(args, "kdfast.cache", "build", "--teacher", teacher, "--out", cache, "--seeds",
+    subprocess.run(kdfast(args, "kdfast.cache", "build", "--teacher", teacher, "--out", cache, "--slots",
                           str(args.student_epochs)), check=True)
     t_teacher = time.time() - t0
     jobs = []

@@ -1,6 +1,6 @@
 """Teacher-logit cache: the teacher's logits for every (augmentation seed, sample), precomputed into HDF5.
 
-    accelerate launch -m kdfast.cache build --teacher models_saved/cnn_teacher.pth --seeds 16 --out cache/cnn_teacher.h5
+    accelerate launch -m kdfast.cache build --teacher models_saved/cnn_teacher.pth --slots 16 --out cache/cnn_teacher.h5
     kdfast cache info cache/cnn_teacher.h5
     kdfast cache verify cache/cnn_teacher.h5 --teacher models_saved/cnn_teacher.pth --samples 64
 
@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Annotated, Literal, Optional
 
@@ -29,12 +29,13 @@ import tyro
 from . import __version__
 from .augment import AugmentSpec, epoch_seed
 from .augment.recipes import RECIPES as AUG_RECIPES, apply_recipe
-from .checkpoint import load_teacher, weights_sha256
+from .checkpoint import load_teacher, read_meta, weights_sha256
 from .config import DatasetName, Precision, check_augment, check_data_flags, check_int, resolved_store_size
 from .data import Dataset, view_batches
 from .engine import Runtime, accuracy_and_loss, load_data, make_runtime, on_main, predict
 from .errors import KdfastError, user_errors_exit
 from .files import FileLock, check_file_target
+from .flags import explained
 from .models import model_entry
 
 FORMAT = "kdfast-teacher-logits"
@@ -49,74 +50,131 @@ MATCHED_ATTRS = ("format", "format_version", "dataset_fingerprint", "classes", "
 BUILD_ATTRS = MATCHED_ATTRS + ("teacher_model", "teacher_sha256", "seeds", "topk", "train_size", "test_size")
 
 
+# the data flags a build takes from its teacher's .json when they are not given, and their values when it has none
+DATA_DEFAULTS = {"data": None, "dataset": "cifar10", "train_per_class": 0, "test_per_class": 0, "val_per_class": 0,
+                 "val_seed": 0, "store_size": 0}
+
+
 class CacheError(KdfastError):
     """A logit cache that cannot be used, with a message naming the file and the fix."""
 
 
+@explained
 @dataclass
 class BuildConfig:
     """Precompute a teacher's logits for each augmentation seed into an HDF5 file (no teacher pass at KD time)."""
 
     teacher: str = "models_saved/cnn_teacher.pth"
-    """Teacher checkpoint (.pth or .safetensors with its .json beside it)."""
+    """Teacher checkpoint (.pth or .safetensors with its .json beside it; `kdfast import` makes the .json of an
+    outside one)."""
+    teacher_weights: Optional[str] = None
+    """With --teacher a model name (resnet18, timm:NAME, torchvision:NAME): its weights, a plain state dict (.pth or
+    .safetensors, as trained outside kdfast), for a head of the data's number of classes. Default: none (--teacher
+    is a checkpoint)."""
+    teacher_pretrained: bool = False
+    """With --teacher a library model name: the library's pretrained weights (downloaded once), e.g. an ImageNet
+    teacher for ImageNet data."""
     out: Optional[str] = None
     """Output file; default: cache/<teacher name>.h5 (in --cache-dir)."""
-    seeds: int = 16
-    """Number of slots (augmentation seeds). One per epoch makes cached KD equal online KD."""
+    slots: int = 16
+    """Number of slots, one augmentation seed each: epoch e of a student trains on slot e mod SLOTS. One per student
+    epoch makes cached KD equal online KD."""
     seed: int = 0
     """Run seed: slot k holds the views that epoch k of a run with this --seed trains on."""
-    dataset: DatasetName = "cifar10"
-    """Which torchvision dataset a torchvision folder holds; also picks the normalization."""
+    dataset: Optional[DatasetName] = None
+    """Which torchvision dataset a torchvision folder holds; also picks the normalization. Default: the teacher's."""
     data: Optional[str] = None
-    """Data source (default: $KDFAST_DATA, else ./data); must be the data the student trains on."""
+    """Data source; must be the data the student trains on. Default: the teacher's (as recorded in its .json, where
+    that path exists), else $KDFAST_DATA, else ./data."""
     cache_dir: str = "cache"
-    train_per_class: int = 0
-    test_per_class: int = 0
-    store_size: int = 0
-    """Longest side of images as stored (0: auto; see kdfast train --help): must be the students' too."""
+    """Where decoded datasets are kept (and the cache itself, without --out)."""
+    train_per_class: Optional[int] = None
+    """Training images per class (0: all). Default: the teacher's subset, as recorded in its .json."""
+    test_per_class: Optional[int] = None
+    """Test images per class (0: all). Default: the teacher's."""
+    val_per_class: Optional[int] = None
+    """Training images per class held out as the validation split (see kdfast train --help). Default: the teacher's."""
+    val_seed: Optional[int] = None
+    """Seed of the validation split's draw. Default: the teacher's."""
+    store_size: Optional[int] = None
+    """Longest side of images as stored (0: auto; see kdfast train --help): must be the students' too. Default: the
+    teacher's."""
     data_tier: Literal["auto", "device", "stream"] = "auto"
     """device, stream or auto (by --data-budget-gb); see kdfast train --help."""
     data_budget_gb: float = 0.0
+    """Memory the device tier may take, in GB (0: half the device's free memory)."""
     data_workers: int = 2
+    """Background processes decoding the streamed tier's batches."""
     batch_size: int = 1000
+    """Images per teacher forward pass (per process)."""
     precision: Precision = "auto"
     """Teacher precision (auto: bf16 where it is fast)."""
     topk: int = -1
     """Store only the k largest logits per sample (+ one logit standing for the rest); 0: dense; -1: auto (dense up
     to 100 classes, top-AUTO_TOPK above: a 1,000-class slot of 1.28 M images is then 51 MiB, not 2.4 GiB)."""
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    """The students' training views (see kdfast train --help): slot k holds the teacher's logits of these views."""
     aug_recipe: Literal[tuple(AUG_RECIPES)] = "none"  # type: ignore[valid-type]
     """A named augmentation recipe (see kdfast train --help): the students' views, mixed ones included."""
     overwrite: bool = False
     """Replace an existing cache (or partial build) made with other settings."""
     progress: bool = True
+    """Show progress bars (main process only)."""
 
     def __post_init__(self):
-        self.augment = apply_recipe(self.augment, self.aug_recipe).for_dataset(self.dataset)
+        self.augment = apply_recipe(self.augment, self.aug_recipe).for_dataset(self.dataset or "cifar10")
+
+    def with_teacher_data(self, meta: dict, say) -> "BuildConfig":
+        """The data flags left unset, taken from the teacher's .json (its run's config): said in the log."""
+        recorded = meta.get("config", {})
+        taken = {}
+        for name, fallback in DATA_DEFAULTS.items():
+            if getattr(self, name) is None:
+                value = recorded.get(name, fallback)
+                if name == "data":
+                    value = value or (meta.get("data") or {}).get("source")
+                    if value and not (value.startswith("hf:") or os.path.exists(value)):
+                        value = None  # trained elsewhere: the default source
+                taken[name] = value
+        cfg = replace(self, **taken)
+        if "dataset" in taken and cfg.dataset != "cifar10":  # the normalization follows the dataset
+            cfg = replace(cfg, augment=cfg.augment.for_dataset(cfg.dataset))
+        shown = {k: v for k, v in taken.items() if v != DATA_DEFAULTS[k]}
+        if shown:
+            say(f"[cache] as the teacher was trained ({self.teacher}): "
+                + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items()))
+        return cfg
 
     def validate(self) -> None:
-        for name in ("seeds", "batch_size"):
+        for name in ("slots", "batch_size"):
             check_int(self, name, 1)
-        for name in ("seed", "train_per_class", "test_per_class"):
-            check_int(self, name, 0)
+        check_int(self, "seed", 0)
+        for name in DATA_DEFAULTS:
+            if name not in ("data", "dataset") and getattr(self, name) is not None:
+                check_int(self, name, 0)
         check_int(self, "topk", -1)
         check_augment(self.augment)
         check_data_flags(self)
 
 
+@explained
 @dataclass
 class InfoConfig:
     """Summarise a logit cache: teacher, data, seeds, completeness, teacher test accuracy."""
 
     file: Annotated[str, tyro.conf.Positional]
+    """The cache (.h5)."""
 
 
+@explained
 @dataclass
 class VerifyConfig:
     """Recompute random cache entries with the teacher online and report the largest difference."""
 
     file: Annotated[str, tyro.conf.Positional]
+    """The cache (.h5)."""
     teacher: str = "models_saved/cnn_teacher.pth"
+    """The teacher checkpoint the cache was built from."""
     samples: int = 64
     """How many random (slot, sample) entries to recompute."""
     data: Optional[str] = None
@@ -124,13 +182,17 @@ class VerifyConfig:
     train_per_class: Optional[int] = None
     """Default: the subset the cache was built on."""
     test_per_class: Optional[int] = None
+    """Default: the test subset the cache was built on."""
     data_tier: Literal["auto", "device", "stream"] = "auto"
     """device, stream or auto (by --data-budget-gb); see kdfast train --help."""
     data_budget_gb: float = 0.0
+    """Memory the device tier may take, in GB (0: half the device's free memory)."""
     cache_dir: str = "cache"
+    """Where decoded datasets are kept."""
     precision: Optional[Precision] = None
     """Default: the precision the cache was built with."""
     seed: int = 0
+    """Seed of the random choice of entries."""
 
 
 # ---------------------------------------------------------------- reading
@@ -218,7 +280,20 @@ class LogitCache:
         diff = differences(self.attrs, expected_attrs(data, spec), MATCHED_ATTRS + ("train_size",))
         if diff:
             raise CacheError(f"{self.path} does not match this run:\n  " + "\n  ".join(diff)
-                             + "\nBuild a cache with the run's data and augmentation settings.")
+                             + f"\nIt was built with {self.build_flags()} (and its views: {self.views()}); pass "
+                             "the same, or leave them unset to take the cache's, or build a cache with the run's.")
+
+    def build_flags(self) -> str:
+        """The data flags the cache was built with, as a command line would give them."""
+        a = self.attrs
+        flags = [f"--data {a['data_source']}"] if a.get("data_source") else []
+        flags += [f"--{k.replace('_', '-')} {a[k]}" for k in ("dataset", "train_per_class", "test_per_class",
+                                                              "val_per_class", "val_seed", "store_size")
+                  if a.get(k) not in (None, 0, "cifar10")]
+        return " ".join(flags) or "the default data and no subset"
+
+    def views(self) -> str:
+        return AugmentSpec.from_dict(self.attrs["augment"]).describe() if "augment" in self.attrs else "unknown"
 
     def slot_parts(self, slot: int) -> list[torch.Tensor]:
         """One slot as stored (float16, int16/int32): [logits (N, C)], or top-k [values (N, k), indices (N, k), rest (N,)]."""
@@ -431,18 +506,22 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str) -> str:
     from tqdm.auto import tqdm
 
     acc = runtime.accelerator
+    by_name = bool(cfg.teacher_weights or cfg.teacher_pretrained)
+    cfg = cfg.with_teacher_data({} if by_name else read_meta(cfg.teacher), runtime.print)
     store_size = resolved_store_size(cfg.augment, cfg.store_size)
     data = load_data(cfg, runtime, cfg.data, cfg.train_per_class, cfg.test_per_class, cfg.dataset, store_size)
-    teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device)
+    teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device, cfg.teacher_weights, cfg.teacher_pretrained)
     if cfg.topk >= len(data.classes):
         raise ValueError(f"--topk must be 0 (dense) or between 1 and {len(data.classes) - 1}, got {cfg.topk}")
     topk = resolve_topk(cfg.topk, len(data.classes), runtime.print)
     channels_last = model_entry(meta["model"]).family == "cnn"
-    seeds = [epoch_seed(cfg.seed, k) for k in range(cfg.seeds)]
+    seeds = [epoch_seed(cfg.seed, k) for k in range(cfg.slots)]
     attrs = {**expected_attrs(data, cfg.augment), "data_source": data.source, "dataset": cfg.dataset,
              "train_per_class": cfg.train_per_class, "store_size": store_size,
-             "test_per_class": cfg.test_per_class, "seeds": seeds, "topk": topk, "teacher_model": meta["model"],
-             "teacher_sha256": weights_sha256(teacher), "teacher_checkpoint": os.path.abspath(cfg.teacher),
+             "test_per_class": cfg.test_per_class, "val_per_class": cfg.val_per_class, "val_seed": cfg.val_seed,
+             "seeds": seeds, "topk": topk, "teacher_model": meta["model"],
+             "teacher_sha256": weights_sha256(teacher), "teacher_checkpoint": meta.get("weights_from") and f"{cfg.teacher} ({meta['weights_from']})"
+             or os.path.abspath(cfg.teacher),
              "precision": runtime.precision, "kdfast_version": __version__,
              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     f = None
@@ -483,7 +562,7 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str) -> str:
             bar.update(end - start)
         if acc.is_main_process:
             _mark_complete(f, slot)
-        runtime.print(f"[cache] slot {slot + 1}/{cfg.seeds} complete (seed {seeds[slot]})")
+        runtime.print(f"[cache] slot {slot + 1}/{cfg.slots} complete (seed {seeds[slot]})")
         acc.wait_for_everyone()
     bar.close()
     elapsed = time.perf_counter() - t0

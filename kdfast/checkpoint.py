@@ -59,10 +59,16 @@ def read_meta(path: str) -> dict:
     """The .json beside a .pth / .safetensors checkpoint."""
     meta_path = os.path.splitext(path)[0] + ".json"
     if not os.path.exists(path):
+        if _is_model_name(path):
+            raise FileNotFoundError(f"{path}: a model name, not a checkpoint. A teacher by name needs its weights: "
+                                    "--teacher-weights FILE (a plain state dict, .pth or .safetensors) or "
+                                    "--teacher-pretrained (the library's); or `kdfast import` them into a checkpoint.")
         raise FileNotFoundError(f"{path}: checkpoint not found. Train it first (kdfast train / kdfast lab) or fix the path.")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{meta_path}: missing. kdfast needs the .json it writes beside every checkpoint "
-                                "(it names the model); copy it along with the weights.")
+                                "(it names the model and its classes): copy it along with the weights; for weights "
+                                f"trained elsewhere, `kdfast import {path} --model NAME --data DATA` writes it (or "
+                                f"pass --teacher NAME --teacher-weights {path}).")
     fix = "Copy it again from where the checkpoint was trained, or train the model again."
     meta = read_json(meta_path, "checkpoint description", fix)
     missing = [k for k in META_FIELDS if k not in meta]
@@ -75,6 +81,24 @@ def read_meta(path: str) -> dict:
     except ValueError as e:
         raise KdfastError(f"{meta_path}: {e}") from None
     return meta
+
+
+def _is_model_name(name: str) -> bool:
+    try:
+        model_entry(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _unwrap_state(state):
+    """A state dict nested the usual ways ({"state_dict": ...}, {"model": ...}, DDP's "module." prefix) as a plain one."""
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict) and not isinstance(state.get(key), torch.Tensor):
+            state = state[key]
+    if isinstance(state, dict) and state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -92,6 +116,7 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
             first = "holds more than tensors, or is not a torch.save file"
         raise KdfastError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); the file is truncated, "
                           "damaged or not a kdfast checkpoint. Copy it again, or train the model again.") from None
+    state = _unwrap_state(state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KdfastError(f"{path}: holds no state dict of tensors; not a kdfast checkpoint. Point at the .pth or "
                           ".safetensors that kdfast train / distill wrote.")
@@ -111,9 +136,40 @@ def load_checkpoint(path: str, device="cpu") -> tuple[nn.Module, dict]:
     return model.to(device), meta
 
 
-def load_teacher(path: str, classes: list[str], device) -> tuple[nn.Module, dict]:
-    """A frozen teacher in eval mode, refused if it was trained on other classes."""
-    teacher, meta = load_checkpoint(path, device)
+def library_teacher(name: str, classes: list[str], weights: str | None = None, pretrained: bool = False,
+                    say=print) -> tuple[nn.Module, dict]:
+    """A teacher by model name (registered, timm:NAME or torchvision:NAME) with outside weights: a plain state dict
+    (.pth, .safetensors) or the library's pretrained ones; classes are the data's."""
+    model_entry(name)
+    if not weights and not pretrained:
+        raise ValueError(f"--teacher {name}: a model name needs its weights: --teacher-weights FILE or "
+                         "--teacher-pretrained")
+    model = create_model(name, num_classes=len(classes), pretrained=pretrained or None)
+    if pretrained:
+        say(f"[teacher] {name}: the library's pretrained weights with a head for this data's {len(classes)} classes "
+            "(a head of another size is newly initialised: fine-tune it first with kdfast train --pretrained)")
+    if weights:
+        state = _read_weights(weights)
+        target = model.model if hasattr(model, "model") and not any(k.startswith("model.") for k in state) else model
+        try:
+            target.load_state_dict(state)
+        except RuntimeError as e:
+            raise KdfastError(f"--teacher-weights {weights}: the weights do not fit {name} with {len(classes)} classes "
+                              f"({str(e).splitlines()[0][:200]}); check --teacher and the data's classes.") from None
+    meta = {"model": name, "classes": classes, "family": model_entry(name).family,
+            "weights_from": os.path.abspath(weights) if weights else "pretrained"}
+    return model, meta
+
+
+def load_teacher(path: str, classes: list[str], device, weights: str | None = None,
+                 pretrained: bool = False) -> tuple[nn.Module, dict]:
+    """A frozen teacher in eval mode: a kdfast checkpoint (refused if trained on other classes), or a model name with
+    --teacher-weights / --teacher-pretrained (library_teacher)."""
+    if weights or pretrained:
+        teacher, meta = library_teacher(path, classes, weights, pretrained)
+        teacher = teacher.to(device)
+    else:
+        teacher, meta = load_checkpoint(path, device)
     if meta["classes"] != classes:
         raise KdfastError(f"{path}: the teacher was trained on classes {meta['classes']}, but this data has {classes}. "
                          "Distil on the teacher's dataset, or train a teacher on this one.")

@@ -11,6 +11,7 @@ COMMANDS = {
     "evaluate": ("kdfast.evaluate", "evaluate a checkpoint on the test set"),
     "sweep": ("kdfast.sweep", "an alpha x tau grid with seeds from one teacher-logit cache: table, best point"),
     "lab": ("kdfast.lab", "the whole course lab: six checkpoints and report.json (--preset smoke|cpu|full)"),
+    "import": ("kdfast.import_weights", "make a checkpoint (.pth, .safetensors, .json) of weights trained elsewhere"),
     "report": ("kdfast.labreport", "rebuild report.json and report.md (table, curves, sweep) from a lab's saved runs"),
     "models": (None, "list the registered models and how to name any timm / torchvision model"),
     "methods": (None, "list the distillation methods (kdfast distill --method NAME)"),
@@ -19,7 +20,8 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: kdfast <command> [flags]   (kdfast <command> --help for its flags)", "", "commands:"]
+    lines = ["usage: kdfast <command> [flags]   (kdfast <command> --help for its flags; kdfast --version)", "",
+             "commands:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Multi-GPU / multi-node: accelerate launch -m kdfast.<command> [flags]"]
     return "\n".join(lines)
@@ -30,6 +32,11 @@ def main(argv: list[str] | None = None):
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V", "version"):
+        from . import __version__
+
+        print(f"kdfast {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"kdfast: unknown command {command!r}\n\n{usage()}", file=sys.stderr)

@@ -11,6 +11,8 @@ from typing import Literal, Optional
 
 from .augment import AugmentSpec
 from .augment.recipes import RECIPES as AUG_RECIPES, apply_recipe
+from .flags import explained
+from .machine import launcher_accumulation
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DatasetName = Literal["cifar10", "cifar100"]
@@ -94,10 +96,25 @@ def resolved_store_size(spec, store_size: int) -> int:
 
 
 def check_data_flags(cfg) -> None:
-    check_int(cfg, "store_size", 0)
+    if cfg.store_size is not None:  # None: taken from elsewhere (a cache build's teacher)
+        check_int(cfg, "store_size", 0)
     check_int(cfg, "data_workers", 0)
     check("data_tier", cfg.data_tier, cfg.data_tier in ("auto", "device", "stream"), "auto, device or stream")
     check_float(cfg, "data_budget_gb", 0.0)
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "aim": ("aim",)}
+
+
+def check_tracker(log_with: str) -> None:
+    """--log-with a tracker whose package is missing stops at start-up (Accelerate would only warn and train on)."""
+    import importlib.util
+
+    packages = TRACKER_PACKAGES.get(log_with, ())
+    if packages and not any(importlib.util.find_spec(p) for p in packages):
+        raise ValueError(f"--log-with {log_with}: the {packages[0]} package is not installed. pip install "
+                         f"{packages[0]} (and log in, where it needs it), or drop --log-with.")
 
 
 def check_grid(alphas, taus, alpha_flag: str = "alphas", tau_flag: str = "taus") -> None:
@@ -130,6 +147,7 @@ RECIPES = {
 }
 
 
+@explained
 @dataclass
 class TrainConfig:
     """Train one model with cross-entropy on CIFAR-style data: a teacher, or a student without KD."""
@@ -141,6 +159,7 @@ class TrainConfig:
     name: Optional[str] = None
     """Checkpoint name in out_dir (NAME.pth, .safetensors, .json, .metrics.jsonl); default: the model name."""
     out_dir: str = "models_saved"
+    """Where the run's checkpoint, metrics and resumable state are written."""
     dataset: DatasetName = "cifar10"
     """Which torchvision dataset a torchvision folder (or the download) holds; also picks the normalization."""
     data: Optional[str] = None
@@ -154,6 +173,13 @@ class TrainConfig:
     """Use only the first N training images of each class (0 = all)."""
     test_per_class: int = 0
     """Use only the first N test images of each class (0 = all)."""
+    val_per_class: int = 0
+    """Hold out N training images of each class as a validation split (before --train-per-class is taken from the
+    rest): the per-epoch metrics and a sweep's choice of its best point use it, the test set is evaluated once, at
+    the end (0: no validation split; the per-epoch metrics are then the test set's)."""
+    val_seed: int = 0
+    """Which images the validation split holds: a class-balanced draw fixed by this seed (not by --seed, so the runs
+    of a sweep share one split)."""
     store_size: int = 0
     """Longest side, in pixels, of images as stored (larger ones are reduced, keeping their aspect; 0: auto: for
     --augment.view rrc the eval crop's resize size, round(max(crop, eval size) / crop fraction), else their own size)."""
@@ -165,23 +191,38 @@ class TrainConfig:
     data_workers: int = 2
     """Background processes decoding the streamed tier's batches (0: in the training process)."""
     epochs: int = 30
+    """Training epochs (passes over the training set)."""
     batch_size: int = 256
-    """Global batch size (split evenly across processes)."""
+    """Global batch size: every optimizer step sees this many images, split evenly across processes and
+    --grad-accum micro-batches (the last incomplete batch of an epoch is dropped)."""
+    grad_accum: int = 0
+    """Gradient accumulation: micro-batches per optimizer step, through Accelerate, so a global batch tuned on N
+    devices runs on fewer (0: $ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1)."""
     eval_batch_size: int = 500
+    """Images per evaluation batch (global)."""
     eval_every: int = 1
-    """Evaluate on the test set every N epochs (the last epoch always)."""
+    """Evaluate every N epochs, on the validation split if there is one, else on the test set (the last epoch
+    always; 0: the last only)."""
     recipe: Literal["auto", "cnn", "vit"] = "auto"
     """Optimizer/schedule family; auto = the model's family."""
     optimizer: Optional[Literal["sgd", "adamw"]] = None
+    """sgd (Nesterov) or adamw. Default: the recipe's (cnn: sgd, vit: adamw)."""
     lr: Optional[float] = None
-    """Peak learning rate (default: the recipe's, scaled by batch_size/256)."""
+    """Peak learning rate. Default: the recipe's (cnn 0.1, vit 1e-3), scaled by --batch-size / 256."""
     weight_decay: Optional[float] = None
+    """Weight decay, on weights only (not biases, norms, embeddings). Default: the recipe's (cnn 5e-4, vit 0.05)."""
     momentum: Optional[float] = None
+    """SGD momentum, or AdamW's beta1. Default: the recipe's (0.9)."""
     schedule: Optional[Literal["onecycle", "cosine"]] = None
+    """Learning-rate schedule after the warm-up: onecycle (linear to 0) or cosine. Default: the recipe's (cnn
+    onecycle, vit cosine)."""
     warmup: Optional[float] = None
-    """Fraction of all steps spent warming up."""
+    """Fraction of all steps spent warming up linearly from 0. Default: the recipe's (cnn 0.15, vit 0.1)."""
     grad_clip: Optional[float] = None
+    """Maximum gradient norm (0: off). Default: the recipe's (cnn off, vit 1.0)."""
     label_smoothing: Optional[float] = None
+    """Label smoothing of the hard-label CE. Default: --aug-recipe's if it has one, else the recipe's (cnn 0, vit
+    0.1)."""
     pretrained: bool = False
     """Start from the library's pretrained weights (timm: Hugging Face hub, torchvision: torch hub; downloaded
     once, then read from the local cache)."""
@@ -190,7 +231,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model being trained."""
     seed: int = 0
+    """Run seed: the initial weights, the batch order and the augmentation seed of each epoch."""
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    """The training views and their policies (saved with the run and every cache; see README "Data")."""
     aug_recipe: Literal[tuple(AUG_RECIPES)] = "none"  # type: ignore[valid-type]
     """A named augmentation recipe: its policies fill the --augment fields left at their defaults, and its label
     smoothing --label-smoothing if unset. none; cct (RandAugment m9, mixup 0.8, CutMix 1.0, smoothing 0.1); deit
@@ -205,7 +248,8 @@ class TrainConfig:
     resume: bool = False
     """Continue an interrupted run from its saved state (out_dir/.state/NAME); refused if its config differs."""
     fresh: bool = False
-    """Discard an interrupted run's saved state and start over (without it, such a state is refused)."""
+    """Start over: discard an interrupted run's saved state, and replace a finished run of the same name trained with
+    another config (without it, both are refused)."""
     checkpoint_every: int = 0
     """Also save the resumable state every N optimizer steps (0: after every epoch only)."""
     progress: bool = True
@@ -215,6 +259,7 @@ class TrainConfig:
     (tensorboard writes to OUT_DIR/logs/NAME; wandb, mlflow, aim need their package and login)."""
 
     def __post_init__(self):
+        self.grad_accum = self.grad_accum or launcher_accumulation()
         self.augment = apply_recipe(self.augment, self.aug_recipe).for_dataset(self.dataset)
         recipe_smoothing = AUG_RECIPES[self.aug_recipe].label_smoothing
         if self.label_smoothing is None and recipe_smoothing is not None:
@@ -230,9 +275,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every numeric flag checked before any work: one sentence naming the flag."""
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
             check_int(self, name, 1)
-        for name in ("train_per_class", "test_per_class", "eval_every", "checkpoint_every", "seed"):
+        for name in ("train_per_class", "test_per_class", "val_per_class", "val_seed", "eval_every",
+                     "checkpoint_every", "seed"):
             check_int(self, name, 0)
         check_float(self, "lr", 0.0, low_open=True)
         check_float(self, "weight_decay", 0.0)
@@ -243,6 +289,7 @@ class TrainConfig:
         check_float(self, "ema", 0.0, 1.0)
         check_augment(self.augment)
         check_data_flags(self)
+        check_tracker(self.log_with)
         if self.resume and self.fresh:
             raise ValueError("--resume and --fresh exclude each other: --resume continues a saved state, "
                              "--fresh discards it")
@@ -261,19 +308,28 @@ class TrainConfig:
         return d
 
 
+@explained
 @dataclass
 class DistillConfig(TrainConfig):
     """Train a student with knowledge distillation from a trained teacher: online, or from a teacher-logit cache."""
 
     teacher: Optional[str] = None
-    """Teacher checkpoint (.pth or .safetensors with its .json beside it): run online on every batch. With
-    --teacher-cache it is optional, and if given it must be the teacher the cache was built from."""
+    """Teacher checkpoint (.pth or .safetensors with its .json beside it), or a model name with --teacher-weights /
+    --teacher-pretrained: run online on every batch. With --teacher-cache it is optional, and if given it must be the
+    teacher the cache was built from. Default: none (then --teacher-cache is needed)."""
+    teacher_weights: Optional[str] = None
+    """With --teacher a model name (resnet18, timm:NAME, torchvision:NAME) instead of a checkpoint: its weights, a
+    plain state dict (.pth or .safetensors, trained outside kdfast) for a head of the data's number of classes.
+    Default: none (--teacher is a checkpoint)."""
+    teacher_pretrained: bool = False
+    """With --teacher a library model name: the library's pretrained weights (downloaded once)."""
     alpha: float = 0.5
     """Weight of the hard-label CE; (1-alpha) weighs the soft KL term."""
     tau: float = 4.0
     """Softmax temperature of the soft targets."""
     teacher_cache: Optional[str] = None
-    """HDF5 teacher-logit cache (kdfast cache build): no teacher pass; epoch e trains on slot e mod S's views."""
+    """HDF5 teacher-logit cache (kdfast cache build): no teacher pass; epoch e trains on slot e mod S's views. The
+    data flags left unset are taken from it (data, subset, validation split, views). Default: none (teacher online)."""
     cache_slots: int = 0
     """Use only the first N slots of the cache (0 = all)."""
     method: str = "kd"
@@ -311,6 +367,7 @@ class DistillConfig(TrainConfig):
                              "(kdfast cache build)")
 
 
+@explained
 @dataclass
 class EvaluateConfig:
     """Evaluate a saved checkpoint on the test set."""
@@ -320,6 +377,7 @@ class EvaluateConfig:
     data: Optional[str] = None
     """Data source (default: the one recorded in the checkpoint's .json, else $KDFAST_DATA or ./data)."""
     cache_dir: str = "cache"
+    """Where decoded datasets are kept."""
     test_per_class: Optional[int] = None
     """Test subset per class (default: as recorded in the checkpoint's .json)."""
     batch_size: Optional[int] = None
@@ -329,12 +387,15 @@ class EvaluateConfig:
     data_tier: Literal["auto", "device", "stream"] = "auto"
     """device, stream or auto (by --data-budget-gb); see kdfast train --help."""
     data_budget_gb: float = 0.0
+    """Memory the device tier may take, in GB (0: half the device's free memory)."""
     data_workers: int = 2
+    """Background processes decoding the streamed tier's batches."""
     store_size: int = 0
     """Default (0): as the checkpoint's run stored its images."""
     tta: Optional[Literal["none", "flip", "translate"]] = None
     """Test-time augmentation (default: as the checkpoint's run evaluated it); see kdfast train --help."""
     progress: bool = True
+    """Show a progress bar."""
 
     def validate(self) -> None:
         check_data_flags(self)
@@ -344,6 +405,7 @@ class EvaluateConfig:
             check_int(self, "batch_size", 1)
 
 
+@explained
 @dataclass
 class LabConfig:
     """The whole course lab: two teachers, two baseline students, two KD students, then report.json.
@@ -355,23 +417,42 @@ class LabConfig:
     """
 
     preset: Literal["smoke", "cpu", "full", "imagenet"] = "smoke"
+    """The named set of defaults below (see the class description); the smoke preset writes under runs/smoke/."""
     dataset: DatasetName = "cifar10"
+    """Which torchvision dataset a torchvision folder (or the download) holds; also picks the normalization."""
     data: Optional[str] = None
     """Data source (default: $KDFAST_DATA, else ./data, where the dataset is downloaded when missing)."""
     download: bool = False
+    """Also download into an explicit --data folder when the dataset is missing there."""
     cache_dir: str = "cache"
+    """Where decoded datasets and the pairs' teacher-logit caches (<pair>_teacher.h5) are kept."""
     out_dir: str = "models_saved"
+    """Where the six checkpoints (and any sweep) are written."""
     report: str = "report.json"
+    """The report; report.md and its figures go beside it. Labs of other pairs merge theirs into the same file."""
     pairs: tuple[Literal["cnn", "vit"], ...] = ("cnn", "vit")
+    """Which teacher -> student pairs to run."""
     train_per_class: int = 0
+    """Use only the first N training images of each class (0 = all)."""
     test_per_class: int = 0
+    """Use only the first N test images of each class (0 = all)."""
+    val_per_class: int = 0
+    """Hold out N training images per class as a validation split for every run (see kdfast train --help): the
+    per-epoch metrics use it; report.json keeps the test accuracies and adds the validation ones in its details."""
+    val_seed: int = 0
+    """Seed of the validation split's draw."""
+    grad_accum: int = 0
+    """Gradient accumulation of every run (see kdfast train --help)."""
     cnn_teacher: str = "resnet18"
+    """The CNN pair's teacher: a registered or library model (`kdfast models`)."""
     cnn_student: str = "resnet8"
+    """The CNN pair's student."""
     vit_teacher: str = "vit_tiny"
     """Registered or library model (`kdfast models`); vit_tiny_224 is ViT-Tiny at its pretraining size (16x16
     patches, input resized to 224 on the device): with --vit-teacher-pretrained and a small --vit-teacher-lr it
     fine-tunes timm's ImageNet weights."""
     vit_student: str = "vit_student"
+    """The ViT pair's student."""
     cnn_teacher_pretrained: bool = False
     """Start the CNN teacher from its library's pretrained weights (downloaded once)."""
     vit_teacher_pretrained: bool = False
@@ -381,20 +462,31 @@ class LabConfig:
     vit_teacher_lr: Optional[float] = None
     """Default: the ViT recipe's (1e-3 per 256 images); a fine-tune wants about 1e-4."""
     cnn_teacher_epochs: int = 30
+    """Epochs of the CNN teacher."""
     cnn_student_epochs: int = 30
+    """Epochs of each CNN student (and slots of its logit cache)."""
     vit_teacher_epochs: int = 30
+    """Epochs of the ViT teacher."""
     vit_student_epochs: int = 30
+    """Epochs of each ViT student (and slots of its logit cache)."""
     cnn_batch_size: int = 256
+    """Global batch size of the CNN pair's runs."""
     vit_batch_size: int = 256
+    """Global batch size of the ViT pair's runs."""
     alpha: float = 0.5
     """KD: weight of the hard-label CE."""
     tau: float = 4.0
     """KD: temperature."""
     eval_every: int = 1
+    """Evaluate every N epochs (the last always); see kdfast train --help."""
     eval_batch_size: int = 500
+    """Images per evaluation batch."""
     precision: Precision = "auto"
+    """Precision of every run (see kdfast train --help)."""
     compile: bool = False
+    """torch.compile every model trained."""
     seed: int = 0
+    """Run seed of every run (and of the caches' slots)."""
     online: bool = False
     """Distil with the teacher run on every batch instead of from a teacher-logit cache (one slot per epoch)."""
     fresh: bool = False
@@ -410,9 +502,11 @@ class LabConfig:
     (kdfast sweep, with the no-KD baseline per seed) in OUT_DIR/sweep_<pair>, shown in report.md. The lab's own
     students are its points of the lab's --seed (and --alpha, --tau): copied there, not trained again."""
     sweep_taus: tuple[float, ...] = ()
+    """Temperatures of the sweep (with --sweep-alphas)."""
     sweep_seeds: int = 2
     """Seeds per sweep point (0..N-1)."""
     progress: bool = True
+    """Show progress bars (main process only)."""
     log_with: Tracker = "none"
     """Experiment trackers for every run (see kdfast train --help)."""
     augment: AugmentSpec = field(default_factory=AugmentSpec)
@@ -430,11 +524,14 @@ class LabConfig:
     data_tier: Literal["auto", "device", "stream"] = "auto"
     """device, stream or auto (by --data-budget-gb); see kdfast train --help."""
     data_budget_gb: float = 0.0
+    """Memory the device tier may take, in GB (0: half the device's free memory)."""
     data_workers: int = 2
+    """Background processes decoding the streamed tier's batches."""
 
     def validate(self) -> None:
         check_augment(self.augment)
         check_data_flags(self)
+        check_tracker(self.log_with)
         check_float(self, "ema", 0.0, 1.0)
         check("sweep_taus", self.sweep_taus, bool(self.sweep_alphas) == bool(self.sweep_taus),
               "given together with --sweep-alphas (both or neither)")
@@ -447,13 +544,15 @@ class LabConfig:
                 check_int(self, f"{pair}_{role}", 1)
             check_float(self, f"{pair}_teacher_lr", 0.0, low_open=True)
         check_int(self, "eval_batch_size", 1)
-        for name in ("train_per_class", "test_per_class", "eval_every", "checkpoint_every", "seed"):
+        for name in ("train_per_class", "test_per_class", "val_per_class", "val_seed", "eval_every",
+                     "checkpoint_every", "seed", "grad_accum"):
             check_int(self, name, 0)
         check_float(self, "alpha", 0.0, 1.0, high_open=False)
         check_float(self, "tau", 0.0, low_open=True)
         check("pairs", self.pairs, len(self.pairs) > 0, "one or more of cnn, vit")
 
 
+@explained
 @dataclass
 class SweepConfig:
     """An alpha x tau grid of KD students from one teacher-logit cache, each point with several seeds, plus the no-KD
@@ -462,7 +561,10 @@ class SweepConfig:
     pair: Literal["cnn", "vit"] = "cnn"
     """Picks the defaults of --model (resnet8 / vit_student) and --teacher-cache (cache/<pair>_teacher.h5, the lab's)."""
     model: Optional[str] = None
+    """The student model. Default: the pair's (resnet8, vit_student)."""
     teacher_cache: Optional[str] = None
+    """The teacher-logit cache every point reads; its data, subset, validation split and views are the sweep's.
+    Default: the pair's lab cache, cache/<pair>_teacher.h5."""
     alphas: tuple[float, ...] = (0.1, 0.5, 0.9)
     """Weights of the hard-label CE to try."""
     taus: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
@@ -472,30 +574,43 @@ class SweepConfig:
     method: str = "kd"
     """A method that reads teacher logits (kd, dkd); `kdfast methods`."""
     logit_std: bool = False
+    """Logit standardization at every point."""
     epochs: int = 30
+    """Epochs of every run."""
     batch_size: int = 256
+    """Global batch size of every run."""
     eval_batch_size: int = 500
+    """Images per evaluation batch."""
     eval_every: int = 0
     """Test every N epochs (the last epoch always; its accuracy is the one reported)."""
     data: Optional[str] = None
     """Default: the data the cache was built on."""
     cache_dir: str = "cache"
+    """Where decoded datasets are kept."""
     train_per_class: Optional[int] = None
     """Default: the subset the cache was built on."""
     test_per_class: Optional[int] = None
+    """Default: the test subset the cache was built on."""
     data_tier: Literal["auto", "device", "stream"] = "auto"
     """device, stream or auto (by --data-budget-gb); see kdfast train --help. The stored size comes from the cache."""
     data_budget_gb: float = 0.0
+    """Memory the device tier may take, in GB (0: half the device's free memory)."""
     data_workers: int = 2
+    """Background processes decoding the streamed tier's batches."""
     precision: Precision = "auto"
+    """Precision of every run (see kdfast train --help)."""
     out_dir: str = "runs/sweep"
     """Every run's checkpoint and metrics, and sweep.json, sweep.csv, sweep.md."""
     fresh: bool = False
     """Retrain every point (default: finished points are kept, an interrupted one resumes)."""
     checkpoint_every: int = 0
+    """Also save each run's resumable state every N optimizer steps (0: after every epoch only)."""
     progress: bool = True
+    """Show progress bars (main process only)."""
     log_with: Tracker = "none"
     """Experiment trackers for every run (see kdfast train --help)."""
+    grad_accum: int = 0
+    """Gradient accumulation of every run (see kdfast train --help)."""
     together: Literal["auto", "on", "off"] = "auto"
     """Train the KD points of one seed together in one pass (kdfast.group; same batches, each its own loss, metrics
     and checkpoint). auto: on a GPU; off on a CPU, where it was measured slower for both students (README)."""
@@ -506,6 +621,8 @@ class SweepConfig:
 
     def validate(self) -> None:
         check_int(self, "group_size", 0)
+        check_int(self, "grad_accum", 0)
+        check_tracker(self.log_with)
         check_int(self, "data_workers", 0)
         check_float(self, "data_budget_gb", 0.0)
         check("cache_slots", self.cache_slots, len(self.cache_slots) > 0 and all(
@@ -518,7 +635,9 @@ class SweepConfig:
 
 
 LAB_PRESETS = {
-    "smoke": LabConfig(preset="smoke", train_per_class=100, test_per_class=50, cnn_teacher_epochs=2,
+    # writes under runs/smoke/ (checkpoints, logit caches, report), never over a real lab's models_saved/ and report
+    "smoke": LabConfig(preset="smoke", out_dir="runs/smoke/models_saved", report="runs/smoke/report.json",
+                       cache_dir="runs/smoke/cache", train_per_class=100, test_per_class=50, cnn_teacher_epochs=2,
                        cnn_student_epochs=2, vit_teacher_epochs=2, vit_student_epochs=2, cnn_batch_size=100,
                        vit_batch_size=100),
     # measured on a 2-core AMX CPU in bf16 (img/s): resnet18 train 119 / infer 479, resnet8 train 2160,

@@ -8,15 +8,18 @@
 """
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import replace
 
 import torch
 import tyro
 
 from .cache import CachedTeacher, LogitCache
-from .checkpoint import load_checkpoint, load_teacher, weights_sha256
-from .config import DistillConfig
-from .engine import Runtime, accuracy_and_loss, fit, logging_dir, make_runtime, open_run
+from .checkpoint import load_teacher, weights_sha256
+from .augment import AugmentSpec
+from .config import DistillConfig, TrainConfig, resolved_store_size
+from .engine import Runtime, accuracy_and_loss, fit, logging_dir, make_runtime, open_run, process_state
 from .errors import KdfastError, user_errors_exit
 from .hints import HintedStudent, FeatureHook, feature_shape, hint_layers, make_regressor
 from .methods import method_entry
@@ -26,7 +29,7 @@ from .train import build_student
 
 def online_teacher(cfg: DistillConfig, data, runtime: Runtime):
     """(teacher_logits(batch), None: the default seed per epoch, kd metadata) with the teacher run on every batch."""
-    teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device)
+    teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device, cfg.teacher_weights, cfg.teacher_pretrained)
 
     def teacher_logits(batch):
         with torch.no_grad(), runtime.accelerator.autocast():
@@ -41,7 +44,7 @@ def cached_teacher(cfg: DistillConfig, data, runtime: Runtime):
     cache = LogitCache(cfg.teacher_cache)
     cache.check_matches(data, cfg.augment)
     if cfg.teacher:
-        check_same_teacher(cfg.teacher, cache)
+        check_same_teacher(cfg, cache)
     slots = len(cache.seeds) if cfg.cache_slots <= 0 else min(cfg.cache_slots, len(cache.seeds))
     served = CachedTeacher(cache, slots, runtime.device)
     if cfg.epochs > slots:
@@ -54,9 +57,10 @@ def cached_teacher(cfg: DistillConfig, data, runtime: Runtime):
         "teacher_accuracy": accuracy_and_loss(test_logits, test_labels)["accuracy"]}
 
 
-def check_same_teacher(teacher: str, cache: LogitCache) -> None:
+def check_same_teacher(cfg: DistillConfig, cache: LogitCache) -> None:
     """--teacher beside --teacher-cache must be the teacher the cache was built from (same weights)."""
-    model, meta = load_checkpoint(teacher)
+    teacher = cfg.teacher
+    model, meta = load_teacher(teacher, cache.attrs["classes"], "cpu", cfg.teacher_weights, cfg.teacher_pretrained)
     if weights_sha256(model) != cache.attrs["teacher_sha256"]:
         raise KdfastError(f"--teacher {teacher} ({meta['model']}) is not the teacher --teacher-cache {cache.path} was "
                           f"built from ({cache.attrs['teacher_model']}, weights {cache.attrs['teacher_sha256'][:16]}). "
@@ -95,7 +99,7 @@ def feature_method_run(cfg: DistillConfig, runtime: Runtime, run_dir, loss_fn) -
         raise ValueError(f"--method {cfg.method} needs the teacher's features, which a logit cache does not hold: "
                          "pass --teacher CKPT without --teacher-cache")
     data, student = build_student(cfg, runtime)
-    teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device)
+    teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device, cfg.teacher_weights, cfg.teacher_pretrained)
     layers = hint_layers(cfg.hint, meta["model"], cfg.model)
     image_shape = (3, cfg.augment.crop_size, cfg.augment.crop_size)  # a training view
     shapes = (feature_shape(student, layers[1], "student", image_shape, "cpu"),
@@ -133,11 +137,42 @@ def method_meta(cfg: DistillConfig) -> dict:
     return meta
 
 
+def with_cache_data(cfg: DistillConfig, say=print) -> DistillConfig:
+    """The data flags left at their defaults, taken from --teacher-cache (as kdfast sweep does), said in the log:
+    a cache serves only the data, subset and views it was built on."""
+    if not cfg.teacher_cache:
+        return cfg
+    cache = LogitCache(cfg.teacher_cache)
+    attrs = cache.attrs
+    cache.close()
+    defaults = TrainConfig(dataset=cfg.dataset)
+    taken = {}
+    for name in ("dataset", "train_per_class", "test_per_class", "val_per_class", "val_seed"):
+        if name in attrs and getattr(cfg, name) == getattr(defaults, name) and attrs[name] != getattr(cfg, name):
+            taken[name] = attrs[name]
+    source = attrs.get("data_source")
+    if cfg.data is None and source and (source.startswith("hf:") or os.path.exists(source)):
+        taken["data"] = source
+    spec = AugmentSpec.from_dict(attrs["augment"]) if "augment" in attrs else None
+    if spec is not None and cfg.aug_recipe == "none" and cfg.augment == defaults.augment and spec != cfg.augment:
+        taken["augment"] = spec
+    store = attrs.get("store_size", 0)
+    if cfg.store_size == 0 and store and store != resolved_store_size(taken.get("augment", cfg.augment), 0):
+        taken["store_size"] = store
+    if not taken:
+        return cfg
+    shown = [f"--{k.replace('_', '-')} {v}" for k, v in taken.items() if k != "augment"]
+    say(f"[{cfg.run_name}] as {cfg.teacher_cache} was built: " + " ".join(shown + (
+        [taken["augment"].describe()] if "augment" in taken else [])))
+    return replace(cfg, **taken)
+
+
 def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
+    cfg = with_cache_data(cfg, process_state().print)
     cfg.validate()  # refuse bad α, τ and every other number before any work
     method = method_entry(cfg.method)
     runtime = runtime or make_runtime(cfg.precision, find_unused_parameters=method.needs == "features",
-                                      log_with=cfg.log_with, logging_dir=logging_dir(cfg))
+                                      log_with=cfg.log_with, logging_dir=logging_dir(cfg), accumulate=cfg.grad_accum)
     with open_run(cfg, runtime) as run_dir:
         label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
         loss_fn = method.build(cfg, label_smoothing)

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, parse_flag_from_env
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, broadcast_object_list,
+                              parse_flag_from_env)
 from tqdm.auto import tqdm
 
 from .augment import epoch_seed
@@ -24,7 +25,7 @@ from .checkpoint import save_checkpoint
 from .config import Recipe, TrainConfig
 from .data import Batch, DataError, Dataset, Split, TrainLoader, default_budget, eval_batches, load_dataset
 from .errors import USER_ERRORS, Interrupted, KdfastError
-from .machine import accelerate_mixed_precision, resolve_precision
+from .machine import accelerate_mixed_precision, launcher_precision, resolve_precision
 from .models import count_parameters, model_entry
 from .rundir import RunDir, describe_progress
 from .together import clip_per_student
@@ -58,22 +59,35 @@ def process_state() -> PartialState:
     return PartialState(cpu=_use_cpu())
 
 
+def decide_precision(precision: str, device_type: str) -> tuple[str, str]:
+    """(precision used, what decided it): --precision when given; with auto, a precision `accelerate launch` was
+    told (its --mixed_precision or config file) wins over kdfast's own choice."""
+    launched = launcher_precision() if precision == "auto" else None
+    if launched is None:
+        return resolve_precision(precision, device_type)
+    used, reason = resolve_precision(launched[0], device_type)
+    return used, f"{launched[1]}, over --precision auto" + ("" if reason == "requested" else f"; {reason}")
+
+
 def make_runtime(precision: str = "auto", find_unused_parameters: bool = False, log_with: str = "none",
-                 logging_dir: str | None = None) -> Runtime:
-    """An Accelerator with the precision that is really fast here (see machine.resolve_precision).
+                 logging_dir: str | None = None, accumulate: int = 1) -> Runtime:
+    """An Accelerator with the precision that is really fast here (see decide_precision).
 
     find_unused_parameters: for losses that leave some parameters without a gradient in some steps
     (FitNets' stages), which DDP must then be told about. log_with: Accelerate's experiment trackers
     ("none", "tensorboard", "wandb", "mlflow", "aim", "all"), writing under logging_dir where they write files.
+    accumulate: micro-batches per optimizer step (Accelerate's gradient accumulation).
     """
     device_type = process_state().device.type
-    used, reason = resolve_precision(precision, device_type)
+    used, reason = decide_precision(precision, device_type)
     if device_type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     AcceleratorState._reset_state()  # lets one process run several runs (the lab, tests) in turn
+    GradientState._reset_state()
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     trackers = {} if log_with == "none" else {"log_with": log_with, "project_dir": logging_dir}
     accelerator = Accelerator(cpu=_use_cpu(), mixed_precision=accelerate_mixed_precision(used),
+                              gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulate),
                               kwargs_handlers=handlers, **trackers)
     return Runtime(accelerator, used, reason)
 
@@ -127,7 +141,8 @@ def load_data(cfg, runtime: Runtime, source: str | None, train_per_class: int, t
         data = load_dataset(source, cfg.cache_dir, getattr(cfg, "download", False), train_per_class, test_per_class,
                             log=runtime.print, dataset=dataset, store_size=store_size,
                             tier=getattr(cfg, "data_tier", "device"), budget=budget,
-                            progress=getattr(cfg, "progress", True) and acc.is_local_main_process)
+                            progress=getattr(cfg, "progress", True) and acc.is_local_main_process,
+                            val_per_class=getattr(cfg, "val_per_class", 0), val_seed=getattr(cfg, "val_seed", 0))
     batch = getattr(cfg, "batch_size", None) or 0
     one_batch = batch * 3 * data.train.box[0] * data.train.box[1]
     if getattr(cfg, "data_budget_gb", 0) and one_batch > budget:
@@ -161,9 +176,14 @@ def predict(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: 
 
 
 def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1 accuracy, mean CE and the sample count; top-5 accuracy too where there are more than 10 classes."""
     labels = labels.to(logits.device)
-    return {"accuracy": (logits.argmax(1) == labels).sum().item() / len(labels),
-            "loss": nn.functional.cross_entropy(logits, labels).item(), "samples": len(labels)}
+    result = {"accuracy": (logits.argmax(1) == labels).sum().item() / len(labels),
+              "loss": nn.functional.cross_entropy(logits, labels).item(), "samples": len(labels)}
+    if logits.shape[1] > 10:
+        top5 = logits.topk(5, dim=1).indices
+        result["top5"] = (top5 == labels[:, None]).any(1).sum().item() / len(labels)
+    return result
 
 
 def evaluate_model(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: int,
@@ -174,7 +194,8 @@ def evaluate_model(model: nn.Module, split: Split, spec, runtime: Runtime, batch
 
 
 def step_seed(run_seed: int, epoch: int, step: int, rank: int) -> int:
-    """The torch RNG seed of one training step (drop-path masks): resuming at any step needs no RNG state."""
+    """The torch RNG seed of one micro-batch (drop-path masks; rank: its piece of the global batch): resuming at any
+    step needs no RNG state, and one process accumulating N micro-batches draws what N processes draw."""
     return (((run_seed * 1_000_003 + epoch) * 1_000_033 + step) * 131 + rank) % (1 << 62)
 
 
@@ -238,7 +259,7 @@ def open_run(cfg: TrainConfig, runtime: Runtime):
     """The run's directory, locked for the whole run, with `resume_from` decided (before any data work).
 
     Refuses: an invalid name, a second writer of the same output, an interrupted state without
-    --resume / --fresh, a state written under another config.
+    --resume / --fresh, a state written under another config, a finished run under another config without --fresh.
     """
     run_dir = RunDir(cfg.out_dir, cfg.run_name)
 
@@ -247,7 +268,10 @@ def open_run(cfg: TrainConfig, runtime: Runtime):
         run_dir.lock.acquire(runtime.print)
         try:
             run_dir.remove_stale_temporaries(runtime.print)
-            return run_dir.check_resume(cfg.to_dict(), cfg.resume, cfg.fresh, runtime.print)
+            resume_from = run_dir.check_resume(cfg.to_dict(), cfg.resume, cfg.fresh, runtime.print)
+            if resume_from is None:
+                run_dir.check_overwrite(cfg.to_dict(), cfg.fresh, runtime.print)
+            return resume_from
         except BaseException:
             run_dir.lock.release()
             raise
@@ -311,15 +335,24 @@ class Training:
                 "seen": int(reduced["seen"].item())}
 
 
-def train_step(tr: Training, batch: Batch, global_step: int) -> torch.Tensor:
-    """One optimizer step on one batch; returns the (detached) loss. No host-device sync.
+def train_step(tr: Training, micro_batches: list[Batch], global_step: int) -> torch.Tensor:
+    """One optimizer step on the micro-batches of one global batch (one, unless --grad-accum), through Accelerate's
+    gradient accumulation (no gradient sync before the last); returns the (detached) loss. No host-device sync.
 
     K students together: the loss is their (K,) losses and the logits (K, B, classes); the gradient of the sum
     reaches each student's own parameters only, and clipping is per student.
     """
-    loss, logits = tr.loss_step(tr.model, batch)
-    tr.optimizer.zero_grad(set_to_none=True)
-    tr.acc.backward(loss.sum() if tr.students else loss)
+    step_loss, acc = 0.0, tr.acc
+    epoch, step = divmod(global_step, len(tr.loader))
+    for m, batch in enumerate(micro_batches):  # micro-batch m of this process is piece m * processes + rank
+        torch.manual_seed(step_seed(tr.cfg.seed, epoch, step, m * acc.num_processes + acc.process_index))
+        with tr.acc.accumulate(tr.model):
+            loss, logits = tr.loss_step(tr.model, batch)
+            tr.acc.backward(loss.sum() if tr.students else loss)  # divided by the micro-batches per step
+        loss = loss.detach()
+        step_loss = step_loss + loss / len(micro_batches)
+        tr.sums["correct"] += (logits.detach().argmax(-1) == batch.labels).sum(-1)
+        tr.sums["seen"] += len(batch.labels)
     if tr.recipe.grad_clip > 0:
         if tr.students:
             tr.acc.unscale_gradients()  # fp16: clip the true gradients, as clip_grad_norm_ does
@@ -328,14 +361,22 @@ def train_step(tr: Training, batch: Batch, global_step: int) -> torch.Tensor:
             tr.acc.clip_grad_norm_(tr.model.parameters(), tr.recipe.grad_clip)
     tr.optimizer.step()
     tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
     if tr.ema is not None:
         tr.ema.update_parameters(tr.trained())
-    loss = loss.detach()
-    tr.sums["loss"] += loss
-    tr.sums["correct"] += (logits.detach().argmax(-1) == batch.labels).sum(-1)
-    tr.sums["seen"] += len(batch.labels)
-    tr.bad_step = torch.where((tr.bad_step < 0) & ~torch.isfinite(loss).all(), global_step, tr.bad_step)
-    return loss.sum()
+    tr.sums["loss"] += step_loss
+    tr.bad_step = torch.where((tr.bad_step < 0) & ~torch.isfinite(step_loss).all(), global_step, tr.bad_step)
+    return step_loss.sum()
+
+
+def grouped(batches, size: int):
+    """Consecutive micro-batches in lists of `size`: one list per optimizer step."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
 
 
 def check_finite(tr: Training) -> None:
@@ -369,19 +410,20 @@ def run_epoch(tr: Training, epoch: int, start_step: int, aug_seed: int, stop: Pr
     cfg, acc, loader = tr.cfg, tr.acc, tr.loader
     check_every = 1 if acc.num_processes == 1 else LOG_EVERY  # a stop request is shared at check points
     finite_every = 1 if tr.runtime.device.type == "cpu" else LOG_EVERY  # .item() is a sync on a GPU
+    show_every = max(1, min(LOG_EVERY, len(loader) // 10))  # the bar's loss: about 10 updates an epoch, or more
     bar = tqdm(total=len(loader), initial=start_step, desc=f"{cfg.run_name} {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
     tr.model.train()  # evaluation left it in eval mode
     t0 = time.perf_counter()
-    for step, batch in enumerate(loader.epoch(epoch, aug_seed, start_step), start=start_step):
-        torch.manual_seed(step_seed(cfg.seed, epoch, step, acc.process_index))
+    for step, micro in enumerate(grouped(loader.epoch(epoch, aug_seed, start_step), loader.accumulate),
+                                 start=start_step):
         global_step = epoch * len(loader) + step
-        loss = train_step(tr, batch, global_step)
+        loss = train_step(tr, micro, global_step)
         bar.update(1)
         done = step + 1
         if done % finite_every == 0:
             check_finite(tr)
-        if step % LOG_EVERY == 0:
+        if done % show_every == 0 or done == len(loader):
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{tr.scheduler.get_last_lr()[0]:.3g}")
         signum = stop.requested(acc) if done % check_every == 0 or done == len(loader) else 0
         if signum or (cfg.checkpoint_every and (global_step + 1) % cfg.checkpoint_every == 0 and done < len(loader)):
@@ -406,7 +448,7 @@ def setup_training(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: Tr
     channels_last = entry.family == "cnn"
     recipe = cfg.resolved_recipe(entry.family)
     loader = TrainLoader(data.train, cfg.batch_size, cfg.seed, cfg.augment, runtime.device,
-                         acc.process_index, acc.num_processes, channels_last, cfg.data_workers)
+                         acc.process_index, acc.num_processes, channels_last, cfg.data_workers, cfg.grad_accum)
     total_steps = cfg.epochs * len(loader)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -448,7 +490,10 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
     if acc.is_main_process:  # epochs that will be redone are dropped
         records = [r for r in run_dir.read_metrics() if r["epoch"] < progress["epoch"]]
         run_dir.write_metrics(records)
-    runtime.print(f"[{cfg.run_name}] {cfg.model}: {params:,} params | {len(data.train)} train / {len(data.test)} test "
+    for line in batch_warnings(len(data.train), cfg.batch_size, len(tr.loader)):
+        runtime.print(f"[{cfg.run_name}] {line}")
+    val = f" / {len(data.val)} val" if data.val is not None else ""
+    runtime.print(f"[{cfg.run_name}] {cfg.model}: {params:,} params | {len(data.train)} train{val} / {len(data.test)} test "
                   f"| {cfg.epochs} epochs x {len(tr.loader)} steps of {cfg.batch_size} | {tr.recipe.optimizer} lr "
                   f"{tr.recipe.lr:g} {tr.recipe.schedule} | {runtime.precision} ({runtime.precision_reason}) on "
                   f"{runtime.device} x{acc.num_processes}")
@@ -460,9 +505,9 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
     def wall_at() -> float:
         return progress["wall_time_s"] + time.perf_counter() - wall_start
 
-    test, train_img_s = {}, 0.0
+    evals, train_img_s = {}, 0.0
     for epoch, epoch_time in train_epochs(tr, progress, aug_seed_for_epoch, wall_at):
-        record, test = end_epoch(tr, data, epoch, epoch_time)
+        record, evals = end_epoch(tr, data, epoch, epoch_time)
         train_img_s = record["img_per_s"]
         record["wall_time_s"] = round(wall_at(), 1)
         if acc.is_main_process:
@@ -470,7 +515,24 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
             run_dir.write_metrics(records)
         if cfg.log_with != "none":  # the same numbers as the metrics line, at step = epochs done
             acc.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}, step=epoch + 1)
-    return finish(tr, data, test, params, train_img_s, wall_at(), extra_meta)
+    return finish(tr, data, evals, params, train_img_s, wall_at(), extra_meta)
+
+
+FEW_STEPS = 10  # fewer optimizer steps per epoch than this: said at the start of the run
+
+
+def batch_warnings(n: int, batch: int, steps: int) -> list[str]:
+    """What the log says of an epoch's batches: the dropped tail (once), and too few steps to learn."""
+    lines = []
+    if n % batch:
+        lines.append(f"note: {n % batch} of the {n:,} training images are left out of each epoch (the last incomplete "
+                     f"batch of the epoch's shuffle is dropped; each epoch another {n % batch})")
+    if steps < FEW_STEPS:
+        better = max(1, n // FEW_STEPS)
+        lines.append(f"warning: only {steps} optimizer step{'s' * (steps != 1)} per epoch ({n:,} training images in "
+                     f"batches of {batch}): too few to learn much; lower --batch-size (about {better} gives "
+                     f"{n // better} steps) or use more data")
+    return lines
 
 
 def train_epochs(tr: Training, progress: dict, aug_seed_for_epoch: Callable[[int], int], wall_at):
@@ -524,27 +586,49 @@ def tracking(tr: Training):
 
 
 def end_epoch(tr: Training, data: Dataset, epoch: int, epoch_time: float) -> tuple[dict, dict]:
-    """The epoch's metrics record (train sums, img/s, and the test set when it is due), printed."""
+    """The epoch's metrics record (train sums, img/s, the validation or test set when due), printed; and the
+    evaluations made."""
     cfg, acc = tr.cfg, tr.acc
     sums = tr.global_sums()  # over the whole epoch and every process, resumed parts included
-    train_loss = sums["loss"] / (len(tr.loader) * acc.num_processes)  # mean of the per-process batch means
+    train_loss = sums["loss"] / (len(tr.loader) * acc.num_processes)  # mean of the per-process step means
     train_acc = sums["correct"] / max(1, sums["seen"])
     img_s = sums["seen"] / max(epoch_time, 1e-9)
     record = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_accuracy": round(train_acc, 5),
               "lr": tr.scheduler.get_last_lr()[0], "img_per_s": round(img_s, 1),
               "epoch_time_s": round(epoch_time, 2), "precision": tr.runtime.precision}
-    test = {}
-    if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-        test = evaluate_model(tr.exported(), data.test, cfg.augment, tr.runtime, cfg.eval_batch_size,
-                              tr.loader.channels_last, cfg.data_workers, cfg.tta)
-        record.update(test_accuracy=test["accuracy"], test_loss=round(test["loss"], 5))
+    fields, evals = evaluations(tr, tr.exported(), data, epoch)
+    record.update(fields)
+    shown = "".join(f" {k.split('_')[0]} {record[k]:.4f}" for k in ("val_accuracy", "test_accuracy") if k in record)
     tr.runtime.print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} loss {train_loss:.4f} train {train_acc:.4f}"
-                     + (f" test {record['test_accuracy']:.4f}" if test else "")
-                     + f" | {img_s:,.0f} img/s | {epoch_time:.1f}s")
-    return record, test
+                     + shown + f" | {img_s:,.0f} img/s | {epoch_time:.1f}s")
+    return record, evals
 
 
-def checkpoint_meta(cfg: TrainConfig, tr: Training, data: Dataset, test: dict, params: int, train_img_s: float,
+def evaluations(tr: Training, model: nn.Module, data: Dataset, epoch: int | None = None) -> tuple[dict, dict]:
+    """(metric fields, {"val": result, "test": result}) of what is evaluated after an epoch (None: at the end).
+
+    With a validation split it is the per-epoch metric (every --eval-every epochs and the last) and the test set
+    is evaluated at the last epoch only; without one the test set is evaluated as the validation split would be."""
+    cfg = tr.cfg
+    last = epoch is None or epoch + 1 == cfg.epochs
+    due = last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)
+    splits = ([("val", data.val)] if due and data.val is not None else []) + \
+        ([("test", data.test)] if last or (due and data.val is None) else [])
+    fields, evals = {}, {}
+    for name, split in splits:
+        evals[name] = evaluate_model(model, split, cfg.augment, tr.runtime, cfg.eval_batch_size,
+                                     tr.loader.channels_last, cfg.data_workers, cfg.tta)
+        fields.update(prefixed(name, evals[name]))
+    return fields, evals
+
+
+def prefixed(split: str, result: dict) -> dict:
+    """A split's evaluation as metric fields: val_accuracy, val_loss (rounded), val_top5."""
+    out = {f"{split}_accuracy": result["accuracy"], f"{split}_loss": round(result["loss"], 5)}
+    return out | ({f"{split}_top5": result["top5"]} if "top5" in result else {})
+
+
+def checkpoint_meta(cfg: TrainConfig, tr: Training, data: Dataset, evals: dict, params: int, train_img_s: float,
                     wall: float, extra_meta: dict | None) -> dict:
     """What a checkpoint's .json says of the run `cfg` (a student of a group passes its own config).
 
@@ -558,7 +642,9 @@ def checkpoint_meta(cfg: TrainConfig, tr: Training, data: Dataset, test: dict, p
         described["decoded_per_process"] = (acc.gather(count) if acc.num_processes > 1 else count).tolist()
     return {
         "model": cfg.model, "family": model_entry(cfg.model).family, "parameters": params, "classes": data.classes,
-        "test_accuracy": test["accuracy"], "test_samples": test["samples"],
+        "test_accuracy": evals["test"]["accuracy"], "test_samples": evals["test"]["samples"],
+        **({"test_top5": evals["test"]["top5"]} if "top5" in evals["test"] else {}),
+        **({"val_accuracy": evals["val"]["accuracy"], "val_samples": evals["val"]["samples"]} if "val" in evals else {}),
         "epochs": cfg.epochs, "seed": cfg.seed, "train_img_per_s": round(train_img_s, 1),
         "wall_time_s": round(wall, 1), "precision": runtime.precision, "precision_reason": runtime.precision_reason,
         "device": str(runtime.device), "num_processes": acc.num_processes,
@@ -568,18 +654,18 @@ def checkpoint_meta(cfg: TrainConfig, tr: Training, data: Dataset, test: dict, p
     }
 
 
-def finish(tr: Training, data: Dataset, test: dict, params: int, train_img_s: float, wall: float,
+def finish(tr: Training, data: Dataset, evals: dict, params: int, train_img_s: float, wall: float,
            extra_meta: dict | None) -> dict:
     """Evaluate if needed, write the checkpoint, remove the state; returns the checkpoint's metadata."""
     cfg, acc, runtime = tr.cfg, tr.acc, tr.runtime
     final_model = tr.exported()
-    if not test:  # nothing left to train after a resume
-        test = evaluate_model(final_model, data.test, cfg.augment, runtime, cfg.eval_batch_size, tr.loader.channels_last,
-                              cfg.data_workers, cfg.tta)
-    meta = checkpoint_meta(cfg, tr, data, test, params, train_img_s, wall, extra_meta)
+    if "test" not in evals:  # nothing left to train after a resume
+        evals = evaluations(tr, final_model, data)[1]
+    meta = checkpoint_meta(cfg, tr, data, evals, params, train_img_s, wall, extra_meta)
     if acc.is_main_process:
         save_checkpoint(cfg.out_dir, cfg.run_name, final_model, meta)
-        runtime.print(f"[{cfg.run_name}] test accuracy {test['accuracy']:.4f} | wall {wall:.1f}s | "
+        runtime.print(f"[{cfg.run_name}] " + (f"val accuracy {evals['val']['accuracy']:.4f} | " if "val" in evals else "")
+                      + f"test accuracy {evals['test']['accuracy']:.4f} | wall {wall:.1f}s | "
                       f"saved {tr.run_dir.paths['pth']}")
         tr.run_dir.clear_state()
     acc.wait_for_everyone()

@@ -25,6 +25,17 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _close_process_group() -> None:
+    """Leave the distributed job cleanly once the command is done: every process meets, then the group is destroyed
+    (a gloo process exiting with the group alive can abort in its threads: "terminate called without an active
+    exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def user_errors_exit(main):
     """Wrap an entry point: user errors print `kdfast: error: ...` and exit 2 (KDFAST_DEBUG=1 shows the traceback);
     a run stopped by a signal after saving its state exits 128 + signal, Ctrl-C elsewhere 130."""
@@ -32,7 +43,9 @@ def user_errors_exit(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            _close_process_group()
+            return result
         except USER_ERRORS as e:
             if os.environ.get("KDFAST_DEBUG"):
                 raise

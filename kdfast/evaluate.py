@@ -37,10 +37,22 @@ def run(cfg: EvaluateConfig) -> dict:
     result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last, cfg.data_workers, tta)
     result.update(checkpoint=cfg.checkpoint, model=meta["model"], precision=runtime.precision, tta=tta,
                   recorded_accuracy=meta.get("test_accuracy"))
-    match = "matches" if result["accuracy"] == result["recorded_accuracy"] else "differs from"
     runtime.print(f"{cfg.checkpoint}: {meta['model']} test accuracy {result['accuracy']:.4f} on {result['samples']} "
-                  f"samples ({runtime.precision}{', TTA ' + tta if tta != 'none' else ''}); {match} the recorded {result['recorded_accuracy']}")
+                  f"samples ({runtime.precision}{', TTA ' + tta if tta != 'none' else ''}); "
+                  + comparison(result, meta, test_per_class != recorded.get("test_per_class", 0)))
     return result
+
+
+def comparison(result: dict, meta: dict, other_subset: bool) -> str:
+    """How the accuracy compares with the one recorded at training time, on the same test set or another one."""
+    recorded = meta.get("test_accuracy")
+    if recorded is None:
+        return "no accuracy was recorded with it (an imported checkpoint)"
+    if other_subset or result["samples"] != meta.get("test_samples", result["samples"]):
+        return (f"recorded at training time: {recorded:.4f} on {meta.get('test_samples')} samples, another test subset "
+                "(not comparable)")
+    same = "matches" if result["accuracy"] == recorded else "differs from"
+    return f"{same} the recorded {recorded:.4f}"
 
 
 @user_errors_exit

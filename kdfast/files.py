@@ -48,11 +48,18 @@ def temp_name(path: str) -> str:
     return f"{path}.tmp{os.getpid()}"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_temp(path: str, write) -> str:
     """write(tmp) to a temporary name beside `path`, synced; the temporary is removed if anything fails."""
     tmp = temp_name(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it: some writers (safetensors) create files 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except BaseException as e:

@@ -24,7 +24,7 @@ from .checkpoint import save_checkpoint
 from .config import DistillConfig, TrainConfig
 from .data import Dataset
 from .distill import cached_teacher, method_meta
-from .engine import (Runtime, checkpoint_meta, evaluate_model, logging_dir, make_runtime, open_run,
+from .engine import (Runtime, checkpoint_meta, evaluations, logging_dir, make_runtime, on_main, open_run,
                      setup_training, train_epochs)
 from .methods import method_entry
 from .models import count_parameters, create_model, model_entry
@@ -36,7 +36,8 @@ from .together import together
 SHARED = ("model", "seed", "epochs", "batch_size", "data", "dataset", "train_per_class", "test_per_class", "augment",
           "store_size",
           "precision", "out_dir", "eval_every", "eval_batch_size", "recipe", "lr", "optimizer", "weight_decay",
-          "momentum", "schedule", "warmup", "grad_clip", "label_smoothing", "aug_recipe", "ema", "tta")
+          "momentum", "schedule", "warmup", "grad_clip", "label_smoothing", "aug_recipe", "ema", "tta",
+          "grad_accum", "val_per_class", "val_seed")
 
 
 @dataclass
@@ -84,7 +85,8 @@ def run(members: list[TrainConfig], name: str, runtime: Runtime | None = None) -
     for m in members:
         m.validate()
     cfg = group_config(name, members)
-    runtime = runtime or make_runtime(cfg.precision, log_with=cfg.log_with, logging_dir=logging_dir(cfg))
+    runtime = runtime or make_runtime(cfg.precision, log_with=cfg.log_with, logging_dir=logging_dir(cfg),
+                                      accumulate=cfg.grad_accum)
     with ExitStack() as stack:
         run_dir = stack.enter_context(open_run(cfg, runtime))
         if runtime.accelerator.is_main_process:  # one writer per member's files too
@@ -92,6 +94,8 @@ def run(members: list[TrainConfig], name: str, runtime: Runtime | None = None) -
                 lock = RunDir(m.out_dir, m.run_name).lock
                 lock.acquire(runtime.print)
                 stack.callback(lock.release)
+        on_main(runtime.accelerator, lambda: [RunDir(m.out_dir, m.run_name).check_overwrite(
+            m.to_dict(), m.fresh, runtime.print) for m in members])
         return _train(members, cfg, runtime, run_dir)
 
 
@@ -147,14 +151,11 @@ def student(tr, plain, i: int):
     return model.to(memory_format=torch.channels_last) if tr.loader.channels_last else model
 
 
-def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall) -> tuple[list[dict] | None, float]:
+def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall) -> tuple[list[dict], float]:
     cfg = tr.cfg
     sums = tr.global_sums()
     steps = len(tr.loader) * tr.acc.num_processes
-    due = epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)
-    tests = [evaluate_model(student(tr, plain, i), data.test, cfg.augment, tr.runtime, cfg.eval_batch_size,
-                            tr.loader.channels_last, cfg.data_workers, cfg.tta)
-             for i in range(len(members))] if due else None
+    evaluated = [evaluations(tr, student(tr, plain, i), data, epoch) for i in range(len(members))]
     img_s = sums["seen"] / max(epoch_time, 1e-9)  # per student: what each run's metrics and .json say
     for i, m in enumerate(members):
         record = {"epoch": epoch, "train_loss": round(sums["loss"][i] / steps, 5),
@@ -162,15 +163,15 @@ def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall)
                   "lr": tr.scheduler.get_last_lr()[0], "img_per_s": round(img_s, 1),
                   "epoch_time_s": round(epoch_time, 2), "precision": tr.runtime.precision,
                   "wall_time_s": round(wall, 1), "trained_with": cfg.run_name}
-        if tests:
-            record.update(test_accuracy=tests[i]["accuracy"], test_loss=round(tests[i]["loss"], 5))
+        record.update(evaluated[i][0])
         if tr.acc.is_main_process:
             records[i].append(record)
             dirs[i].write_metrics(records[i])
-    shown = " ".join(f"{t['accuracy']:.4f}" for t in tests) if tests else ""
+    shown = "".join(f" | {split} " + " ".join(f"{e[1][split]['accuracy']:.4f}" for e in evaluated)
+                    for split in ("val", "test") if split in evaluated[0][1])
     tr.runtime.print(f"[{cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} | {img_s * len(members):,.0f} img/s over "
-                     f"{len(members)} students | {epoch_time:.1f}s" + (f" | test {shown}" if shown else ""))
-    return tests, img_s
+                     f"{len(members)} students | {epoch_time:.1f}s" + shown)
+    return [e[1] for e in evaluated], img_s
 
 
 def _finish(tr, members, data, plain, tests, img_s: float, kd: dict, wall: float) -> list[dict]:
@@ -178,9 +179,8 @@ def _finish(tr, members, data, plain, tests, img_s: float, kd: dict, wall: float
     metas = []
     for i, m in enumerate(members):
         model = student(tr, plain, i)
-        test = tests[i] if tests else evaluate_model(model, data.test, cfg.augment, runtime, cfg.eval_batch_size,
-                                                     tr.loader.channels_last, cfg.data_workers, cfg.tta)
-        meta = checkpoint_meta(m, tr, data, test, count_parameters(model), img_s, wall, {
+        evals = tests[i] if tests and "test" in tests[i] else evaluations(tr, model, data)[1]
+        meta = checkpoint_meta(m, tr, data, evals, count_parameters(model), img_s, wall, {
             "trained_with": {"group": cfg.run_name, "students": len(members)}, "kd": {**kd, **method_meta(m)}})
         if acc.is_main_process:
             save_checkpoint(m.out_dir, m.run_name, model, meta)

@@ -19,12 +19,12 @@ from .cache import BuildConfig
 from .checkpoint import checkpoint_paths
 from .config import LAB_PRESETS, DistillConfig, LabConfig, SweepConfig, TrainConfig
 from .engine import on_main, process_state
-from .errors import user_errors_exit
-from .files import FileLock, check_file_target, write_json
+from .errors import KdfastError, user_errors_exit
+from .files import FileLock, LockedError, check_file_target, read_json, write_json
 from .machine import describe
 from .methods import method_entry
 from .report import format_table, lab_report
-from .rundir import finished_run
+from .rundir import RunDir, finished_run
 
 
 def data_flags(cfg: LabConfig) -> dict:
@@ -44,7 +44,8 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                       eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, compile=cfg.compile,
                       seed=cfg.seed, resume=not cfg.fresh, fresh=cfg.fresh, checkpoint_every=cfg.checkpoint_every,
                       progress=cfg.progress, augment=cfg.augment, aug_recipe=getattr(cfg, f"{pair}_aug_recipe"),
-                      ema=cfg.ema, tta=cfg.tta, **data_flags(cfg))
+                      ema=cfg.ema, tta=cfg.tta, val_per_class=cfg.val_per_class, val_seed=cfg.val_seed,
+                      grad_accum=cfg.grad_accum, **data_flags(cfg))
         student_epochs = getattr(cfg, f"{pair}_student_epochs")
         teacher_path = checkpoint_paths(cfg.out_dir, f"{pair}_teacher")["pth"]
         teacher_cache = None if cfg.online else os.path.join(cfg.cache_dir, f"{pair}_teacher.h5")
@@ -58,10 +59,10 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
         ]
         if teacher_cache:  # one slot per student epoch: the cached student sees exactly what an online one would
             runs.append((f"{pair}_teacher_cache", cache, BuildConfig(
-                teacher=teacher_path, out=teacher_cache, seeds=student_epochs, seed=cfg.seed, data=cfg.data,
+                teacher=teacher_path, out=teacher_cache, slots=student_epochs, seed=cfg.seed, data=cfg.data,
                 dataset=cfg.dataset,
                 cache_dir=cfg.cache_dir, train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
-                batch_size=max(cfg.eval_batch_size, 500), precision=cfg.precision, overwrite=True,
+                val_per_class=cfg.val_per_class, val_seed=cfg.val_seed, batch_size=max(cfg.eval_batch_size, 500), precision=cfg.precision, overwrite=True,
                 progress=cfg.progress, augment=cfg.augment, aug_recipe=getattr(cfg, f"{pair}_aug_recipe"),
                 **data_flags(cfg))))
         runs.append((f"{pair}_student_with_kd", distill,
@@ -94,6 +95,45 @@ def run_sweep(cfg: LabConfig, pair: str) -> str:
     return out
 
 
+def why_trained(cfg: LabConfig, run_cfg: TrainConfig, after_teacher: bool) -> str:
+    """What the log says before a lab run trains: why it is not kept."""
+    if cfg.fresh:
+        return "training (--fresh: every run is retrained)"
+    if after_teacher:
+        return "training again: an earlier run of its pair (its teacher) was trained in this lab"
+    done = RunDir(run_cfg.out_dir, run_cfg.run_name).finished_meta()
+    if done is None:
+        return "training (no finished run of it yet)"
+    return "a finished run of it exists with another config (below): refused unless --fresh"
+
+
+def write_merged(path: str, report: dict) -> dict:
+    """Write this lab's pairs into report.json, keeping the other pairs a lab of them wrote there; returns the
+    merged report. Read, merge and write happen under a short lock (labs of other pairs may write meanwhile)."""
+    lock = FileLock(path + ".lock", f"the lab report {path}")
+    for attempt in range(600):
+        try:
+            lock.acquire(lambda *_: None)
+            break
+        except LockedError:
+            if attempt == 599:
+                raise
+            time.sleep(0.1)
+    try:
+        kept = {}
+        if os.path.exists(path):
+            try:
+                old = read_json(path, "lab report", "")
+                kept = {p: v for p, v in old.items() if p in ("cnn", "vit") and p not in report and isinstance(v, dict)}
+            except KdfastError:
+                kept = {}  # a damaged report is rewritten whole
+        merged = {p: (report.get(p) or kept.get(p)) for p in ("cnn", "vit") if p in report or p in kept}
+        write_json(path, merged)
+        return merged
+    finally:
+        lock.release()
+
+
 def preset_overrides(cfg: LabConfig) -> dict:
     """The fields that change what the runs do and differ from the preset's values."""
     preset = LAB_PRESETS[cfg.preset]
@@ -106,7 +146,8 @@ def preset_overrides(cfg: LabConfig) -> dict:
 def run(cfg: LabConfig) -> dict:
     """Run (or resume) the six runs and write report.json after each one; returns the report.
 
-    The report is locked for the whole lab (a second lab on the same report refuses at once); each run
+    Each of the lab's pairs is locked in the report for the whole lab (a second lab of the same pair on the same
+    report refuses at once; labs of other pairs share it: their pairs are merged into one report.json); each run
     locks its own checkpoint name and each cache build its file.
     """
     cfg.validate()
@@ -119,7 +160,9 @@ def run(cfg: LabConfig) -> dict:
 
     def claim():
         check_file_target(cfg.report, "--report")
-        held.append(FileLock(cfg.report + ".lock", f"the lab report {cfg.report}").acquire(state.print))
+        for pair in cfg.pairs:
+            held.append(FileLock(f"{cfg.report}.{pair}.lock", f"the {pair} pair of the lab report {cfg.report}")
+                        .acquire(state.print))
 
     on_main(state, claim)
     try:
@@ -146,17 +189,20 @@ def _run_locked(cfg: LabConfig, state) -> dict:
         if meta is not None:
             say(f"[lab] {name}: finished earlier with this config ({meta['test_accuracy']:.4f}); kept")
         else:
+            say(f"[lab] {name}: {why_trained(cfg, run_cfg, pair in retrained)}")
             t0 = time.perf_counter()
             meta = module.run(run_cfg)
             retrained.add(pair)  # the runs after a retrained teacher depend on it
             say(f"[lab] {name}: {meta['test_accuracy']:.4f} test accuracy, wall time {time.perf_counter() - t0:.1f}s")
         results[name] = meta
         report = lab_report(results, extra)
-        warning = report.get(pair, {}).get("details", {}).get("warning")
-        if warning and name.endswith("student_no_kd"):
-            say(f"[lab] warning: {pair}: {warning}")
+        details = report.get(pair, {}).get("details", {})
+        if details.get("warning") and name.endswith("student_no_kd"):
+            say(f"[lab] warning: {pair}: {details['warning']}")
+        if details.get("kd_warning") and name.endswith("student_with_kd"):
+            say(f"[lab] warning: {pair}: {details['kd_warning']}")
         if state.is_main_process:
-            write_json(cfg.report, report)
+            report = write_merged(cfg.report, report)
             labreport.write(cfg.out_dir, cfg.report, report, results, extra, labreport.saved_sweeps(cfg.out_dir),
                             time.perf_counter() - t_lab)
     sweeps = {}

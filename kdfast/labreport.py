@@ -17,13 +17,15 @@ import tyro
 
 from . import plots
 from .errors import KdfastError, user_errors_exit
-from .files import read_json, write_json, write_text
+from .files import ensure_dir, read_json, write_json, write_text
 from .report import format_table, lab_report
 from .rundir import RunDir
+from .flags import explained
 
 ROLE_LABELS = {"teacher": "teacher", "student_no_kd": "student, no KD", "student_with_kd": "student, KD"}
 
 
+@explained
 @dataclass
 class ReportConfig:
     """Rebuild report.json and report.md (table of the runs, accuracy curves, sweep) from a lab's saved runs."""
@@ -33,7 +35,7 @@ class ReportConfig:
     report: str = "report.json"
     """Where report.json is (report.md and the figures go beside it)."""
     sweep: Optional[str] = None
-    """A sweep's --out-dir whose sweep.md and heatmap are included (a lab's own sweeps, OUT_DIR/sweep_<pair>, always are)."""
+    """A sweep's --out-dir whose sweep.md and heatmap are included (a lab's own sweeps, OUT_DIR/sweep_<pair>, always are). Default: none."""
 
 
 def saved_results(out_dir: str) -> dict[str, dict]:
@@ -59,8 +61,9 @@ def curves(out_dir: str, results: dict, pair: str) -> dict[str, list[tuple[int, 
         if name.startswith(pair + "_"):
             role = name[len(pair) + 1:]
             label = ROLE_LABELS.get(role, "student, " + role.replace("student_", ""))
-            out[label] = [(r["epoch"] + 1, r["test_accuracy"]) for r in RunDir(out_dir, name).read_metrics()
-                          if r.get("test_accuracy") is not None]
+            records = RunDir(out_dir, name).read_metrics()
+            key = "val_accuracy" if any("val_accuracy" in r for r in records) else "test_accuracy"
+            out[label] = [(r["epoch"] + 1, r[key]) for r in records if r.get(key) is not None]
     return out
 
 
@@ -72,11 +75,11 @@ def saved_sweeps(out_dir: str) -> dict[str, str]:
 
 def markdown(report: dict, results: dict, extra: dict, images: dict[str, str], sweeps_md: dict[str, str],
              total_wall: float | None) -> str:
-    lines = ["# kdfast lab report", "",
-             f"preset `{extra.get('preset')}`" + (f" (overrides: {extra.get('preset_overrides')})"
-                                                  if extra.get("preset_overrides") else "")
-             + f" · machine: {extra.get('machine')} · {extra.get('date')}"
-             + (f" · total wall time {total_wall:.0f} s" if total_wall else ""), "",
+    header = [f"preset `{extra['preset']}`" + (f" (overrides: {extra.get('preset_overrides')})"
+                                               if extra.get("preset_overrides") else "") if extra.get("preset") else None,
+              f"machine: {extra['machine']}" if extra.get("machine") else None, extra.get("date"),
+              f"total wall time {total_wall:.0f} s" if total_wall else None]
+    lines = ["# kdfast lab report", "", " · ".join(h for h in header if h) or "rebuilt by kdfast report", "",
              "| run | model | epochs | test accuracy | wall time (s) | train img/s | precision | KD |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for name, meta in results.items():
@@ -87,8 +90,9 @@ def markdown(report: dict, results: dict, extra: dict, images: dict[str, str], s
                      f"{meta['wall_time_s']:.0f} | {meta['train_img_per_s']:,.0f} | {meta['precision']} | {how} |")
     lines += ["", "```", format_table(report), "```", ""]
     for pair, entry in report.items():
-        if entry.get("details", {}).get("warning"):
-            lines.append(f"**Warning ({pair}):** {entry['details']['warning']}\n")
+        for key in ("warning", "kd_warning"):
+            if entry.get("details", {}).get(key):
+                lines.append(f"**Warning ({pair}):** {entry['details'][key]}\n")
     for label, image in images.items():
         lines += [f"## {label}", "", f"![{label}]({image})", ""]
     for title, text in sweeps_md.items():
@@ -106,8 +110,10 @@ def write(out_dir: str, report_path: str, report: dict, results: dict, extra: di
         points = curves(out_dir, results, pair)
         if any(points.values()):
             image = f"{stem}_{pair}_curves.png"
-            plots.accuracy_curves(points, os.path.join(folder, image), f"{pair}: test accuracy per epoch")
-            images[f"{pair}: test accuracy per epoch"] = image
+            split = "validation" if any(r.get("val_samples") for r in results.values()) else "test"
+            title = f"{pair}: {split} accuracy per epoch"
+            plots.accuracy_curves(points, os.path.join(folder, image), title, f"{split} accuracy")
+            images[title] = image
     sweeps_md = {}
     for title, sweep_dir in (sweeps or {}).items():
         if os.path.exists(os.path.join(sweep_dir, "sweep.md")):
@@ -130,6 +136,7 @@ def run(cfg: ReportConfig) -> str:
             if isinstance(details, dict) and "preset" in details:
                 extra = {k: details.get(k) for k in ("preset", "preset_overrides", "machine", "date")}
     report = lab_report(results, extra)
+    ensure_dir(os.path.dirname(os.path.abspath(cfg.report)), "--report's folder")
     write_json(cfg.report, report)
     sweeps = {**saved_sweeps(cfg.out_dir), **({"Sweep": cfg.sweep} if cfg.sweep else {})}
     path = write(cfg.out_dir, cfg.report, report, results, extra, sweeps)

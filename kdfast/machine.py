@@ -1,6 +1,7 @@
 """What hardware we run on, and which precision is really fast there."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -83,3 +84,65 @@ def resolve_precision(requested: str, device_type: str, flags: set[str] | None =
 
 def accelerate_mixed_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+LAUNCH_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _parent_command() -> list[str]:
+    """The command line of the process that started this one (`accelerate launch ...`, or its torchrun)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _config_file_precision(command: list[str]) -> str | None:
+    """mixed_precision in the Accelerate config file the launch read (--config_file, else the default one)."""
+    path = None
+    for i, arg in enumerate(command):
+        if arg in ("--config_file", "--config-file") and i + 1 < len(command):
+            path = command[i + 1]
+        elif arg.startswith(("--config_file=", "--config-file=")):
+            path = arg.split("=", 1)[1]
+    if path is None:
+        try:
+            from accelerate.commands.config.config_args import default_config_file
+        except ImportError:
+            return None
+        path = default_config_file
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "mixed_precision":
+                    return value.strip().strip("'\"") or None
+    except OSError:
+        pass
+    return None
+
+
+def launcher_precision(environ=os.environ, command: list[str] | None = None) -> tuple[str, str] | None:
+    """(precision, what decided it) when `accelerate launch` was told one: its --mixed_precision flag or its config
+    file; None otherwise. The launcher exports ACCELERATE_MIXED_PRECISION always, "no" when told nothing, so "no"
+    counts only when the launch command or its config file says it."""
+    value = environ.get("ACCELERATE_MIXED_PRECISION")
+    if value not in LAUNCH_PRECISION:
+        return None
+    command = _parent_command() if command is None else command
+    flag = any(a.startswith(("--mixed_precision", "--mixed-precision")) for a in command)
+    if flag:
+        return LAUNCH_PRECISION[value], f"accelerate launch --mixed_precision {value}"
+    configured = _config_file_precision(command)
+    if value != "no" or configured == "no":
+        return LAUNCH_PRECISION[value], f"accelerate launch (its config file: mixed_precision {value})"
+    return None
+
+
+def launcher_accumulation(environ=os.environ) -> int:
+    """accelerate launch --gradient_accumulation_steps N (exported as ACCELERATE_GRADIENT_ACCUMULATION_STEPS), else 1."""
+    try:
+        return max(1, int(environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")))
+    except ValueError:
+        return 1

@@ -33,7 +33,9 @@ def sweep_heatmap(alphas: list[float], taus: list[float], means: dict, no_kd: fl
             if value != value:  # NaN: a point not run
                 continue
             delta = f"\n{value - no_kd:+.3f}" if no_kd is not None else ""
-            ax.text(j, i, f"{value:.3f}{delta}", ha="center", va="center", color="white", fontsize=8)
+            red, green, blue, _ = image.cmap(image.norm(value))  # dark text on light cells (viridis' yellow end)
+            ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+            ax.text(j, i, f"{value:.3f}{delta}", ha="center", va="center", color=ink, fontsize=8)
             if no_kd is not None and value <= no_kd:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="red"))
     ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus])
@@ -44,15 +46,17 @@ def sweep_heatmap(alphas: list[float], taus: list[float], means: dict, no_kd: fl
     return _save(fig, path)
 
 
-def accuracy_curves(curves: dict[str, list[tuple[int, float]]], path: str, title: str = "") -> str:
-    """curves[label] -> [(epoch, test accuracy)]; one line per run."""
+def accuracy_curves(curves: dict[str, list[tuple[int, float]]], path: str, title: str = "",
+                    ylabel: str = "test accuracy") -> str:
+    """curves[label] -> [(epoch, accuracy)]; one line per run; whole epochs on the axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, points in curves.items():
         if points:
             ax.plot([e for e, _ in points], [a for _, a in points], marker="o", markersize=3, label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)

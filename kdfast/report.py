@@ -18,7 +18,8 @@ def run_details(meta: dict, extra: dict) -> dict:
         "device": meta["device"], "num_processes": meta["num_processes"], "precision": meta["precision"],
         "wall_time_s": meta["wall_time_s"], "train_img_per_s": meta["train_img_per_s"],
         "data_source": meta["data"]["source"], "data_fingerprint": meta["data"]["fingerprint"],
-        "train_size": meta["data"]["train_size"], "test_size": meta["data"]["test_size"], **extra,
+        "train_size": meta["data"]["train_size"], "test_size": meta["data"]["test_size"],
+        **{k: meta[k] for k in ("val_accuracy", "val_samples", "test_top5") if k in meta}, **extra,
     }
 
 
@@ -41,6 +42,14 @@ def lab_report(results: dict[str, dict], extra: dict) -> dict:
         if teacher is not None and no_kd is not None and teacher <= no_kd:
             details["warning"] = (f"the teacher ({teacher:.4f}) is not more accurate than the student trained without "
                                   f"KD ({no_kd:.4f}): KD from it is expected to hurt. Train the teacher longer.")
+        with_kd = entry.get("student_accuracy_with_kd")
+        if teacher is not None and no_kd is not None and with_kd is not None and teacher > no_kd and with_kd < no_kd:
+            kd = details.get("student_with_kd", {})
+            details["kd_warning"] = (
+                f"KD (alpha {kd.get('alpha')}, tau {kd.get('tau')}) lost to no KD ({with_kd:.4f} < {no_kd:.4f}) although "
+                f"the teacher is better ({teacher:.4f}): these KD settings do not suit this data. Try others with "
+                f"`kdfast sweep --pair {pair} --alphas 0.1 0.5 0.9 --taus 1 2 4 8` (it reads the lab's logit cache), "
+                "ideally with a validation split (--val-per-class).")
         if entry:
             report[pair] = {**entry, "details": details}
     return report

@@ -34,7 +34,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 NOT_COMPARED = ("resume", "fresh", "progress", "checkpoint_every", "log_every", "log_with", "data_tier", "data_budget_gb",
                 "data_workers")
 # fields added since a state or checkpoint may have been written, with the value that older runs had
-ADDED_FIELDS = {"dataset": "cifar10", "store_size": 0, "aug_recipe": "none", "ema": 0.0, "tta": "none"}
+ADDED_FIELDS = {"dataset": "cifar10", "store_size": 0, "aug_recipe": "none", "ema": 0.0, "tta": "none",
+                "grad_accum": 1, "val_per_class": 0, "val_seed": 0}
 
 
 class StateError(KdfastError):
@@ -146,6 +147,30 @@ class RunDir:
             raise StateError(f"{saved['dir']}: the saved state of {self.name!r} was started with another config:\n  "
                              + "\n  ".join(diff) + "\nResume with the same flags, or pass --fresh to start over.")
         return saved
+
+    def check_overwrite(self, config: dict, fresh: bool, say) -> None:
+        """A finished run of this name (its NAME.json) is replaced only when asked: refused under another config
+        without --fresh; under the same config, or with --fresh, the log says it is replaced."""
+        meta = self.finished_meta()
+        if meta is None:
+            return
+        diff = config_differences(meta.get("config", {}), config)
+        if diff and not fresh:
+            raise StateError(f"{self.paths['json']}: a finished run of {self.name!r} (test accuracy "
+                             f"{meta['test_accuracy']:.4f}) was trained with another config:\n  "
+                             + "\n  ".join(d.replace("state has", "it has") for d in diff)
+                             + "\nPass --fresh to replace it, or choose another --name or --out-dir.")
+        why = "--fresh" if diff else "the same config"
+        say(f"[{self.name}] replacing the finished run in {self.paths['json']} ({why}; it had test accuracy "
+            f"{meta['test_accuracy']:.4f})")
+
+    def finished_meta(self) -> dict | None:
+        """The finished run's NAME.json, or None (absent, or not a finished run's)."""
+        if not os.path.exists(self.paths["json"]):
+            return None
+        meta = read_json(self.paths["json"], "checkpoint description",
+                         "Delete it (and its checkpoint) to retrain, or pass --fresh.")
+        return meta if isinstance(meta.get("test_accuracy"), (int, float)) else None
 
     def save_state(self, modules: dict[str, nn.Module], optimizer, scheduler, scaler, progress: dict,
                    config: dict) -> None:

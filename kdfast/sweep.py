@@ -51,6 +51,8 @@ def plan(cfg: SweepConfig, cache_attrs: dict) -> list[tuple[dict, TrainConfig]]:
                   dataset=cache_attrs.get("dataset", "cifar10"), log_with=cfg.log_with,
                   train_per_class=built("train_per_class", cfg.train_per_class),
                   test_per_class=built("test_per_class", cfg.test_per_class), out_dir=cfg.out_dir,
+                  val_per_class=cache_attrs.get("val_per_class", 0), val_seed=cache_attrs.get("val_seed", 0),
+                  grad_accum=cfg.grad_accum,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                   eval_every=cfg.eval_every, precision=cfg.precision, resume=not cfg.fresh, fresh=cfg.fresh,
                   checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
@@ -74,24 +76,35 @@ def last_epoch_accuracy(run_cfg: TrainConfig) -> dict:
     records = RunDir(run_cfg.out_dir, run_cfg.run_name).read_metrics()
     last = records[-1]
     return {"test_accuracy": last["test_accuracy"], "epochs": last["epoch"] + 1, "img_per_s": last["img_per_s"],
-            "wall_time_s": last["wall_time_s"]}
+            "wall_time_s": last["wall_time_s"], **({"val_accuracy": last["val_accuracy"]} if "val_accuracy" in last
+                                                   else {})}
 
 
 def summarize(rows: list[dict], teacher_accuracy: float | None) -> dict:
-    """Mean, sample std and spread (max - min) over seeds for each point; the best point and its gain over no KD."""
-    points: dict[tuple, list[float]] = {}
+    """Mean, sample std and spread (max - min) over seeds for each point; the best point and its gain over no KD.
+
+    The best point is chosen on the validation split where the runs have one (its test accuracy is reported beside
+    it, never used to choose), else on the test accuracy (the summary says which)."""
+    points: dict[tuple, list[dict]] = {}
     for r in rows:
-        points.setdefault((r["kind"], r["alpha"], r["tau"], r.get("slots", 0)), []).append(r["test_accuracy"])
+        points.setdefault((r["kind"], r["alpha"], r["tau"], r.get("slots", 0)), []).append(r)
     stats = []
-    for (kind, alpha, tau, slots), accs in points.items():
-        stats.append({"kind": kind, "alpha": alpha, "tau": tau, "slots": slots, "seeds": len(accs), "accuracies": accs,
-                      "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                      "spread": max(accs) - min(accs)})
+    for (kind, alpha, tau, slots), runs in points.items():
+        accs = [r["test_accuracy"] for r in runs]
+        stat = {"kind": kind, "alpha": alpha, "tau": tau, "slots": slots, "seeds": len(accs), "accuracies": accs,
+                "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "spread": max(accs) - min(accs)}
+        if all("val_accuracy" in r for r in runs):
+            vals = [r["val_accuracy"] for r in runs]
+            stat.update(val_accuracies=vals, val_mean=statistics.mean(vals))
+        stats.append(stat)
     base = next((s for s in stats if s["kind"] == "no_kd"), None)
     kd = [s for s in stats if s["kind"] != "no_kd"]
     kd = [s for s in kd if s["slots"] == main_slots([p["slots"] for p in kd])]
-    best = max(kd, key=lambda s: s["mean"]) if kd else None
-    summary = {"points": stats, "no_kd": base, "best": best, "teacher_accuracy": teacher_accuracy, "warnings": []}
+    on_val = bool(kd) and all("val_mean" in s for s in kd)
+    best = max(kd, key=lambda s: s["val_mean" if on_val else "mean"]) if kd else None
+    summary = {"points": stats, "no_kd": base, "best": best, "chosen_on": "validation" if on_val else "test",
+               "teacher_accuracy": teacher_accuracy, "warnings": []}
     if best and base:
         gain = best["mean"] - base["mean"]
         summary["gain_over_no_kd"] = gain
@@ -147,8 +160,11 @@ def markdown(cfg: SweepConfig, summary: dict) -> str:
         verdict = ("one seed, no spread to compare it with (--seeds 2 or more)" if beyond is None else
                    f"{'beyond' if beyond else 'within'} the seed spread (no KD {base['spread']:.4f}, "
                    f"best {best['spread']:.4f})")
-        lines.append(f"best: alpha {_num(best['alpha'])}, tau {_num(best['tau'])}: {best['mean']:.4f} ± {best['std']:.4f} "
-                     f"(spread {best['spread']:.4f}), {summary['gain_over_no_kd']:+.4f} over no KD: {verdict}")
+        chosen = (f"chosen on validation accuracy {best['val_mean']:.4f}; test " if summary.get("chosen_on") ==
+                  "validation" else "chosen on the test accuracy (no validation split: --val-per-class): ")
+        lines.append(f"best: alpha {_num(best['alpha'])}, tau {_num(best['tau'])} ({chosen}{best['mean']:.4f} ± "
+                     f"{best['std']:.4f}, spread {best['spread']:.4f}), {summary['gain_over_no_kd']:+.4f} over no KD: "
+                     f"{verdict}")
     lines += [f"warning: {w}" for w in summary["warnings"]]
     if len(cfg.cache_slots) > 1:
         lines += slots_table(cfg, summary)
@@ -158,7 +174,8 @@ def markdown(cfg: SweepConfig, summary: dict) -> str:
 def write_results(cfg: SweepConfig, rows: list[dict], summary: dict) -> None:
     write_json(os.path.join(cfg.out_dir, "sweep.json"), {"config": cfg.__dict__, "runs": rows, "summary": summary})
     buf = io.StringIO()
-    fields = ["name", "kind", "alpha", "tau", "slots", "seed", "test_accuracy", "epochs", "img_per_s", "wall_time_s"]
+    fields = ["name", "kind", "alpha", "tau", "slots", "seed", "val_accuracy", "test_accuracy", "epochs", "img_per_s",
+              "wall_time_s"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

@@ -33,13 +33,13 @@ def setup(tmp_path_factory):
 
 
 def build_cfg(setup, out, **kw):
-    base = dict(teacher=setup["teacher"], out=str(out), seeds=3, data=setup["data"], cache_dir=setup["cache_dir"],
+    base = dict(teacher=setup["teacher"], out=str(out), slots=3, data=setup["data"], cache_dir=setup["cache_dir"],
                 batch_size=7, precision="fp32", progress=False)
     return BuildConfig(**{**base, **kw})
 
 
 def test_cached_logits_equal_the_online_teacher_on_the_same_views(setup, tmp_path):
-    path = build(build_cfg(setup, tmp_path / "t.h5", seeds=4))
+    path = build(build_cfg(setup, tmp_path / "t.h5", slots=4))
     data = load_dataset(setup["data"], setup["cache_dir"])
     teacher, _ = load_teacher(setup["teacher"], data.classes, "cpu")
     cache, spec = LogitCache(path), AugmentSpec()
@@ -99,7 +99,7 @@ def test_topk_is_automatic_above_a_hundred_classes_and_slots_are_built_in_chunks
 
 def _build_process(setup, out, seeds):
     cmd = [sys.executable, "-u", "-m", "kdfast.cache", "build", "--teacher", setup["teacher"], "--out", str(out),
-           "--seeds", str(seeds), "--data", setup["data"], "--cache-dir", setup["cache_dir"], "--batch-size", "7",
+           "--slots", str(seeds), "--data", setup["data"], "--cache-dir", setup["cache_dir"], "--batch-size", "7",
            "--precision", "fp32", "--no-progress"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -134,7 +134,7 @@ def test_killed_build_resumes_to_the_uninterrupted_result(setup, tmp_path):
 
 
 def test_cached_distillation_trains_without_the_teacher(setup, tmp_path, monkeypatch, capsys):
-    path = build(build_cfg(setup, tmp_path / "t.h5", seeds=2))
+    path = build(build_cfg(setup, tmp_path / "t.h5", slots=2))
     monkeypatch.setattr(distill, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     cfg = DistillConfig(model="resnet8", name="s", data=setup["data"], cache_dir=setup["cache_dir"],
                         out_dir=str(tmp_path / "m"), epochs=3, batch_size=6, eval_batch_size=5, precision="fp32",
@@ -210,9 +210,9 @@ def test_existing_cache_is_kept_or_refused_never_silently_replaced(setup, tmp_pa
     build(build_cfg(setup, tmp_path / "t.h5"))  # same settings: kept as it is
     assert "already complete" in capsys.readouterr().out and open(path, "rb").read() == before
     with pytest.raises(CacheError, match="(?s)built differently.*seeds.*--overwrite"):
-        build(build_cfg(setup, tmp_path / "t.h5", seeds=5))
+        build(build_cfg(setup, tmp_path / "t.h5", slots=5))
     assert open(path, "rb").read() == before
-    build(build_cfg(setup, tmp_path / "t.h5", seeds=5, overwrite=True))
+    build(build_cfg(setup, tmp_path / "t.h5", slots=5, overwrite=True))
     assert len(LogitCache(path).seeds) == 5
 
 
@@ -237,7 +237,7 @@ def test_two_process_build_equals_single_process_build(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
            "-m", "kdfast.cache", "build", "--teacher", setup["teacher"], "--out", str(tmp_path / "two.h5"),
-           "--seeds", "3", "--data", setup["data"], "--cache-dir", setup["cache_dir"], "--batch-size", "7",
+           "--slots", "3", "--data", setup["data"], "--cache-dir", setup["cache_dir"], "--batch-size", "7",
            "--precision", "fp32", "--no-progress"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr

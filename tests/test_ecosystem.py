@@ -159,14 +159,20 @@ def test_hundred_classes_train_cache_dense_and_topk_distill(hundred, tmp_path):
     assert tuple(teacher["config"]["augment"]["std"]) == CIFAR100_STD
     for topk in (0, 5):
         h5 = str(tmp_path / f"t{topk}.h5")
-        cache.build(BuildConfig(teacher=str(tmp_path / "teacher.pth"), out=h5, seeds=1, dataset="cifar100",
+        cache.build(BuildConfig(teacher=str(tmp_path / "teacher.pth"), out=h5, slots=1, dataset="cifar100",
                                 data=hundred["data"], cache_dir=hundred["cache_dir"], topk=topk, precision="fp32",
                                 progress=False))
         meta = distill.run(DistillConfig(model="resnet8", name=f"kd{topk}", epochs=1, teacher_cache=h5, **common))
         assert len(meta["classes"]) == 100 and 0 <= meta["test_accuracy"] <= 1
-    with pytest.raises(Exception, match="augment|mean|match"):  # a CIFAR-10-normalized student cannot use it
+    # a student left at the defaults takes the cache's dataset and normalization; other views are refused
+    meta = distill.run(DistillConfig(model="resnet8", name="taken", epochs=1, teacher_cache=str(tmp_path / "t0.h5"),
+                                     **{**common, "dataset": "cifar10"}))
+    assert tuple(meta["config"]["augment"]["mean"]) == CIFAR100_MEAN and meta["config"]["dataset"] == "cifar100"
+    from kdfast.augment import AugmentSpec
+
+    with pytest.raises(Exception, match="(?s)does not match.*augment"):
         distill.run(DistillConfig(model="resnet8", name="wrong", epochs=1, teacher_cache=str(tmp_path / "t0.h5"),
-                                  **{**common, "dataset": "cifar10"}))
+                                  **{**common, "augment": AugmentSpec(padding=2)}))
 
 
 def test_hundred_classes_lab_end_to_end(hundred, tmp_path):
@@ -201,7 +207,7 @@ def test_library_models_train_reload_and_teach_from_a_cache(small, tmp_path, mod
     again = evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "lib.pth")))
     assert again["accuracy"] == meta["test_accuracy"]
     h5 = str(tmp_path / "lib.h5")
-    cache.build(BuildConfig(teacher=str(tmp_path / "lib.pth"), out=h5, seeds=1, data=small["data"],
+    cache.build(BuildConfig(teacher=str(tmp_path / "lib.pth"), out=h5, slots=1, data=small["data"],
                             cache_dir=small["cache_dir"], precision="fp32", progress=False))
     student = distill.run(DistillConfig(model="resnet8", name="student", epochs=1, teacher_cache=h5, **common))
     assert student["kd"]["teacher_model"] == model

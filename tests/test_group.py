@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
                   progress=False)
     train.run(TrainConfig(model="resnet8", name="teacher", epochs=1, out_dir=str(root / "t"), **common))
     h5 = str(root / "t.h5")
-    cache.build(BuildConfig(teacher=str(root / "t" / "teacher.pth"), out=h5, seeds=2, data=data,
+    cache.build(BuildConfig(teacher=str(root / "t" / "teacher.pth"), out=h5, slots=2, data=data,
                             cache_dir=common["cache_dir"], precision="fp32", progress=False))
     return common, h5
 

@@ -91,7 +91,7 @@ def test_a_folder_of_mixed_sizes_trains_caches_distils_and_evaluates_in_both_tie
     common = run_cfgs(mixed_folder, tmp_path)
     teacher = train.run(TrainConfig(model="resnet8", name="teacher", epochs=2, out_dir=str(tmp_path / "m"), **common))
     assert teacher["data"]["store_size"] == 48 and teacher["config"]["augment"]["view"] == "rrc"
-    path = build(BuildConfig(teacher=str(tmp_path / "m" / "teacher.pth"), out=str(tmp_path / "t.h5"), seeds=2,
+    path = build(BuildConfig(teacher=str(tmp_path / "m" / "teacher.pth"), out=str(tmp_path / "t.h5"), slots=2,
                              **{k: v for k, v in common.items() if k not in ("eval_batch_size", "data_workers")}))
     metas = {}
     for tier in ("device", "stream"):  # the cache built on the device tier serves the streamed tier
@@ -142,7 +142,7 @@ def test_hugging_face_datasets_saved_to_disk_or_as_parquet(mixed_folder, tmp_pat
         assert torch.equal(ds.train.images, folder.train.images) and torch.equal(ds.test.labels, folder.test.labels)
     common = {**run_cfgs(str(tmp_path / "saved"), tmp_path), "out_dir": str(tmp_path / "m")}
     train.run(TrainConfig(model="resnet8", name="teacher", epochs=1, **common))
-    path = build(BuildConfig(teacher=str(tmp_path / "m" / "teacher.pth"), out=str(tmp_path / "t.h5"), seeds=1,
+    path = build(BuildConfig(teacher=str(tmp_path / "m" / "teacher.pth"), out=str(tmp_path / "t.h5"), slots=1,
                              **{k: v for k, v in common.items() if k not in ("eval_batch_size", "data_workers", "out_dir")}))
     meta = distill.run(DistillConfig(model="resnet8", name="kd", teacher_cache=path, epochs=1, **common))
     assert evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "m" / "kd.pth"),

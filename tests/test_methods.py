@@ -243,7 +243,7 @@ def test_logit_methods_run_from_the_cache_and_fitnets_refuses_it(setup, tmp_path
     from kdfast.cache import BuildConfig, build
 
     # in bf16 the teacher's logits are exact in the cache's float16: cached and online runs are the same run
-    cache = build(BuildConfig(teacher=setup["teacher"], out=str(tmp_path / "t.h5"), seeds=3, data=setup["data"],
+    cache = build(BuildConfig(teacher=setup["teacher"], out=str(tmp_path / "t.h5"), slots=3, data=setup["data"],
                               cache_dir=setup["cache_dir"], batch_size=7, precision="bf16", progress=False))
     for method, std in (("dkd", False), ("kd", True), ("dkd", True)):
         kw = dict(method=method, logit_std=std, name=f"{method}{std}", precision="bf16")

@@ -120,7 +120,7 @@ def test_cached_and_online_distillation_agree_with_every_policy_on(data, tmp_pat
     train.run(teacher_cfg)
     teacher_path = str(tmp_path / "teacher.pth")
     from kdfast.cache import BuildConfig
-    path = build(BuildConfig(teacher=teacher_path, out=str(tmp_path / "t.h5"), seeds=2, data=data["data"],
+    path = build(BuildConfig(teacher=teacher_path, out=str(tmp_path / "t.h5"), slots=2, data=data["data"],
                              cache_dir=data["cache_dir"], batch_size=7, precision="fp32", progress=False,
                              augment=ALL_ON))
     ds = load_dataset(data["data"], data["cache_dir"])
@@ -142,7 +142,10 @@ def test_cached_and_online_distillation_agree_with_every_policy_on(data, tmp_pat
             assert torch.equal(a, b)
     assert mixed > 0
     with pytest.raises(Exception, match="does not match"):  # a cache of other views is refused
-        distill.run(cfg_of(data, tmp_path, cls=DistillConfig, name="s", teacher_cache=path, epochs=1))
+        distill.run(cfg_of(data, tmp_path, cls=DistillConfig, name="s", teacher_cache=path, epochs=1,
+                           augment=AugmentSpec(padding=2)))
+    taken = distill.run(cfg_of(data, tmp_path, cls=DistillConfig, name="t", teacher_cache=path, epochs=1))
+    assert taken["config"]["augment"] == ALL_ON.to_dict()  # views left at the defaults: the cache's
     meta = distill.run(cfg_of(data, tmp_path, cls=DistillConfig, name="s", teacher_cache=path, epochs=2,
                               augment=ALL_ON, method=method))
     assert meta["kd"]["mode"] == "cached" and meta["config"]["augment"]["mixup"] == 0.8
@@ -162,7 +165,7 @@ def test_deit_distillation_token_learns_the_caches_argmax_and_its_checkpoint_rel
     train.run(cfg_of(data, tmp_path, name="teacher", epochs=1))
     teacher_path = str(tmp_path / "teacher.pth")
     spec = AugmentSpec(mixup=0.8, cutmix=1.0)
-    path = build(BuildConfig(teacher=teacher_path, out=str(tmp_path / "t.h5"), seeds=2, data=data["data"],
+    path = build(BuildConfig(teacher=teacher_path, out=str(tmp_path / "t.h5"), slots=2, data=data["data"],
                              cache_dir=data["cache_dir"], batch_size=7, precision="fp32", progress=False, augment=spec))
     ds = load_dataset(data["data"], data["cache_dir"])
     teacher, _ = load_teacher(teacher_path, ds.classes, "cpu")
@@ -211,7 +214,7 @@ def test_students_trained_together_with_every_policy_and_ema_end_where_each_alon
     from kdfast import group
     from kdfast.cache import BuildConfig
     train.run(cfg_of(data, tmp_path, name="teacher", epochs=1))
-    h5 = build(BuildConfig(teacher=str(tmp_path / "teacher.pth"), out=str(tmp_path / "t.h5"), seeds=2,
+    h5 = build(BuildConfig(teacher=str(tmp_path / "teacher.pth"), out=str(tmp_path / "t.h5"), slots=2,
                            data=data["data"], cache_dir=data["cache_dir"], precision="fp32", progress=False,
                            augment=ALL_ON))
 

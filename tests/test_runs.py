@@ -497,7 +497,7 @@ def test_out_dir_that_is_a_file_and_report_that_is_a_folder(data, tmp_path, caps
 def test_a_teacher_that_disagrees_with_the_cache_is_refused(data, teacher, tmp_path, capsys):
     from kdfast.cache import BuildConfig, build
 
-    cache = build(BuildConfig(teacher=str(teacher), out=str(tmp_path / "t.h5"), seeds=1, data=data["data"],
+    cache = build(BuildConfig(teacher=str(teacher), out=str(tmp_path / "t.h5"), slots=1, data=data["data"],
                               cache_dir=data["cache_dir"], batch_size=7, precision="fp32", progress=False))
     train.run(cfg_of(data, tmp_path, name="other", epochs=1, seed=5))
     err = one_line_error(capsys, distill.main, cli_args(data, tmp_path / "o", "--teacher-cache", cache, "--teacher",
@@ -563,14 +563,14 @@ def test_cache_build_and_lab_report_are_one_writer_each(data, teacher, tmp_path)
     held = FileLock(str(out) + ".lock", "x").acquire()
     try:
         with pytest.raises(LockedError, match=re.escape(str(out) + ".lock")):
-            build(BuildConfig(teacher=str(teacher), out=str(out), seeds=1, data=data["data"],
+            build(BuildConfig(teacher=str(teacher), out=str(out), slots=1, data=data["data"],
                               cache_dir=data["cache_dir"], precision="fp32", progress=False))
     finally:
         held.release()
     report = tmp_path / "report.json"
-    held = FileLock(str(report) + ".lock", "x").acquire()
+    held = FileLock(str(report) + ".cnn.lock", "x").acquire()  # a lab of the cnn pair is writing this report
     try:
-        with pytest.raises(LockedError, match="report.json.lock"):
+        with pytest.raises(LockedError, match="report.json.cnn.lock"):
             lab.run(LabConfig(data=data["data"], report=str(report), out_dir=str(tmp_path / "m"), progress=False))
     finally:
         held.release()

@@ -27,7 +27,7 @@ def cache(tmp_path_factory):
     common = dict(data=data, cache_dir=str(root / "c"), batch_size=6, eval_batch_size=5, precision="fp32",
                   progress=False)
     train.run(TrainConfig(model="resnet8", name="teacher", epochs=2, out_dir=str(root / "m"), **common))
-    return build(BuildConfig(teacher=str(root / "m" / "teacher.pth"), out=str(root / "t.h5"), seeds=2, data=data,
+    return build(BuildConfig(teacher=str(root / "m" / "teacher.pth"), out=str(root / "t.h5"), slots=2, data=data,
                              cache_dir=str(root / "c"), batch_size=7, precision="fp32", progress=False)), common
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
+from ..flags import explained
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -22,6 +24,7 @@ POLICY_FIELDS = {"policy": ("policy", "policy_ops", "policy_magnitude"),
                  "erasing": ("erasing", "erasing_area", "erasing_ratio")}
 
 
+@explained
 @dataclass(frozen=True)
 class AugmentSpec:
     """What a view does; saved with every run and every logit cache."""

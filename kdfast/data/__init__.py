@@ -23,13 +23,14 @@ from .sources import (DATA_ENV, DATASETS, DEFAULT_DATA, HUB_PREFIX, LOCAL_COPY, 
                       resolve_source, source_key, source_kind)
 from .store import cache_path, decode_split, load_decoded, save_decoded
 from .stream import StreamedSplit, write_encoded
-from .types import DataError, Dataset, Split, fingerprint, subset_per_class
+from .types import DataError, Dataset, Split, fingerprint, split_validation, subset_per_class
 
 __all__ = ["Batch", "DataError", "Dataset", "Split", "StreamedSplit", "TrainLoader", "DATA_ENV", "DATASETS",
            "DEFAULT_DATA", "LOCAL_COPY", "TIERS", "check_view", "decode_image", "default_budget", "eval_batches", "fingerprint",
            "is_streamed", "load_dataset", "resolve_source", "source_kind", "stored_size", "subset_per_class",
            "view_batches"]
 TIERS = ("auto", "device", "stream")
+ARCHIVES = (".tar.gz", ".tgz", ".tar")  # a missing archive cannot be downloaded into
 
 
 def default_budget(device) -> int:
@@ -136,9 +137,12 @@ def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store
 def load_dataset(source: str | None = None, cache_dir: str = "cache", download: bool = False,
                  train_per_class: int = 0, test_per_class: int = 0, log=print, dataset: str = "cifar10",
                  store_size: int = 0, tier: str = "device", budget: int | None = None,
-                 progress: bool = False) -> Dataset:
+                 progress: bool = False, val_per_class: int = 0, val_seed: int = 0) -> Dataset:
     """The dataset of a source, in the tier asked for (auto: by the memory budget, in bytes), optionally
-    class-balanced subsets. store_size: the longest side images are stored at (0: their own size)."""
+    class-balanced subsets. store_size: the longest side images are stored at (0: their own size).
+
+    val_per_class: that many training images per class (drawn by val_seed) are held out as a validation split,
+    before the training subset (train_per_class) is taken from what is left: the split does not depend on it."""
     if dataset not in DATASETS:
         raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     if tier not in TIERS:
@@ -146,9 +150,10 @@ def load_dataset(source: str | None = None, cache_dir: str = "cache", download: 
     download = download or (source is None and not os.environ.get(DATA_ENV))
     source = resolve_source(source)
     hub = source.startswith(HUB_PREFIX)
-    if not hub and not os.path.exists(source) and not download:
-        raise DataError(f"{source}: no such file or folder. Point --data (or {DATA_ENV}) at {LOCAL_COPY}; or add "
-                        f"--download to fetch {DATASETS[dataset].title} there with torchvision (needs internet).")
+    if not hub and not os.path.exists(source) and (not download or source.endswith(ARCHIVES)):
+        fetch = "" if source.endswith(ARCHIVES) else (f"; or add --download to fetch {DATASETS[dataset].title} into that "
+                                                      "folder with torchvision (needs internet)")
+        raise DataError(f"{source}: no such file or folder. Point --data (or {DATA_ENV}) at {LOCAL_COPY}{fetch}.")
     kind = source_kind(source) if hub or os.path.exists(source) else "torchvision"
     if kind == "torchvision":
         if tier == "stream":
@@ -157,8 +162,9 @@ def load_dataset(source: str | None = None, cache_dir: str = "cache", download: 
         ds = _torchvision_dataset(source, dataset, cache_dir, download, log)
     else:
         ds = _encoded_dataset(source, kind, dataset, cache_dir, store_size, tier, budget, log, progress)
-    if train_per_class or test_per_class:
-        train, test = subset_per_class(ds.train, train_per_class), subset_per_class(ds.test, test_per_class)
-        ds = Dataset(train, test, ds.classes, fingerprint(train, test, ds.classes, ds.store_size), ds.source, ds.tier,
-                     ds.store_size)
-    return ds
+    if not (train_per_class or test_per_class or val_per_class):
+        return ds
+    train, val = split_validation(ds.train, val_per_class, val_seed) if val_per_class else (ds.train, None)
+    train, test = subset_per_class(train, train_per_class), subset_per_class(ds.test, test_per_class)
+    return Dataset(train, test, ds.classes, fingerprint(train, test, ds.classes, ds.store_size), ds.source, ds.tier,
+                   ds.store_size, val)

@@ -154,14 +154,18 @@ class TrainLoader:
     """Shuffled training batches of views keyed by (augmentation seed, sample index), from either tier.
 
     batch_size is global: each step takes the next batch_size indices of the epoch's permutation (same on every
-    process) and process k keeps its contiguous share, so results do not depend on the number of processes; in
-    the streamed tier a process decodes only its share. The last incomplete batch is dropped.
+    process), cut into num_processes x accumulate contiguous micro-batches; micro-batch m of process k is piece
+    m * num_processes + k, so one process accumulating 2 sees what 2 processes see. Results do not depend on the
+    number of processes; in the streamed tier a process decodes only its share. The last incomplete batch is
+    dropped.
     """
 
     def __init__(self, split, batch_size: int, seed: int, spec: AugmentSpec, device, process_index: int = 0,
-                 num_processes: int = 1, channels_last: bool = False, workers: int = 2):
-        if batch_size % num_processes:
-            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {num_processes}")
+                 num_processes: int = 1, channels_last: bool = False, workers: int = 2, accumulate: int = 1):
+        pieces = num_processes * accumulate
+        if batch_size % pieces:
+            raise ValueError(f"--batch-size {batch_size} must be divisible by the number of processes "
+                             f"({num_processes}) x --grad-accum ({accumulate}) = {pieces}")
         if batch_size > len(split):
             raise ValueError(f"batch_size {batch_size} is larger than the training set ({len(split)} samples); lower --batch-size")
         check_view(split, spec)
@@ -169,7 +173,8 @@ class TrainLoader:
         self.images = None if is_streamed(split) else split.images.to(device)
         self.batch_size, self.seed, self.spec, self.device = batch_size, seed, spec, device
         self.rank, self.world = process_index, num_processes
-        self.local_batch = batch_size // num_processes
+        self.accumulate = accumulate
+        self.local_batch = batch_size // pieces  # one micro-batch
         self.channels_last, self.workers = channels_last, workers
         self.decoded = 0  # streamed tier: training images this process (its workers) decoded
 
@@ -181,9 +186,10 @@ class TrainLoader:
         return torch.randperm(len(self.labels), generator=g)  # on CPU: identical everywhere
 
     def shares(self, epoch: int, start_step: int = 0) -> list[torch.Tensor]:
-        """This process's sample indices of each step of the epoch from start_step on."""
+        """This process's sample indices of each micro-batch of each step of the epoch from start_step on."""
         perm = self.permutation(epoch)
-        starts = [step * self.batch_size + self.rank * self.local_batch for step in range(start_step, len(self))]
+        starts = [step * self.batch_size + (m * self.world + self.rank) * self.local_batch
+                  for step in range(start_step, len(self)) for m in range(self.accumulate)]
         return [perm[s:s + self.local_batch] for s in starts]
 
     def epoch(self, epoch: int, aug_seed: int, start_step: int = 0):

@@ -53,11 +53,13 @@ class Dataset:
     source: str
     tier: str = "device"  # "device": decoded in memory; "stream": encoded, decoded per batch by workers
     store_size: int = 0  # the longest side images are stored at (0: their own size)
+    val: Split | None = None  # held out of the training set (--val-per-class): what per-epoch metrics measure
 
     def describe(self) -> dict:
         return {"source": self.source, "fingerprint": self.fingerprint, "classes": self.classes,
                 "train_size": len(self.train), "test_size": len(self.test), "tier": self.tier,
-                "store_size": self.store_size, "image_shape": [3, *self.train.box]}
+                "store_size": self.store_size, "image_shape": [3, *self.train.box],
+                **({"val_size": len(self.val)} if self.val is not None else {})}
 
 
 def _is_uniform(split) -> bool:
@@ -89,6 +91,29 @@ def class_balanced(labels: torch.Tensor, per_class: int) -> torch.Tensor:
     """Indices of the first `per_class` samples of each class, in stored order."""
     keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in labels.unique()])
     return keep.sort().values
+
+
+def held_out(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Indices of `per_class` samples of each class drawn by a permutation fixed by `seed` (on the CPU: the same
+    everywhere), sorted; refused when a class has no more than `per_class` samples (none would be left to train)."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    ranked = labels[order]
+    keep = []
+    for c in labels.unique().tolist():
+        members = order[ranked == c]
+        if len(members) <= per_class:
+            raise DataError(f"--val-per-class {per_class}: class {c} has only {len(members)} training images, so none "
+                            "would be left to train on. Lower --val-per-class.")
+        keep.append(members[:per_class])
+    return torch.cat(keep).sort().values
+
+
+def split_validation(train, per_class: int, seed: int):
+    """(the training split without the held-out images, the validation split): disjoint, class-balanced."""
+    val_index = held_out(train.labels, per_class, seed)
+    rest = torch.ones(len(train.labels), dtype=torch.bool)
+    rest[val_index] = False
+    return train.subset(torch.nonzero(rest).flatten()), train.subset(val_index)
 
 
 def subset_per_class(split, per_class: int):

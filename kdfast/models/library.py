@@ -8,6 +8,7 @@ torch hub, with its hash check) and reads them from the local cache afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 
@@ -107,10 +108,38 @@ def timm_model(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Mo
 
     if not pretrained:
         return timm.create_model(name, num_classes=num_classes, **kwargs)
+    with hub_offline_unless_reachable():
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+        except Exception as e:  # offline, not cached, gated, damaged: the hub's and httpx's errors have no common base
+            raise pretrained_error(f"timm:{name}", e) from None
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable(timeout: float = 3.0):
+    """The Hugging Face hub in offline mode (its local cache only) when its host cannot be reached in `timeout`
+    seconds: without network the hub retries each request for about a minute before it gives up. Behind a proxy
+    ($HTTPS_PROXY) the hub is left to decide."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+
+    probe = not hub.HF_HUB_OFFLINE and not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
+    reachable = True
+    if probe:
+        url = urlparse(hub.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        except OSError:
+            reachable = False
+    previous = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = previous or not reachable
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
-    except Exception as e:  # offline, not cached, gated, damaged: the hub's and httpx's errors have no common base
-        raise pretrained_error(f"timm:{name}", e) from None
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = previous
 
 
 def build(name: str, num_classes: int = 10, pretrained: bool = False) -> nn.Module:
