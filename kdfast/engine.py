@@ -385,7 +385,7 @@ def check_finite(tr: Training) -> None:
     bad = int(bad.item())
     if bad < 0:
         return
-    saved = tr.run_dir.saved_state()
+    saved = tr.run_dir.state.saved()
     kept = (f"the last good state ({describe_progress(saved['progress'])}) is kept in {saved['dir']}" if saved
             else "no state was saved before it")
     steps = len(tr.loader)
@@ -400,7 +400,7 @@ def save_progress(tr: Training, epoch: int, step: int, epoch_time: float, wall: 
     sums = tr.global_sums()  # collective
     if tr.acc.is_main_process:
         progress = {"epoch": epoch, "step": step, "sums": sums, "epoch_time_s": epoch_time, "wall_time_s": wall}
-        tr.run_dir.save_state(tr.modules(), tr.optimizer, tr.scheduler, tr.acc.scaler, progress, tr.cfg.to_dict())
+        tr.run_dir.state.save(tr.modules(), tr.optimizer, tr.scheduler, tr.acc.scaler, progress, tr.cfg.to_dict())
     tr.acc.wait_for_everyone()
 
 
@@ -484,7 +484,7 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
     tr = setup_training(model, loss_step, data, cfg, runtime, run_dir, export)
     progress = {"epoch": 0, "step": 0, "wall_time_s": 0.0}
     if run_dir.resume_from:
-        progress = run_dir.restore_state(run_dir.resume_from, tr.modules(), tr.optimizer, tr.scheduler, acc.scaler)
+        progress = run_dir.state.restore(run_dir.resume_from, tr.modules(), tr.optimizer, tr.scheduler, acc.scaler)
         runtime.print(f"[{cfg.run_name}] resuming {describe_progress(progress)} from {run_dir.state_dir}")
     records = []
     if acc.is_main_process:  # epochs that will be redone are dropped
@@ -667,7 +667,7 @@ def finish(tr: Training, data: Dataset, evals: dict, params: int, train_img_s: f
         runtime.print(f"[{cfg.run_name}] " + (f"val accuracy {evals['val']['accuracy']:.4f} | " if "val" in evals else "")
                       + f"test accuracy {evals['test']['accuracy']:.4f} | wall {wall:.1f}s | "
                       f"saved {tr.run_dir.paths['pth']}")
-        tr.run_dir.clear_state()
+        tr.run_dir.state.clear()
     acc.wait_for_everyone()
     acc.free_memory()
     return meta

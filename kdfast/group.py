@@ -125,7 +125,7 @@ def _loop(tr, members, data: Dataset, plain, aug_seed_for_epoch, kd: dict) -> li
     cfg, acc, run_dir, runtime = tr.cfg, tr.acc, tr.run_dir, tr.runtime
     progress = {"epoch": 0, "step": 0, "wall_time_s": 0.0}
     if run_dir.resume_from:
-        progress = run_dir.restore_state(run_dir.resume_from, tr.modules(), tr.optimizer, tr.scheduler, acc.scaler)
+        progress = run_dir.state.restore(run_dir.resume_from, tr.modules(), tr.optimizer, tr.scheduler, acc.scaler)
         runtime.print(f"[{cfg.run_name}] resuming {describe_progress(progress)} from {run_dir.state_dir}")
     dirs = [RunDir(m.out_dir, m.run_name) for m in members]
     records = [[r for r in d.read_metrics() if r["epoch"] < progress["epoch"]] for d in dirs] \
@@ -184,11 +184,11 @@ def _finish(tr, members, data, plain, tests, img_s: float, kd: dict, wall: float
             "trained_with": {"group": cfg.run_name, "students": len(members)}, "kd": {**kd, **method_meta(m)}})
         if acc.is_main_process:
             save_checkpoint(m.out_dir, m.run_name, model, meta)
-            RunDir(m.out_dir, m.run_name).clear_state()  # a state left by an interrupted run alone is done with
+            RunDir(m.out_dir, m.run_name).state.clear()  # a state left by an interrupted run alone is done with
         metas.append(meta)
     if acc.is_main_process:
         runtime.print(f"[{cfg.run_name}] saved {len(members)} students: "
                       + ", ".join(f"{m.run_name} {meta['test_accuracy']:.4f}" for m, meta in zip(members, metas)))
-        tr.run_dir.clear_state()
+        tr.run_dir.state.clear()
     acc.wait_for_everyone()
     return metas

@@ -1,16 +1,11 @@
-"""A run's directory: its name, its lock, its resumable state, its metrics and their cleanup.
+"""A run's directory: its name, its lock, what may be resumed or replaced, its metrics and their cleanup.
 
     out_dir/NAME.pth .safetensors .json     the finished checkpoint (checkpoint.py)
     out_dir/NAME.metrics.jsonl              one line per epoch, rewritten atomically
     out_dir/NAME.lock                       held by the process writing NAME (flock; pid inside)
-    out_dir/.state/NAME/                    resumable state, loaded without executing any code:
-        weights.safetensors                 model (and trained helpers such as regressors), buffers included
-        optimizer.safetensors               the optimizer's tensors (momentum, Adam moments, steps)
-        state.json                          progress (epoch, step, metric sums), optimizer groups, schedule,
-                                            grad scaler, and the config the run was started with
+    out_dir/.state/NAME/                    the resumable state (runstate.py)
 
-Every path is inside out_dir (names are checked, deletions confined). The state is written under
-`.state/NAME.tmp`, then swapped in with two renames, so a crash at any moment leaves a whole state.
+Every path is inside out_dir (names are checked, deletions confined).
 """
 from __future__ import annotations
 
@@ -20,14 +15,14 @@ import os
 import re
 import shutil
 
-import torch
-import torch.nn as nn
-
 from .checkpoint import checkpoint_paths
 from .errors import KdfastError
-from .files import FileLock, atomic_write, dump_json, ensure_dir, finite_json, read_json, write_json
+from .files import FileLock, atomic_write, ensure_dir, finite_json, read_json, write_json
+from .runstate import ResumableState, StateError, describe_progress
 
-STATE_VERSION = 1
+__all__ = ["RunDir", "StateError", "adopt_finished_run", "check_name", "comparable_config", "config_differences",
+           "describe_progress", "finished_run", "same_computation"]
+
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters, no '..'"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # config fields that do not change what a run computes: a resume may differ in these
@@ -36,10 +31,6 @@ NOT_COMPARED = ("resume", "fresh", "progress", "checkpoint_every", "log_every", 
 # fields added since a state or checkpoint may have been written, with the value that older runs had
 ADDED_FIELDS = {"dataset": "cifar10", "store_size": 0, "aug_recipe": "none", "ema": 0.0, "tta": "none",
                 "grad_accum": 1, "val_per_class": 0, "val_seed": 0}
-
-
-class StateError(KdfastError):
-    """A resumable state that cannot be used as asked."""
 
 
 def check_name(name: str, flag: str = "--name") -> str:
@@ -66,6 +57,7 @@ class RunDir:
         self.out_dir, self.name = out_dir, check_name(name)
         self.paths = {**checkpoint_paths(out_dir, name), "lock": os.path.join(out_dir, name + ".lock")}
         self.state_dir = self.paths["state"]
+        self.state = ResumableState(self.state_dir, self._remove_tree)
         self.lock = FileLock(self.paths["lock"], f"run {name!r}")
         self.resume_from: dict | None = None  # the saved state this run continues (set by engine.open_run)
 
@@ -99,45 +91,15 @@ class RunDir:
                     self._remove_tree(tmp)
                     say(f"[{self.name}] removed {tmp}, left by a process that was killed while writing it")
 
-    def clear_state(self) -> None:
-        for suffix in ("", ".tmp", ".old"):
-            folder = self.state_dir + suffix
-            if os.path.isdir(folder) and not os.path.islink(folder):
-                # invalidate first: a kill during the removal never leaves a half state that looks whole
-                self._remove_tree(os.path.join(folder, "state.json"))
-            self._remove_tree(folder)
-        try:
-            os.rmdir(os.path.dirname(self.state_dir))  # .state, when no other run uses it
-        except OSError:
-            pass
-
-    # ------------------------------------------------------------ resumable state
-
-    def _state_candidates(self) -> list[str]:
-        # a crash between the two renames of a save leaves the last whole state in NAME.old
-        return [d for d in (self.state_dir, self.state_dir + ".old") if os.path.exists(os.path.join(d, "state.json"))]
-
-    def saved_state(self) -> dict | None:
-        """The record (state.json) of the last whole saved state, or None; a damaged one is named."""
-        found = self._state_candidates()
-        if not found:
-            return None
-        path = os.path.join(found[0], "state.json")
-        record = read_json(path, "resumable state", "Pass --fresh to discard it and start over.")
-        if record.get("version") != STATE_VERSION or "progress" not in record or "config" not in record:
-            raise StateError(f"{path}: not a resumable state this kdfast can read (version {record.get('version')!r}). "
-                             "Pass --fresh to discard it and start over.")
-        return {**record, "dir": found[0]}
-
     def check_resume(self, config: dict, resume: bool, fresh: bool, say) -> dict | None:
         """What to resume from: None to start afresh; refuses a state without --resume or under another config."""
-        saved = self.saved_state()
+        saved = self.state.saved()
         if saved is None:
             return None
         where = describe_progress(saved["progress"])
         if fresh:
             say(f"[{self.name}] --fresh: discarding the interrupted run's state in {saved['dir']} ({where})")
-            self.clear_state()
+            self.state.clear()
             return None
         if not resume:
             raise StateError(f"{saved['dir']}: an interrupted run of {self.name!r} is saved here ({where}). Pass "
@@ -171,67 +133,6 @@ class RunDir:
         meta = read_json(self.paths["json"], "checkpoint description",
                          "Delete it (and its checkpoint) to retrain, or pass --fresh.")
         return meta if isinstance(meta.get("test_accuracy"), (int, float)) else None
-
-    def save_state(self, modules: dict[str, nn.Module], optimizer, scheduler, scaler, progress: dict,
-                   config: dict) -> None:
-        """Write the whole resumable state under NAME.tmp, then swap it in (main process only)."""
-        from safetensors.torch import save_file
-
-        ensure_dir(os.path.dirname(self.state_dir), "--out-dir")
-        tmp, old = self.state_dir + ".tmp", self.state_dir + ".old"
-        self._remove_tree(tmp)
-        try:
-            os.makedirs(tmp)
-            weights = {f"{name}.{k}": v for name, m in modules.items() for k, v in _plain(m.state_dict()).items()}
-            save_file(weights, os.path.join(tmp, "weights.safetensors"))
-            opt_tensors, opt_record = _split_optimizer_state(optimizer.state_dict())
-            save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-            record = {"version": STATE_VERSION, "progress": progress, "config": config, "optimizer": opt_record,
-                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                      "modules": sorted(modules)}
-            with open(os.path.join(tmp, "state.json"), "w") as f:  # written last: its presence means whole
-                dump_json(record, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException as e:
-            self._remove_tree(tmp)
-            if isinstance(e, OSError):
-                raise StateError(f"{tmp}: could not save the resumable state ({e.strerror or e}); the previous "
-                                 "state is unchanged. Free disk space, then run again with --resume.") from None
-            raise
-        if os.path.exists(self.state_dir):
-            self._remove_tree(old)
-            os.replace(self.state_dir, old)
-        os.replace(tmp, self.state_dir)
-        self._remove_tree(old)
-
-    def restore_state(self, saved: dict, modules: dict[str, nn.Module], optimizer, scheduler, scaler) -> dict:
-        """Load what save_state wrote into the live objects; returns the progress record."""
-        from safetensors.torch import load_file
-
-        folder = saved["dir"]
-        fix = "Pass --fresh to discard it and start over."
-        tensors = {}
-        for part in ("weights", "optimizer"):
-            path = os.path.join(folder, part + ".safetensors")
-            try:
-                tensors[part] = load_file(path)
-            except Exception as e:  # safetensors raises its own error types for damaged headers and data
-                raise StateError(f"{path}: damaged resumable state ({type(e).__name__}: {_first_line(e)}). "
-                                 f"{fix}") from None
-        weights, opt_tensors = tensors["weights"], tensors["optimizer"]
-        try:
-            for name, module in modules.items():
-                prefix = name + "."
-                module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-            optimizer.load_state_dict(_join_optimizer_state(opt_tensors, saved["optimizer"], optimizer))
-            scheduler.load_state_dict(saved["scheduler"])
-            if scaler is not None and saved.get("scaler"):
-                scaler.load_state_dict(saved["scaler"])
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-            raise StateError(f"{folder}: the saved state does not fit this run ({type(e).__name__}: "
-                             f"{_first_line(e)}). {fix}") from None
-        return saved["progress"]
 
     # ------------------------------------------------------------ metrics
 
@@ -302,46 +203,7 @@ def adopt_finished_run(donor_cfg, run_cfg, say) -> dict | None:
         for key in ("pth", "safetensors", "metrics"):  # the .json last: it says the files beside it are whole
             atomic_write(target.paths[key], lambda tmp, src=source[key]: shutil.copyfile(src, tmp))
         write_json(target.paths["json"], meta)
-        target.clear_state()  # an interrupted attempt at this run, now finished by the copy
+        target.state.clear()  # an interrupted attempt at this run, now finished by the copy
     return meta
 
 
-def describe_progress(progress: dict) -> str:
-    step = progress.get("step", 0)
-    return f"after epoch {progress['epoch']}" + (f", step {step} of epoch {progress['epoch'] + 1}" if step else "")
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-def _plain(state: dict) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-
-
-def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict as (tensors for safetensors, the rest as JSON)."""
-    tensors, scalars = {}, {}
-    for pid, entry in sd["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.detach().to("cpu").contiguous().clone()
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"scalars": scalars, "param_groups": groups, "tensor_params": sorted({k.split(".")[0] for k in tensors})}
-
-
-def _join_optimizer_state(tensors: dict, record: dict, optimizer) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    for pid, entry in record["scalars"].items():
-        state.setdefault(int(pid), {}).update(entry)
-    live = optimizer.state_dict()["param_groups"]
-    if len(live) != len(record["param_groups"]):
-        raise ValueError(f"{len(record['param_groups'])} parameter groups saved, {len(live)} in this run")
-    groups = [{k: tuple(v) if isinstance(now.get(k), tuple) else v for k, v in saved.items()}
-              for saved, now in zip(record["param_groups"], live)]
-    return {"state": state, "param_groups": groups}

@@ -222,6 +222,10 @@ def test_the_smoke_lab_leaves_the_repository_deliverables_alone(data, tmp_path, 
     assert not (tmp_path / "models_saved").exists() and not (tmp_path / "report.md").exists()
     assert not list(tmp_path.glob("*.png")) and not (tmp_path / "cache").exists()
     assert json.load(open(tmp_path / "runs" / "smoke" / "report.json"))["cnn"]["teacher_accuracy"] >= 0
+    from kdfast import labreport  # rebuilt into a folder that does not exist yet, without a lab's header
+
+    md = labreport.run(labreport.ReportConfig(out_dir="runs/smoke/models_saved", report=str(tmp_path / "new" / "r.json")))
+    assert "None" not in open(md).read().splitlines()[2]
 
 
 def test_labs_of_two_pairs_merge_into_one_report(tmp_path):
@@ -282,3 +286,31 @@ def test_help_shows_one_default_per_flag_and_version(capsys):
     with pytest.raises(SystemExit):
         cache.main(["build", "--help"])
     assert "--slots" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- smaller things
+
+def test_checkpoint_files_are_written_with_one_mode(data, tmp_path):
+    train.run(TrainConfig(model="resnet8", name="m", epochs=1, **common(data, tmp_path)))
+    modes = {ext: os.stat(tmp_path / f"m.{ext}").st_mode & 0o777 for ext in ("pth", "safetensors", "json")}
+    assert len(set(modes.values())) == 1, modes
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_a_tracker_without_its_package_is_refused(data, tmp_path, capsys):
+    err = one_line_error(capsys, train.main, ["--log-with", "wandb", "--data", data["data"], "--out-dir", str(tmp_path),
+                                              "--no-progress"])
+    assert "--log-with wandb: the wandb package is not installed" in err
+
+
+def test_evaluate_on_another_test_subset_says_so(data, tmp_path, capsys):
+    from kdfast import evaluate
+    from kdfast.config import EvaluateConfig
+
+    meta = train.run(TrainConfig(model="resnet8", name="m", epochs=1, **common(data, tmp_path)))
+    capsys.readouterr()
+    evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "m.pth"), cache_dir=data["cache_dir"]))
+    assert f"matches the recorded {meta['test_accuracy']:.4f}" in capsys.readouterr().out
+    evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "m.pth"), cache_dir=data["cache_dir"], test_per_class=2))
+    out = capsys.readouterr().out
+    assert "another test subset (not comparable)" in out and "differs" not in out

@@ -171,7 +171,7 @@ def test_state_cleanup_never_follows_a_link_outside(data, tmp_path):
     (out / ".state").mkdir(parents=True)
     os.symlink(outside, out / ".state" / "run")
     with pytest.raises(StateError, match="outside --out-dir"):
-        RunDir(str(out), "run").clear_state()
+        RunDir(str(out), "run").state.clear()
     assert (outside / "keep.txt").read_text() == "mine"
 
 
