@@ -611,7 +611,8 @@ def verify(cfg: VerifyConfig) -> dict:
         return a.get(key, 0) if getattr(cfg, key) is None else getattr(cfg, key)
 
     data = load_data(cfg, runtime, cfg.data or a.get("data_source"), built_with("train_per_class"),
-                     built_with("test_per_class"), a.get("dataset", "cifar10"), a.get("store_size", 0))  # as built
+                     built_with("test_per_class"), a.get("dataset", "cifar10"), a.get("store_size", 0),
+                     (a.get("val_per_class", 0), a.get("val_seed", 0)))  # as built
     spec = AugmentSpec.from_dict(a["augment"])
     cache.check_matches(data, spec)
     g = torch.Generator().manual_seed(cfg.seed)

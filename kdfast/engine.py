@@ -132,9 +132,10 @@ def data_budget(cfg, runtime: Runtime) -> int:
 
 
 def load_data(cfg, runtime: Runtime, source: str | None, train_per_class: int, test_per_class: int, dataset: str,
-              store_size: int) -> Dataset:
+              store_size: int, val: tuple[int, int] | None = None) -> Dataset:
     """A run's dataset in the tier its flags ask for; the main process decodes (or indexes) and caches it first,
-    the others then read the cache."""
+    the others then read the cache. val: (per class, seed) of the validation split (default: cfg's)."""
+    val = val or (getattr(cfg, "val_per_class", 0) or 0, getattr(cfg, "val_seed", 0) or 0)
     budget = data_budget(cfg, runtime)
     acc = runtime.accelerator
     with acc.main_process_first():
@@ -142,7 +143,7 @@ def load_data(cfg, runtime: Runtime, source: str | None, train_per_class: int, t
                             log=runtime.print, dataset=dataset, store_size=store_size,
                             tier=getattr(cfg, "data_tier", "device"), budget=budget,
                             progress=getattr(cfg, "progress", True) and acc.is_local_main_process,
-                            val_per_class=getattr(cfg, "val_per_class", 0), val_seed=getattr(cfg, "val_seed", 0))
+                            val_per_class=val[0], val_seed=val[1])
     batch = getattr(cfg, "batch_size", None) or 0
     one_batch = batch * 3 * data.train.box[0] * data.train.box[1]
     if getattr(cfg, "data_budget_gb", 0) and one_batch > budget:

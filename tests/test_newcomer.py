@@ -79,6 +79,9 @@ def test_a_sweep_from_a_cache_with_a_validation_split_uses_it(data, tmp_path):
                                  cache_dir=data["cache_dir"], precision="fp32", progress=False))  # no data flags
     attrs = LogitCache(h5).attrs
     assert (attrs["train_size"], attrs["val_per_class"], attrs["train_per_class"]) == (18, 3, 6)
+    checked = cache.verify(cache.VerifyConfig(file=h5, teacher=str(tmp_path / "m" / "teacher.pth"), samples=8,
+                                              cache_dir=data["cache_dir"]))  # the training split as built
+    assert checked["argmax_agreement"] == 1.0
     result = sweep.run(SweepConfig(teacher_cache=h5, model="resnet8", alphas=(0.3, 0.7), taus=(2.0,), seeds=1,
                                    epochs=1, batch_size=6, eval_batch_size=5, precision="fp32", progress=False,
                                    out_dir=str(tmp_path / "sweep"), cache_dir=data["cache_dir"]))
@@ -211,13 +214,17 @@ def test_a_finished_run_under_another_config_is_refused_without_fresh(data, tmp_
     assert meta["epochs"] == 2 and "replacing the finished run" in capsys.readouterr().out
 
 
-def test_the_smoke_lab_leaves_the_repository_deliverables_alone(data, tmp_path, monkeypatch):
+def test_the_smoke_lab_leaves_the_repository_deliverables_alone(data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "report.json").write_text('{"cnn": "the measured results"}')
     cfg = dataclasses.replace(LAB_PRESETS["smoke"], data=data["data"], pairs=("cnn",), cnn_teacher_epochs=1,
                               cnn_student_epochs=1, cnn_batch_size=6, eval_batch_size=5, precision="fp32",
                               progress=False)
     lab.run(cfg)
+    assert "[lab] cnn_teacher: training (no finished run of it yet)" in capsys.readouterr().out
+    with pytest.raises(StateError, match=r"(?s)cnn_teacher.json: a finished run.*epochs: it has 1, this run 2.*--fresh"):
+        lab.run(dataclasses.replace(cfg, cnn_teacher_epochs=2))  # a lab over finished runs of another config
+    assert "another config (below): refused unless --fresh" in capsys.readouterr().out
     assert (tmp_path / "report.json").read_text() == '{"cnn": "the measured results"}'
     assert not (tmp_path / "models_saved").exists() and not (tmp_path / "report.md").exists()
     assert not list(tmp_path.glob("*.png")) and not (tmp_path / "cache").exists()
