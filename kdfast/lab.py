@@ -99,11 +99,11 @@ def why_trained(cfg: LabConfig, run_cfg: TrainConfig, after_teacher: bool) -> st
     """What the log says before a lab run trains: why it is not kept."""
     if cfg.fresh:
         return "training (--fresh: every run is retrained)"
-    if after_teacher:
-        return "training again: an earlier run of its pair (its teacher) was trained in this lab"
     done = RunDir(run_cfg.out_dir, run_cfg.run_name).finished_meta()
     if done is None:
         return "training (no finished run of it yet)"
+    if after_teacher and finished_run(run_cfg) is not None:
+        return "training again: its teacher was trained again in this lab"
     return "a finished run of it exists with another config (below): refused unless --fresh"
 
 

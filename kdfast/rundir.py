@@ -25,12 +25,13 @@ __all__ = ["RunDir", "StateError", "adopt_finished_run", "check_name", "comparab
 
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters, no '..'"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-# config fields that do not change what a run computes: a resume may differ in these
+# config fields that do not change what a run computes: a resume may differ in these (--out-dir and --cache-dir are
+# where files are, the same folder however it is spelled)
 NOT_COMPARED = ("resume", "fresh", "progress", "checkpoint_every", "log_every", "log_with", "data_tier", "data_budget_gb",
-                "data_workers")
+                "data_workers", "out_dir", "cache_dir")
 # fields added since a state or checkpoint may have been written, with the value that older runs had
 ADDED_FIELDS = {"dataset": "cifar10", "store_size": 0, "aug_recipe": "none", "ema": 0.0, "tta": "none",
-                "grad_accum": 1, "val_per_class": 0, "val_seed": 0}
+                "grad_accum": 1, "val_per_class": 0, "val_seed": 0, "teacher_weights": None, "teacher_pretrained": False}
 
 
 def check_name(name: str, flag: str = "--name") -> str:
