@@ -649,6 +649,9 @@ class SweepConfig:
         for name in ("eval_every", "checkpoint_every"):
             check_int(self, name, 0)
         check_grid(self.alphas, self.taus)
+        for name in ("alphas", "taus", "cache_slots"):  # a repeated value would be counted as more seeds
+            values = getattr(self, name)
+            check(name, values, len(set(values)) == len(values), "given without repeats")
 
 
 LAB_PRESETS = {

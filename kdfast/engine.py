@@ -433,8 +433,7 @@ def run_epoch(tr: Training, epoch: int, start_step: int, aug_seed: int, stop: Pr
             bar.close()
             name = signal.Signals(signum).name
             raise Interrupted(signum, f"[{cfg.run_name}] {name}: stopped after step {done} of epoch {epoch + 1}; "
-                                      f"the state is saved in {tr.run_dir.state_dir}. Resume with the same command "
-                                      "and --resume.")
+                                      f"the state is saved in {tr.run_dir.state_dir}. {resume_advice(cfg)}")
     bar.close()
     check_finite(tr)
     if tr.runtime.device.type == "cuda":
@@ -519,6 +518,12 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
     return finish(tr, data, evals, params, train_img_s, wall_at(), extra_meta)
 
 
+def resume_advice(cfg: TrainConfig) -> str:
+    """What continues an interrupted run: its own command again, with --resume unless it already resumes (the lab
+    and sweeps start every run that way, so their advice is just their command again)."""
+    return "Run the same command again to continue." if cfg.resume else "Resume with the same command and --resume."
+
+
 FEW_STEPS = 10  # fewer optimizer steps per epoch than this: said at the start of the run
 
 
@@ -551,8 +556,8 @@ def train_epochs(tr: Training, progress: dict, aug_seed_for_epoch: Callable[[int
             signum = stop.requested(acc)
             if signum:  # asked during the evaluation: the epoch is whole and saved
                 raise Interrupted(signum, f"[{cfg.run_name}] {signal.Signals(signum).name}: stopped after epoch "
-                                          f"{epoch + 1}; the state is saved in {tr.run_dir.state_dir}. Resume with "
-                                          "the same command and --resume.")
+                                          f"{epoch + 1}; the state is saved in {tr.run_dir.state_dir}. "
+                                          + resume_advice(cfg))
 
 
 def logging_dir(cfg: TrainConfig) -> str:

@@ -126,6 +126,8 @@ def write(out_dir: str, report_path: str, report: dict, results: dict, extra: di
 
 
 def run(cfg: ReportConfig) -> str:
+    if cfg.sweep and not os.path.exists(os.path.join(cfg.sweep, "sweep.md")):
+        raise KdfastError(f"--sweep {cfg.sweep}: no sweep here (no sweep.md). Point at a kdfast sweep's --out-dir.")
     results = saved_results(cfg.out_dir)
     if not results:
         raise KdfastError(f"{cfg.out_dir}: no lab runs saved here (cnn_teacher.json, ...). Point at the lab's --out-dir.")

@@ -24,7 +24,7 @@ import tyro
 from . import distill, group, plots, train
 from .augment import AugmentSpec
 from .cache import LogitCache
-from .config import DistillConfig, SweepConfig, TrainConfig, resolved_store_size
+from .config import DistillConfig, SweepConfig, TrainConfig, check, resolved_store_size
 from .engine import accuracy_and_loss, on_main, process_state
 from .errors import user_errors_exit
 from .files import FileLock, ensure_dir, write_json, write_text
@@ -209,6 +209,9 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
     cache = LogitCache(cfg.teacher_cache or PAIR_DEFAULTS[cfg.pair][1])
     attrs, (test_logits, test_labels) = cache.attrs, cache.test_logits()
     cache.close()
+    held_slots = len(attrs["seeds"])
+    check("cache_slots", cfg.cache_slots, all(s <= held_slots for s in cfg.cache_slots),
+          f"at most the {held_slots} slots {cache.path} holds (0: all)")
     teacher_accuracy = accuracy_and_loss(test_logits, test_labels)["accuracy"]
     held = []
 

@@ -1,0 +1,70 @@
+"""Reliability, second round (#17), the parts done so far: interrupt advice that works, sweep bookkeeping."""
+import os
+import signal
+
+import pytest
+
+from kdfast import cache, engine, labreport, sweep, train
+from kdfast.cache import BuildConfig
+from kdfast.config import SweepConfig, TrainConfig
+from kdfast.errors import Interrupted, KdfastError
+
+from .conftest import write_image_folder
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel2")
+    data = write_image_folder(str(root / "tiny"))
+    common = dict(data=data, cache_dir=str(root / "cache"), batch_size=6, eval_batch_size=5, precision="fp32",
+                  progress=False)
+    train.run(TrainConfig(model="resnet8", name="teacher", epochs=1, out_dir=str(root / "m"), **common))
+    h5 = cache.build(BuildConfig(teacher=str(root / "m" / "teacher.pth"), out=str(root / "t.h5"), slots=2,
+                                 cache_dir=str(root / "cache"), precision="fp32", progress=False))
+    return {"h5": h5, "cache_dir": str(root / "cache")}
+
+
+def sweep_cfg(small_cache, out, **kw):
+    return SweepConfig(teacher_cache=small_cache["h5"], model="resnet8", alphas=(0.5,), taus=(2.0,), seeds=1,
+                       epochs=2, batch_size=6, eval_batch_size=5, precision="fp32", progress=False, out_dir=str(out),
+                       cache_dir=small_cache["cache_dir"], **kw)
+
+
+def test_an_interrupted_sweep_is_continued_by_the_advice_it_prints(small_cache, tmp_path, monkeypatch):
+    original = engine.train_step
+
+    def step_with_signal(tr, batch, global_step):
+        loss = original(tr, batch, global_step)
+        if tr.cfg.run_name.startswith("kd") and global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(engine, "train_step", step_with_signal)
+    with pytest.raises(Interrupted) as stopped:
+        sweep.run(sweep_cfg(small_cache, tmp_path))
+    assert "Run the same command again to continue." in str(stopped.value) and "--resume" not in str(stopped.value)
+    monkeypatch.setattr(engine, "train_step", original)
+    result = sweep.run(sweep_cfg(small_cache, tmp_path))  # the advice: the same command, nothing added
+    assert len(result["runs"]) == 2 and not (tmp_path / ".state").exists()
+
+
+def test_a_single_run_is_told_to_add_resume(small_cache, tmp_path):
+    assert engine.resume_advice(TrainConfig()) == "Resume with the same command and --resume."
+    assert engine.resume_advice(TrainConfig(resume=True)) == "Run the same command again to continue."
+
+
+@pytest.mark.parametrize("field,values", [("alphas", (0.1, 0.1)), ("taus", (2.0, 4.0, 2.0)), ("cache_slots", (1, 1))])
+def test_repeated_grid_values_are_refused(field, values):
+    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be given without repeats"):
+        SweepConfig(**{field: values}).validate()
+
+
+def test_cache_slots_beyond_the_cache_are_refused(small_cache, tmp_path):
+    with pytest.raises(ValueError, match="--cache-slots must be at most the 2 slots"):
+        sweep.run(sweep_cfg(small_cache, tmp_path, cache_slots=(1, 3)))
+    assert not (tmp_path / "sweep.md").exists()
+
+
+def test_report_with_a_sweep_folder_that_holds_none_is_refused(tmp_path):
+    with pytest.raises(KdfastError, match="--sweep .*: no sweep here"):
+        labreport.run(labreport.ReportConfig(out_dir=str(tmp_path), sweep=str(tmp_path / "typo")))
