@@ -31,7 +31,7 @@ from .augment import AugmentSpec, epoch_seed
 from .augment.recipes import RECIPES as AUG_RECIPES, apply_recipe
 from .checkpoint import load_teacher, read_meta, weights_sha256
 from .config import DatasetName, Precision, check_augment, check_data_flags, check_int, resolved_store_size
-from .data import Dataset, view_batches
+from .data import HUB_PREFIX, Dataset, view_batches
 from .engine import Runtime, accuracy_and_loss, load_data, make_runtime, on_main, predict
 from .errors import KdfastError, user_errors_exit
 from .files import FileLock, check_file_target
@@ -131,10 +131,8 @@ class BuildConfig:
         for name, fallback in DATA_DEFAULTS.items():
             if getattr(self, name) is None:
                 value = recorded.get(name, fallback)
-                if name == "data":
-                    value = value or (meta.get("data") or {}).get("source")
-                    if value and not (value.startswith("hf:") or os.path.exists(value)):
-                        value = None  # trained elsewhere: the default source
+                if name == "data":  # where it still is; trained elsewhere: the default source
+                    value = recorded_source(value or (meta.get("data") or {}).get("source"))
                 taken[name] = value
         cfg = replace(self, **taken)
         if "dataset" in taken and cfg.dataset != "cifar10":  # the normalization follows the dataset
@@ -220,6 +218,21 @@ def expected_attrs(data: Dataset, spec: AugmentSpec) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "dataset_fingerprint": data.fingerprint,
             "classes": data.classes, "augment": spec.to_dict(), "train_size": len(data.train),
             "test_size": len(data.test)}
+
+
+def recorded_source(source: str | None) -> str | None:
+    """A data source recorded in a cache or checkpoint, if it can still be read here (else None: the default one)."""
+    return source if source and (source.startswith(HUB_PREFIX) or os.path.exists(source)) else None
+
+
+def served_data(attrs: dict) -> dict:
+    """The data flags of the runs a cache serves, as it was built: source, dataset, subsets, validation split, views
+    and stored size (0 where it is the views' automatic size, as the runs that built it record it)."""
+    spec = AugmentSpec.from_dict(attrs["augment"]) if "augment" in attrs else AugmentSpec()
+    store = attrs.get("store_size", 0)
+    return {"data": recorded_source(attrs.get("data_source")), "dataset": attrs.get("dataset", "cifar10"),
+            **{k: attrs.get(k, 0) for k in ("train_per_class", "test_per_class", "val_per_class", "val_seed")},
+            "augment": spec, "store_size": 0 if store == resolved_store_size(spec, 0) else store}
 
 
 def differences(found: dict, wanted: dict, keys) -> list[str]:

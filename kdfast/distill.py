@@ -8,17 +8,15 @@
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 
 import torch
 import tyro
 
-from .cache import CachedTeacher, LogitCache
+from .cache import CachedTeacher, LogitCache, served_data
 from .checkpoint import load_teacher, weights_sha256
-from .augment import AugmentSpec
-from .config import DistillConfig, TrainConfig, resolved_store_size
+from .config import DistillConfig, TrainConfig
 from .engine import Runtime, accuracy_and_loss, fit, logging_dir, make_runtime, open_run, process_state
 from .errors import KdfastError, user_errors_exit
 from .hints import HintedStudent, FeatureHook, feature_shape, hint_layers, make_regressor
@@ -138,27 +136,18 @@ def method_meta(cfg: DistillConfig) -> dict:
 
 
 def with_cache_data(cfg: DistillConfig, say=print) -> DistillConfig:
-    """The data flags left at their defaults, taken from --teacher-cache (as kdfast sweep does), said in the log:
-    a cache serves only the data, subset and views it was built on."""
+    """The data flags left at their defaults, taken from --teacher-cache (cache.served_data, as kdfast sweep takes
+    them), said in the log: a cache serves only the data, subset and views it was built on."""
     if not cfg.teacher_cache:
         return cfg
     cache = LogitCache(cfg.teacher_cache)
-    attrs = cache.attrs
+    served = served_data(cache.attrs)
     cache.close()
     defaults = TrainConfig(dataset=cfg.dataset)
-    taken = {}
-    for name in ("dataset", "train_per_class", "test_per_class", "val_per_class", "val_seed"):
-        if name in attrs and getattr(cfg, name) == getattr(defaults, name) and attrs[name] != getattr(cfg, name):
-            taken[name] = attrs[name]
-    source = attrs.get("data_source")
-    if cfg.data is None and source and (source.startswith("hf:") or os.path.exists(source)):
-        taken["data"] = source
-    spec = AugmentSpec.from_dict(attrs["augment"]) if "augment" in attrs else None
-    if spec is not None and cfg.aug_recipe == "none" and cfg.augment == defaults.augment and spec != cfg.augment:
-        taken["augment"] = spec
-    store = attrs.get("store_size", 0)
-    if cfg.store_size == 0 and store and store != resolved_store_size(taken.get("augment", cfg.augment), 0):
-        taken["store_size"] = store
+    if cfg.aug_recipe != "none":  # a recipe's views are the run's own choice
+        served.pop("augment")
+    taken = {k: v for k, v in served.items() if getattr(cfg, k) == getattr(defaults, k) and v != getattr(cfg, k)
+             and v is not None}
     if not taken:
         return cfg
     shown = [f"--{k.replace('_', '-')} {v}" for k, v in taken.items() if k != "augment"]

@@ -99,28 +99,22 @@ def _parent_command() -> list[str]:
 
 
 def _config_file_precision(command: list[str]) -> str | None:
-    """mixed_precision in the Accelerate config file the launch read (--config_file, else the default one)."""
+    """mixed_precision in the Accelerate config file the launch read (--config_file, else the default one), read by
+    Accelerate's own loader (YAML or JSON); None when there is none."""
     path = None
     for i, arg in enumerate(command):
         if arg in ("--config_file", "--config-file") and i + 1 < len(command):
             path = command[i + 1]
         elif arg.startswith(("--config_file=", "--config-file=")):
             path = arg.split("=", 1)[1]
-    if path is None:
-        try:
-            from accelerate.commands.config.config_args import default_config_file
-        except ImportError:
-            return None
-        path = default_config_file
     try:
-        with open(path) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "mixed_precision":
-                    return value.strip().strip("'\"") or None
-    except OSError:
-        pass
-    return None
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        value = getattr(load_config_from_file(path), "mixed_precision", None)
+    except Exception:  # no file, or one Accelerate itself cannot read: the launch then decided nothing from it
+        return None
+    value = getattr(value, "value", value)  # an enum in some versions
+    return str(value) if value is not None else None
 
 
 def launcher_precision(environ=os.environ, command: list[str] | None = None) -> tuple[str, str] | None:

@@ -165,11 +165,8 @@ class RunDir:
 
 def finished_run(run_cfg) -> dict | None:
     """The saved metadata (NAME.json) of a run already finished with this very config (a TrainConfig), else None."""
-    path = checkpoint_paths(run_cfg.out_dir, run_cfg.run_name)["json"]
-    if not os.path.exists(path):
-        return None
-    meta = read_json(path, "checkpoint description", "Delete it (and its checkpoint) to retrain, or pass --fresh.")
-    if "test_accuracy" not in meta:
+    meta = RunDir(run_cfg.out_dir, run_cfg.run_name).finished_meta()
+    if meta is None:
         return None
     return meta if comparable_config(meta.get("config", {})) == comparable_config(run_cfg.to_dict()) else None
 

@@ -22,9 +22,8 @@ import sys
 import tyro
 
 from . import distill, group, plots, train
-from .augment import AugmentSpec
-from .cache import LogitCache
-from .config import DistillConfig, SweepConfig, TrainConfig, check, resolved_store_size
+from .cache import LogitCache, served_data
+from .config import DistillConfig, SweepConfig, TrainConfig, check
 from .engine import accuracy_and_loss, on_main, process_state
 from .errors import user_errors_exit
 from .files import FileLock, ensure_dir, write_json, write_text
@@ -42,21 +41,18 @@ def plan(cfg: SweepConfig, cache_attrs: dict) -> list[tuple[dict, TrainConfig]]:
     """(point, run config) for every run: the no-KD baseline and every (alpha, tau), for each seed."""
     model = cfg.model or PAIR_DEFAULTS[cfg.pair][0]
     teacher_cache = cfg.teacher_cache or PAIR_DEFAULTS[cfg.pair][1]
-    built = lambda key, value: cache_attrs.get(key, 0) if value is None else value  # noqa: E731
-    spec = AugmentSpec.from_dict(cache_attrs["augment"]) if "augment" in cache_attrs else AugmentSpec()
-    store_size = cache_attrs.get("store_size", 0)
-    if store_size == resolved_store_size(spec, 0):  # the automatic size: recorded as 0, as the runs that built it
-        store_size = 0
-    common = dict(model=model, data=cfg.data or cache_attrs.get("data_source"), cache_dir=cfg.cache_dir,
-                  dataset=cache_attrs.get("dataset", "cifar10"), log_with=cfg.log_with,
+    served = served_data(cache_attrs)
+    built = lambda key, value: served[key] if value is None else value  # noqa: E731
+    common = dict(model=model, data=cfg.data or served["data"], cache_dir=cfg.cache_dir,
+                  dataset=served["dataset"], log_with=cfg.log_with,
                   train_per_class=built("train_per_class", cfg.train_per_class),
                   test_per_class=built("test_per_class", cfg.test_per_class), out_dir=cfg.out_dir,
-                  val_per_class=cache_attrs.get("val_per_class", 0), val_seed=cache_attrs.get("val_seed", 0),
+                  val_per_class=served["val_per_class"], val_seed=served["val_seed"],
                   grad_accum=cfg.grad_accum,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                   eval_every=cfg.eval_every, precision=cfg.precision, resume=not cfg.fresh, fresh=cfg.fresh,
                   checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
-                  augment=spec, store_size=store_size, data_tier=cfg.data_tier,
+                  augment=served["augment"], store_size=served["store_size"], data_tier=cfg.data_tier,
                   data_budget_gb=cfg.data_budget_gb, data_workers=cfg.data_workers)
     runs = []
     for seed in range(cfg.seeds):

@@ -152,8 +152,11 @@ def test_a_teacher_given_by_name_alone_or_without_its_json_says_what_to_do(data,
 
 # ---------------------------------------------------------------- Accelerate's settings
 
-def test_accelerate_launch_precision_wins_over_auto_and_says_so():
+def test_accelerate_launch_precision_wins_over_auto_and_says_so(tmp_path):
     env = {"ACCELERATE_MIXED_PRECISION": "no"}
+    config = tmp_path / "accelerate.yaml"  # what `accelerate config` writes, read by Accelerate's own loader
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: 'no'\n")
+    assert launcher_precision(env, ["accelerate", "launch", "--config_file", str(config)])[0] == "fp32"
     assert launcher_precision(env, ["accelerate", "launch", "--mixed_precision", "no", "-m", "kdfast.train"]) == \
         ("fp32", "accelerate launch --mixed_precision no")
     assert launcher_precision({"ACCELERATE_MIXED_PRECISION": "bf16"}, ["accelerate", "launch"])[0] == "bf16"
