@@ -325,15 +325,30 @@ class Training:
         dev = self.runtime.device
         saved = saved if (saved and self.acc.is_main_process) else {}
         zero = [0.0] * self.students if self.students else 0.0
-        self.sums = {"loss": torch.tensor(saved.get("loss", zero), dtype=torch.float32, device=dev),
+        self.sums = {"loss": torch.tensor(saved_step_losses(saved, zero, self.acc.num_processes), dtype=torch.float32,
+                                          device=dev),
                      "correct": torch.tensor(saved.get("correct", zero), device=dev).long(),
                      "seen": torch.tensor(int(saved.get("seen", 0)), device=dev)}
         self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)
 
     def global_sums(self) -> dict:
+        """The epoch's sums over every process: "loss" is the sum over its steps of each step's loss (the mean over
+        the processes), so that it means the same whatever the number of processes; correct / seen are counts."""
         reduced = {k: self.acc.reduce(v.clone(), "sum") for k, v in self.sums.items()}
         return {"loss": reduced["loss"].tolist(), "correct": reduced["correct"].tolist(),
-                "seen": int(reduced["seen"].item())}
+                "seen": int(reduced["seen"].item()), "loss_is": STEP_LOSS_SUM}
+
+
+STEP_LOSS_SUM = "sum of step losses"  # saved sums' meaning of "loss"; states saved before it summed over processes
+
+
+def saved_step_losses(saved: dict, zero, processes: int):
+    """The loss sum of a saved epoch part as a sum of step losses. A state saved before STEP_LOSS_SUM summed each
+    process's losses: read as saved by as many processes as now (what its resume assumed)."""
+    loss = saved.get("loss", zero)
+    if saved and saved.get("loss_is") != STEP_LOSS_SUM:
+        loss = [v / processes for v in loss] if isinstance(loss, list) else loss / processes
+    return loss
 
 
 def train_step(tr: Training, micro_batches: list[Batch], global_step: int) -> torch.Tensor:
@@ -365,7 +380,7 @@ def train_step(tr: Training, micro_batches: list[Batch], global_step: int) -> to
     tr.optimizer.zero_grad(set_to_none=True)
     if tr.ema is not None:
         tr.ema.update_parameters(tr.trained())
-    tr.sums["loss"] += step_loss
+    tr.sums["loss"] += step_loss / acc.num_processes  # summed over the processes: the step's mean loss
     tr.bad_step = torch.where((tr.bad_step < 0) & ~torch.isfinite(step_loss).all(), global_step, tr.bad_step)
     return step_loss.sum()
 
@@ -596,7 +611,7 @@ def end_epoch(tr: Training, data: Dataset, epoch: int, epoch_time: float) -> tup
     evaluations made."""
     cfg, acc = tr.cfg, tr.acc
     sums = tr.global_sums()  # over the whole epoch and every process, resumed parts included
-    train_loss = sums["loss"] / (len(tr.loader) * acc.num_processes)  # mean of the per-process step means
+    train_loss = sums["loss"] / len(tr.loader)  # the mean of the step losses
     train_acc = sums["correct"] / max(1, sums["seen"])
     img_s = sums["seen"] / max(epoch_time, 1e-9)
     record = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_accuracy": round(train_acc, 5),

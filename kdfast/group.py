@@ -154,7 +154,7 @@ def student(tr, plain, i: int):
 def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall) -> tuple[list[dict], float]:
     cfg = tr.cfg
     sums = tr.global_sums()
-    steps = len(tr.loader) * tr.acc.num_processes
+    steps = len(tr.loader)
     evaluated = [evaluations(tr, student(tr, plain, i), data, epoch) for i in range(len(members))]
     img_s = sums["seen"] / max(epoch_time, 1e-9)  # per student: what each run's metrics and .json say
     for i, m in enumerate(members):
