@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import gc
+import shutil
 import sys
+import traceback
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -33,8 +36,8 @@ from .checkpoint import load_teacher, read_meta, weights_sha256
 from .config import DatasetName, Precision, check_augment, check_data_flags, check_int, resolved_store_size
 from .data import HUB_PREFIX, Dataset, view_batches
 from .engine import Runtime, accuracy_and_loss, load_data, make_runtime, on_main, predict
-from .errors import KdfastError, user_errors_exit
-from .files import FileLock, check_file_target
+from .errors import KdfastError, io_errno, io_error_line, user_errors_exit
+from .files import FileLock, check_file_target, remove_quietly
 from .flags import explained
 from .models import model_entry
 
@@ -391,6 +394,29 @@ def slot_bytes(attrs: dict) -> int:
 
 # ---------------------------------------------------------------- building
 
+def cache_bytes(attrs: dict, num_classes: int, topk: int) -> int:
+    """The size of a whole cache's data: float16 logits (or top-k values, int16/int32 indices and the rest logit)."""
+    S, N, T = len(attrs["seeds"]), attrs["train_size"], attrs["test_size"]
+    per_sample = 2 * num_classes if not topk else topk * (2 + (2 if num_classes < 2**15 else 4)) + 2
+    return S * N * per_sample + T * (2 * num_classes + 8)
+
+
+def check_free_space(path: str, needed: int) -> None:
+    """Refuse a build the disk cannot hold, before any teacher pass (HDF5 reports a full disk only from its
+    destructors, when some chunks are already lost)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    have = shutil.disk_usage(folder).free + (os.path.getsize(path) if os.path.exists(path) else 0)
+    margin = needed // 20 + (1 << 16)  # HDF5's own metadata and chunk index
+    if have < needed + margin:
+        raise CacheError(f"{path}: the cache needs about {_size(needed + margin)} and {folder} has {_size(have)} "
+                         "free. Free space, choose another --out, or build fewer --slots "
+                         "(or --topk K for many classes).")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n / 1024:,.0f} KB"
+
+
 def _create(path: str, attrs: dict, num_classes: int, topk: int):
     h5py = _h5py()
     S, N, T = len(attrs["seeds"]), attrs["train_size"], attrs["test_size"]
@@ -508,14 +534,41 @@ def build(cfg: BuildConfig, runtime: Runtime | None = None) -> str:
         held.append(FileLock(path + ".lock", f"the logit cache {path}").acquire(runtime.print))
 
     on_main(runtime.accelerator, claim)
+    opened = []  # the HDF5 file being written (main process)
     try:
-        return _build_locked(cfg, runtime, path)
+        return _build_locked(cfg, runtime, path, opened)
+    except Exception as e:
+        if not io_errno(e) or isinstance(e, KdfastError):
+            raise
+        traceback.clear_frames(e.__traceback__)  # the build's frames hold HDF5 objects: closed below, quietly
+        for f in opened:  # a write that failed part-way leaves HDF5 metadata that cannot be trusted
+            _close_quietly(f)
+            remove_quietly(path + ".partial")
+        raise CacheError(io_error_line(path + ".partial", e, "writing the cache") + " The partial file is removed "
+                         "(a failed HDF5 write can leave it inconsistent): the same command builds it again.") from None
     finally:
+        for f in opened:
+            _close_quietly(f)
         for lock in held:
             lock.release()
 
 
-def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str) -> str:
+def _close_quietly(f) -> None:
+    """Close an HDF5 file a failed write left open. Its close, and the release of its objects, can fail the same way
+    (the disk is full): HDF5 then reports from its destructors, which is not shown."""
+    hooks = sys.unraisablehook, sys.excepthook  # Cython destructors print through both
+    sys.unraisablehook, sys.excepthook = (lambda unraisable: None), (lambda *exc: None)
+    try:
+        if f.id.valid:
+            f.close()
+    except Exception:
+        pass
+    finally:
+        gc.collect()
+        sys.unraisablehook, sys.excepthook = hooks
+
+
+def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str, opened: list) -> str:
     from tqdm.auto import tqdm
 
     acc = runtime.accelerator
@@ -539,7 +592,9 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str) -> str:
              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     f = None
     if acc.is_main_process:
+        check_free_space(path + ".partial", cache_bytes(attrs, len(data.classes), topk))
         f = _open_for_build(cfg, path, attrs, len(data.classes), runtime.print)
+        opened.extend([f] if f is not None else [])
     todo = [None]  # the main process decides; everyone follows
     if acc.is_main_process:
         todo = [None if f is None else {"test": not bool(f["test/complete"][()]),

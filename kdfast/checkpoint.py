@@ -24,10 +24,11 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(out_dir: str, name: str, model: nn.Module, meta: dict) -> dict[str, str]:
+def save_checkpoint(out_dir: str, name: str, model: nn.Module, meta: dict, metrics: str | None = None) -> dict[str, str]:
     """Write the three files of a checkpoint: all to temporary names first, then renamed, the .json last.
 
-    A failure while writing (a full disk) leaves the previous checkpoint whole and no temporary file.
+    A failure while writing (a full disk) leaves the previous checkpoint whole and no temporary file. metrics: the
+    run's per-epoch metrics kept elsewhere while it replaced a finished run, renamed to NAME.metrics.jsonl with them.
     """
     from safetensors.torch import save_file
 
@@ -51,6 +52,8 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, meta: dict) -> di
             remove_quietly(tmp)
         raise
     for key in writers:  # renames need no space: the .json, last, says the weights beside it are whole
+        if key == "json" and metrics and os.path.exists(metrics):
+            os.replace(metrics, paths["metrics"])
         os.replace(temps[key], paths[key])
     return paths
 

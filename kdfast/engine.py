@@ -24,7 +24,7 @@ from .augment import epoch_seed
 from .checkpoint import save_checkpoint
 from .config import Recipe, TrainConfig
 from .data import Batch, DataError, Dataset, Split, TrainLoader, default_budget, eval_batches, load_dataset
-from .errors import USER_ERRORS, Interrupted, KdfastError
+from .errors import USER_ERRORS, Interrupted, KdfastError, user_message
 from .machine import accelerate_mixed_precision, launcher_precision, resolve_precision
 from .models import count_parameters, model_entry
 from .rundir import RunDir, describe_progress
@@ -244,10 +244,10 @@ def on_main(acc: Accelerator | PartialState, fn):
     if acc.is_main_process:
         try:
             result = fn()
-        except USER_ERRORS as e:
+        except USER_ERRORS + (OSError,) as e:
             if acc.num_processes == 1:
                 raise
-            error = str(e)
+            error = user_message(e)
     if acc.num_processes > 1:
         result, error = broadcast_object_list([result, error])
     if error:
@@ -501,10 +501,9 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
     if run_dir.resume_from:
         progress = run_dir.state.restore(run_dir.resume_from, tr.modules(), tr.optimizer, tr.scheduler, acc.scaler)
         runtime.print(f"[{cfg.run_name}] resuming {describe_progress(progress)} from {run_dir.state_dir}")
-    records = []
-    if acc.is_main_process:  # epochs that will be redone are dropped
-        records = [r for r in run_dir.read_metrics() if r["epoch"] < progress["epoch"]]
-        run_dir.write_metrics(records)
+    records = []  # the epochs kept (those to be redone are dropped); the file is rewritten after the next epoch
+    if acc.is_main_process and progress["epoch"]:
+        records = [r for r in run_dir.read_metrics(run_dir.metrics_path()) if r["epoch"] < progress["epoch"]]
     for line in batch_warnings(len(data.train), cfg.batch_size, len(tr.loader)):
         runtime.print(f"[{cfg.run_name}] {line}")
     val = f" / {len(data.val)} val" if data.val is not None else ""
@@ -684,7 +683,7 @@ def finish(tr: Training, data: Dataset, evals: dict, params: int, train_img_s: f
         evals = evaluations(tr, final_model, data)[1]
     meta = checkpoint_meta(cfg, tr, data, evals, params, train_img_s, wall, extra_meta)
     if acc.is_main_process:
-        save_checkpoint(cfg.out_dir, cfg.run_name, final_model, meta)
+        save_checkpoint(cfg.out_dir, cfg.run_name, final_model, meta, metrics=tr.run_dir.metrics_path())
         runtime.print(f"[{cfg.run_name}] " + (f"val accuracy {evals['val']['accuracy']:.4f} | " if "val" in evals else "")
                       + f"test accuracy {evals['test']['accuracy']:.4f} | wall {wall:.1f}s | "
                       f"saved {tr.run_dir.paths['pth']}")

@@ -1,8 +1,10 @@
 """Errors a user can fix, and how entry points show them: one sentence, no traceback."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import re
 import sys
 
 
@@ -11,6 +13,46 @@ class KdfastError(RuntimeError):
 
 
 USER_ERRORS = (KdfastError, ValueError, FileNotFoundError)
+
+# what to do about an operating-system error, by errno
+_FIXES = {
+    errno.EROFS: "The file system is read-only: choose a writable place (--out-dir, --cache-dir, --out, --report).",
+    errno.ENOSPC: "The disk is full: free space, or choose a place on another disk.",
+    errno.EDQUOT: "The disk quota is exceeded: free space, or choose a place on another disk.",
+    errno.EACCES: "Permission denied: fix the permissions, or choose a place you can write.",
+    errno.EPERM: "Permission denied: fix the permissions, or choose a place you can write.",
+    errno.EISDIR: "A folder is in the way where a file should be: move it, or choose another path.",
+    errno.ENOTDIR: "A file is in the way where a folder should be: move it, or choose another path.",
+    errno.ENOENT: "Check the path.",
+    errno.ENAMETOOLONG: "The name is too long: choose a shorter path.",
+    errno.EMFILE: "Too many open files: raise the limit (ulimit -n) or lower --data-workers.",
+    errno.ENFILE: "Too many open files: raise the limit (ulimit -n) or lower --data-workers.",
+    errno.EIO: "An I/O error of the device: check the disk, or choose a place on another one.",
+}
+# libraries that wrap the errno in their own error's text: safetensors "(os error 28)", HDF5 "errno = 28"
+_ERRNO_IN_TEXT = re.compile(r"(?:Os \{ code: |os error |errno = |\[Errno )(\d+)")
+
+
+def user_message(e: BaseException) -> str:
+    """The one line shown for a user error; an operating system's error (errno set) as io_error_line says it."""
+    return io_error_line(e.filename, e) if isinstance(e, OSError) and e.errno else str(e)
+
+
+def io_errno(e: BaseException) -> int | None:
+    """The errno of an OSError, or of a library error (safetensors, h5py) that names one in its text; else None."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    found = _ERRNO_IN_TEXT.search(str(e))
+    return int(found.group(1)) if found else None
+
+
+def io_error_line(path: str | None, e: BaseException, doing: str = "") -> str:
+    """One sentence for a file error: the path, what failed, why, and the fix."""
+    code = io_errno(e)
+    reason = os.strerror(code) if code else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    path = path or getattr(e, "filename", None) or "a file"
+    fix = _FIXES.get(code, "Fix the path or free space, then run again.")
+    return f"{path}: {doing + ' ' if doing else ''}failed ({reason}). {fix}"
 
 
 class Interrupted(Exception):
@@ -37,7 +79,8 @@ def _close_process_group() -> None:
 
 
 def user_errors_exit(main):
-    """Wrap an entry point: user errors print `kdfast: error: ...` and exit 2 (KDFAST_DEBUG=1 shows the traceback);
+    """Wrap an entry point: user errors and file errors print `kdfast: error: ...` and exit 2 (KDFAST_DEBUG=1 shows
+    the traceback);
     a run stopped by a signal after saving its state exits 128 + signal, Ctrl-C elsewhere 130."""
 
     @functools.wraps(main)
@@ -46,10 +89,10 @@ def user_errors_exit(main):
             result = main(*args, **kwargs)
             _close_process_group()
             return result
-        except USER_ERRORS as e:
+        except USER_ERRORS + (OSError,) as e:  # an OSError not turned into a KdfastError where it happened too
             if os.environ.get("KDFAST_DEBUG"):
                 raise
-            print(f"kdfast: error: {e}", file=sys.stderr)
+            print(f"kdfast: error: {user_message(e)}", file=sys.stderr)
             raise SystemExit(2) from None
         except Interrupted as e:
             if _is_main_process():

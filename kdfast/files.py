@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-from .errors import KdfastError
+from .errors import KdfastError, io_errno, io_error_line
 
 
 class OutputError(KdfastError):
@@ -64,11 +64,27 @@ def write_temp(path: str, write) -> str:
             os.fsync(f.fileno())
     except BaseException as e:
         remove_quietly(tmp)
-        if isinstance(e, OSError):
-            raise OutputError(f"{path}: could not be written ({e.strerror or e}); the previous file, if any, is "
-                              "unchanged. Free disk space or fix the path, then run again.") from None
+        cause = e if isinstance(e, (OSError, KeyboardInterrupt)) or io_errno(e) else writing_probe(tmp) or e
+        if isinstance(cause, OSError) or io_errno(cause):
+            raise OutputError(io_error_line(path, cause, "writing") + " The previous file, if any, is unchanged.") from None
         raise
     return tmp
+
+
+def writing_probe(beside: str, size: int = 1 << 20) -> OSError | None:
+    """The error that writing `size` bytes beside a file gives now, or None: why a writer that names no cause failed
+    (torch.save on a full disk raises "unexpected pos 64 vs 0")."""
+    probe = beside + ".probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(size))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e
+    finally:
+        remove_quietly(probe)
+    return None
 
 
 def atomic_write(path: str, write) -> None:
@@ -126,7 +142,7 @@ def ensure_dir(path: str, flag: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"{flag} {path}: cannot create the folder ({e.strerror or e}). Choose another path.") from None
+        raise OutputError(f"{flag} " + io_error_line(path, e, "creating the folder")) from None
 
 
 def check_file_target(path: str, flag: str) -> None:
@@ -174,7 +190,10 @@ class FileLock:
     def acquire(self, say=print) -> "FileLock":
         ensure_dir(os.path.dirname(os.path.abspath(self.path)), "lock folder")
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(io_error_line(self.path, e, f"creating the lock of {self.what}")) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -195,9 +214,14 @@ class FileLock:
         previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
         if previous:
             say(f"{self.path}: taking over the lock of {previous}, which is no longer running")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError as e:  # a full disk: no empty lock is left behind
+            remove_quietly(self.path)
+            os.close(fd)
+            raise OutputError(io_error_line(self.path, e, f"writing the lock of {self.what}")) from None
         self.fd = fd
         _HELD.add(self)
         return self

@@ -128,8 +128,8 @@ def _loop(tr, members, data: Dataset, plain, aug_seed_for_epoch, kd: dict) -> li
         progress = run_dir.state.restore(run_dir.resume_from, tr.modules(), tr.optimizer, tr.scheduler, acc.scaler)
         runtime.print(f"[{cfg.run_name}] resuming {describe_progress(progress)} from {run_dir.state_dir}")
     dirs = [RunDir(m.out_dir, m.run_name) for m in members]
-    records = [[r for r in d.read_metrics() if r["epoch"] < progress["epoch"]] for d in dirs] \
-        if acc.is_main_process else [[] for _ in dirs]
+    records = [[r for r in d.read_metrics(d.metrics_path()) if r["epoch"] < progress["epoch"]] for d in dirs] \
+        if acc.is_main_process and progress["epoch"] else [[] for _ in dirs]
     runtime.print(f"[{cfg.run_name}] {len(members)} x {cfg.model} trained together ({type(tr.exported()).__name__}) "
                   f"| {len(data.train)} train / {len(data.test)} test | {cfg.epochs} epochs x {len(tr.loader)} steps of "
                   f"{cfg.batch_size} | {runtime.precision} on {runtime.device}: " + ", ".join(m.run_name for m in members))
@@ -183,8 +183,9 @@ def _finish(tr, members, data, plain, tests, img_s: float, kd: dict, wall: float
         meta = checkpoint_meta(m, tr, data, evals, count_parameters(model), img_s, wall, {
             "trained_with": {"group": cfg.run_name, "students": len(members)}, "kd": {**kd, **method_meta(m)}})
         if acc.is_main_process:
-            save_checkpoint(m.out_dir, m.run_name, model, meta)
-            RunDir(m.out_dir, m.run_name).state.clear()  # a state left by an interrupted run alone is done with
+            member_dir = RunDir(m.out_dir, m.run_name)
+            save_checkpoint(m.out_dir, m.run_name, model, meta, metrics=member_dir.metrics_path())
+            member_dir.state.clear()  # a state left by an interrupted run alone is done with
         metas.append(meta)
     if acc.is_main_process:
         runtime.print(f"[{cfg.run_name}] saved {len(members)} students: "

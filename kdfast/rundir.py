@@ -2,6 +2,8 @@
 
     out_dir/NAME.pth .safetensors .json     the finished checkpoint (checkpoint.py)
     out_dir/NAME.metrics.jsonl              one line per epoch, rewritten atomically
+    out_dir/.state/NAME.metrics.jsonl       the same, while the run replaces a finished run of its name (whose own
+                                            metrics stay with its checkpoint until the new checkpoint replaces both)
     out_dir/NAME.lock                       held by the process writing NAME (flock; pid inside)
     out_dir/.state/NAME/                    the resumable state (runstate.py)
 
@@ -137,8 +139,15 @@ class RunDir:
 
     # ------------------------------------------------------------ metrics
 
-    def read_metrics(self) -> list[dict]:
-        path = self.paths["metrics"]
+    def metrics_path(self) -> str:
+        """Where a run in progress writes its epochs: NAME.metrics.jsonl, or beside its state while a finished run's
+        NAME.json is still there (the finished run's files then stay as they were until the new checkpoint)."""
+        pending = self.state.metrics
+        return pending if os.path.exists(pending) or os.path.exists(self.paths["json"]) else self.paths["metrics"]
+
+    def read_metrics(self, path: str | None = None) -> list[dict]:
+        """The per-epoch records of the finished run (or those at `path`: metrics_path() for a run in progress)."""
+        path = path or self.paths["metrics"]
         if not os.path.exists(path):
             return []
         lines = []
@@ -156,11 +165,14 @@ class RunDir:
         return lines
 
     def write_metrics(self, records: list[dict]) -> None:
+        """Rewrite the metrics of the run in progress (at metrics_path())."""
         def write(tmp):
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(finite_json(r), allow_nan=False) + "\n" for r in records)
 
-        atomic_write(self.paths["metrics"], write)
+        path = self.metrics_path()
+        ensure_dir(os.path.dirname(path), "--out-dir")
+        atomic_write(path, write)
 
 
 def finished_run(run_cfg) -> dict | None:

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .errors import KdfastError
+from .errors import KdfastError, io_errno, io_error_line
 from .files import dump_json, ensure_dir, read_json
 
 STATE_VERSION = 1
@@ -30,6 +30,7 @@ class ResumableState:
 
     def __init__(self, folder: str, remove):
         self.dir, self.remove = folder, remove
+        self.metrics = folder + ".metrics.jsonl"  # the run's metrics while it replaces a finished run (RunDir)
 
     def clear(self) -> None:
         """Remove the state (and its .tmp / .old), state.json first; then .state if no other run uses it."""
@@ -39,6 +40,7 @@ class ResumableState:
                 # invalidate first: a kill during the removal never leaves a half state that looks whole
                 self.remove(os.path.join(folder, "state.json"))
             self.remove(folder)
+        self.remove(self.metrics)
         try:
             os.rmdir(os.path.dirname(self.dir))  # .state, when no other run uses it
         except OSError:
@@ -83,9 +85,14 @@ class ResumableState:
                 os.fsync(f.fileno())
         except BaseException as e:
             self.remove(tmp)
-            if isinstance(e, OSError):
-                raise StateError(f"{tmp}: could not save the resumable state ({e.strerror or e}); the previous "
-                                 "state is unchanged. Free disk space, then run again with --resume.") from None
+            try:
+                os.rmdir(os.path.dirname(self.dir))  # .state, if this save made it
+            except OSError:
+                pass
+            if isinstance(e, OSError) or io_errno(e):  # safetensors raises its own type for ENOSPC
+                raise StateError(io_error_line(tmp, e, "saving the resumable state") + " The previous state is "
+                                 "unchanged: once that is fixed, the run continues from it (kdfast train and distill: "
+                                 "with --resume).") from None
             raise
         if os.path.exists(self.dir):
             self.remove(old)
