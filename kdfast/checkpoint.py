@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 
 from .errors import KdfastError
+from . import schemas
 from .files import dump_json, read_json, remove_quietly, write_temp
 from .models import create_model, model_entry
 
-META_FIELDS = ("model", "classes")  # what a checkpoint's .json must hold for kdfast to rebuild the model
 
 
 def checkpoint_paths(out_dir: str, name: str) -> dict[str, str]:
@@ -73,11 +73,8 @@ def read_meta(path: str) -> dict:
                                 f"trained elsewhere, `kdfast import {path} --model NAME --data DATA` writes it (or "
                                 f"pass --teacher NAME --teacher-weights {path}).")
     fix = "Copy it again from where the checkpoint was trained, or train the model again."
-    meta = read_json(meta_path, "checkpoint description", fix)
-    missing = [k for k in META_FIELDS if k not in meta]
-    if missing:
-        raise KdfastError(f"{meta_path}: damaged checkpoint description, it lacks {', '.join(missing)}. {fix}")
-    if not isinstance(meta["classes"], list) or not meta["classes"]:
+    meta = read_json(meta_path, "checkpoint description", fix, schemas.CHECKPOINT)
+    if not meta["classes"]:
         raise KdfastError(f"{meta_path}: damaged checkpoint description, 'classes' is not a list of class names. {fix}")
     try:
         model_entry(meta["model"])

@@ -114,8 +114,9 @@ def write_text(path: str, text: str) -> None:
     atomic_write(path, write)
 
 
-def read_json(path: str, what: str = "file", fix: str = "Delete it or restore it from a backup.") -> dict:
-    """A JSON object from a file kdfast wrote, or one line naming the file when it is damaged."""
+def read_json(path: str, what: str = "file", fix: str = "Delete it or restore it from a backup.", schema=None) -> dict:
+    """A JSON object from a file kdfast wrote, or one line naming the file when it is damaged: not JSON, not an
+    object, or (with a schemas.Schema) a field missing or of another type."""
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -125,6 +126,10 @@ def read_json(path: str, what: str = "file", fix: str = "Delete it or restore it
         raise KdfastError(f"{path}: a folder, expected a {what}. {fix}") from None
     if not isinstance(obj, dict):
         raise KdfastError(f"{path}: damaged {what}, expected a JSON object. {fix}")
+    if schema is not None:
+        from .schemas import check
+
+        check(obj, schema, path, what, fix)
     return obj
 
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 import tyro
 
-from . import cache, distill, labreport, sweep, train
+from . import cache, distill, labreport, schemas, sweep, train
 from .cache import BuildConfig
 from .checkpoint import checkpoint_paths
 from .config import LAB_PRESETS, DistillConfig, LabConfig, SweepConfig, TrainConfig
@@ -123,7 +123,7 @@ def write_merged(path: str, report: dict) -> dict:
         kept = {}
         if os.path.exists(path):
             try:
-                old = read_json(path, "lab report", "")
+                old = read_json(path, "lab report", "", schemas.REPORT)
                 kept = {p: v for p, v in old.items() if p in ("cnn", "vit") and p not in report and isinstance(v, dict)}
             except KdfastError:
                 kept = {}  # a damaged report is rewritten whole

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import tyro
 
-from . import plots
+from . import plots, schemas
 from .errors import KdfastError, user_errors_exit
 from .files import ensure_dir, read_json, write_json, write_text
 from .report import format_table, lab_report
@@ -49,9 +49,10 @@ def saved_results(out_dir: str) -> dict[str, dict]:
             found.append(((pair, order.get(role, 3), role), name, path))
     results = {}
     for _, name, path in sorted(found):
-        meta = read_json(path, "checkpoint description")
+        fix = "Delete it (and its checkpoint), or train the run again."
+        meta = read_json(path, "checkpoint description", fix, schemas.CHECKPOINT)
         if "test_accuracy" in meta:
-            results[name] = meta
+            results[name] = schemas.check_finished(meta, path, fix)
     return results
 
 
@@ -131,7 +132,8 @@ def run(cfg: ReportConfig) -> str:
     results = saved_results(cfg.out_dir)
     if not results:
         raise KdfastError(f"{cfg.out_dir}: no lab runs saved here (cnn_teacher.json, ...). Point at the lab's --out-dir.")
-    old = read_json(cfg.report, "lab report") if os.path.exists(cfg.report) else {}
+    old = read_json(cfg.report, "lab report", "Delete it: kdfast report writes it again.", schemas.REPORT) \
+        if os.path.exists(cfg.report) else {}
     extra = {}
     for entry in old.values():  # preset, machine and date as the lab recorded them
         for details in entry.get("details", {}).values():

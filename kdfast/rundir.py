@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 
+from . import schemas
 from .checkpoint import checkpoint_paths
 from .errors import KdfastError
 from .files import FileLock, atomic_write, ensure_dir, finite_json, read_json, write_json
@@ -133,9 +134,9 @@ class RunDir:
         """The finished run's NAME.json, or None (absent, or not a finished run's)."""
         if not os.path.exists(self.paths["json"]):
             return None
-        meta = read_json(self.paths["json"], "checkpoint description",
-                         "Delete it (and its checkpoint) to retrain, or pass --fresh.")
-        return meta if isinstance(meta.get("test_accuracy"), (int, float)) else None
+        fix = "Delete it (and its checkpoint) to retrain, or pass --fresh."
+        meta = read_json(self.paths["json"], "checkpoint description", fix, schemas.CHECKPOINT)
+        return schemas.check_finished(meta, self.paths["json"], fix) if "test_accuracy" in meta else None
 
     # ------------------------------------------------------------ metrics
 
@@ -157,8 +158,10 @@ class RunDir:
                     continue
                 try:
                     record = json.loads(line)
-                    record["epoch"]
-                except (ValueError, KeyError, TypeError) as e:
+                    found = schemas.problems(record, schemas.METRICS_LINE)
+                    if found:
+                        raise ValueError("; ".join(found))
+                except ValueError as e:
                     raise KdfastError(f"{path}: line {number} is damaged ({e}). Delete the file (the run rewrites "
                                       "it), or pass --fresh.") from None
                 lines.append(record)

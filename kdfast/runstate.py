@@ -15,6 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
+from . import schemas
 from .errors import KdfastError, io_errno, io_error_line
 from .files import dump_json, ensure_dir, read_json
 
@@ -56,8 +57,8 @@ class ResumableState:
         if not found:
             return None
         path = os.path.join(found[0], "state.json")
-        record = read_json(path, "resumable state", "Pass --fresh to discard it and start over.")
-        if record.get("version") != STATE_VERSION or "progress" not in record or "config" not in record:
+        record = read_json(path, "resumable state", "Pass --fresh to discard it and start over.", schemas.STATE)
+        if record["version"] != STATE_VERSION:
             raise StateError(f"{path}: not a resumable state this kdfast can read (version {record.get('version')!r}). "
                              "Pass --fresh to discard it and start over.")
         return {**record, "dir": found[0]}
@@ -115,6 +116,11 @@ class ResumableState:
                 raise StateError(f"{path}: damaged resumable state ({type(e).__name__}: {_first_line(e)}). "
                                  f"{fix}") from None
         weights, opt_tensors = tensors["weights"], tensors["optimizer"]
+        found = schemas.unlike(saved["optimizer"]["param_groups"], optimizer.state_dict()["param_groups"],
+                               "optimizer.param_groups") + schemas.unlike(saved["scheduler"], scheduler.state_dict(),
+                                                                          "scheduler")
+        if found:
+            raise StateError(f"{os.path.join(folder, 'state.json')}: damaged resumable state: {found[0]}. {fix}")
         try:
             for name, module in modules.items():
                 prefix = name + "."

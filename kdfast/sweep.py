@@ -25,7 +25,7 @@ from . import distill, group, plots, train
 from .cache import LogitCache, served_data
 from .config import DistillConfig, SweepConfig, TrainConfig, check
 from .engine import accuracy_and_loss, on_main, process_state
-from .errors import user_errors_exit
+from .errors import KdfastError, user_errors_exit
 from .files import FileLock, ensure_dir, write_json, write_text
 from .methods import method_entry
 from .rundir import RunDir, adopt_finished_run, finished_run
@@ -69,8 +69,13 @@ def plan(cfg: SweepConfig, cache_attrs: dict) -> list[tuple[dict, TrainConfig]]:
 
 def last_epoch_accuracy(run_cfg: TrainConfig) -> dict:
     """The run's numbers from its metrics file (last line: the last epoch, always evaluated)."""
-    records = RunDir(run_cfg.out_dir, run_cfg.run_name).read_metrics()
-    last = records[-1]
+    run_dir = RunDir(run_cfg.out_dir, run_cfg.run_name)
+    records = run_dir.read_metrics()
+    last = records[-1] if records else {}
+    missing = [k for k in ("test_accuracy", "img_per_s", "wall_time_s") if not isinstance(last.get(k), (int, float))]
+    if missing:
+        raise KdfastError(f"{run_dir.paths['metrics']}: the last epoch's record lacks {', '.join(missing)} (damaged). "
+                          f"Delete {run_dir.paths['json']} to train the run again.")
     return {"test_accuracy": last["test_accuracy"], "epochs": last["epoch"] + 1, "img_per_s": last["img_per_s"],
             "wall_time_s": last["wall_time_s"], **({"val_accuracy": last["val_accuracy"]} if "val_accuracy" in last
                                                    else {})}

@@ -1,0 +1,165 @@
+"""Every JSON file kdfast reads is validated (#17): a fuzz over every field of each kind of saved file (removed, of
+another type) through the commands that read it. Each either works or exits 2 with one line; never a traceback."""
+import copy
+import json
+import os
+import shutil
+
+import pytest
+
+from kdfast import evaluate, labreport, sweep, train
+from kdfast.config import TrainConfig
+from kdfast.errors import KdfastError
+from kdfast.schemas import REPORT, Schema, problems
+
+from .conftest import write_image_folder
+
+
+def fields(obj, prefix=()):
+    """Every field path of a JSON object, nested objects included (and the first object of a list of objects)."""
+    for key, value in obj.items():
+        yield prefix + (key,)
+        if isinstance(value, dict):
+            yield from fields(value, prefix + (key,))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            yield from fields(value[0], prefix + (key, 0))
+
+
+def another_type(value):
+    if isinstance(value, str):
+        return 7
+    if isinstance(value, dict):
+        return ["x"]
+    if isinstance(value, list):
+        return {"x": 1}
+    return "x"  # numbers, booleans, null
+
+
+def variants(obj):
+    """(description, damaged copy) for each field: removed, and of another type."""
+    for path in fields(obj):
+        for how in ("missing", "another type"):
+            damaged = copy.deepcopy(obj)
+            parent = damaged
+            for key in path[:-1]:
+                parent = parent[key]
+            if how == "missing":
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = another_type(parent[path[-1]])
+            yield f"{'.'.join(map(str, path))} {how}", damaged
+
+
+def outcome(capsys, main, argv) -> str | None:
+    """None when the command worked or refused with a kdfast error (exit 2); else what went wrong."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        err = capsys.readouterr().err.strip()
+        if e.code != 2 or not err.startswith("kdfast: error:") or "Traceback" in err:
+            return f"exit {e.code}: {err[-300:]}"
+    except Exception as e:  # a traceback in a real run
+        return f"{type(e).__name__}: {e}"
+    capsys.readouterr()
+    return None
+
+
+@pytest.fixture(scope="module")
+def lab_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("json")
+    data = write_image_folder(str(root / "tiny"))
+    flags = ["--data", data, "--cache-dir", str(root / "cache"), "--batch-size", "6", "--eval-batch-size", "12",
+             "--precision", "fp32", "--no-progress", "--model", "resnet8", "--epochs", "1", "--out-dir",
+             str(root / "m")]
+    train.main(flags + ["--name", "cnn_teacher"])
+    return {"root": root, "flags": flags, "json": root / "m" / "cnn_teacher.json",
+            "metrics": root / "m" / "cnn_teacher.metrics.jsonl"}
+
+
+def test_a_finished_runs_json_damaged_in_any_field(lab_dir, capsys, tmp_path):
+    path, original = lab_dir["json"], lab_dir["json"].read_text()
+    meta = json.loads(original)
+    readers = {
+        "report": (labreport.main, [str(path.parent), "--report", str(tmp_path / "report.json")]),
+        "evaluate": (evaluate.main, ["--checkpoint", str(path.with_suffix(".pth")), "--cache-dir",
+                                     str(lab_dir["root"] / "cache"), "--no-progress"]),
+        "train over it": (train.main, lab_dir["flags"] + ["--name", "cnn_teacher", "--epochs", "2"]),
+    }
+    failures, tried = [], 0
+    try:
+        for what, damaged in variants(meta):
+            path.write_text(json.dumps(damaged))
+            for reader, (main, argv) in readers.items():
+                if reader == "report" and what.startswith("config."):
+                    continue  # the report reads nothing of the config
+                tried += 1
+                problem = outcome(capsys, main, argv)
+                if problem:
+                    failures.append(f"{what} -> {reader}: {problem}")
+    finally:
+        path.write_text(original)
+    assert tried > 150 and not failures, "\n".join(failures[:20])
+
+
+def test_a_resumable_state_damaged_in_any_field(lab_dir, capsys, tmp_path, monkeypatch):
+    from .test_runs import Die, interrupt_at
+
+    out = tmp_path / "r"
+    flags = [f if f != str(lab_dir["root"] / "m") else str(out) for f in lab_dir["flags"]] + ["--epochs", "2"]
+    restore = interrupt_at(monkeypatch, epoch=1, step=1)
+    with pytest.raises(Die):
+        train.run(train.tyro.cli(TrainConfig, args=flags))
+    restore()
+    saved = tmp_path / "saved"
+    shutil.copytree(out, saved)
+    state_json = saved / ".state" / "resnet8" / "state.json"
+    record = json.loads(state_json.read_text())
+    failures, tried = [], 0
+    for what, damaged in variants(record):
+        shutil.rmtree(out)
+        shutil.copytree(saved, out)
+        (out / ".state" / "resnet8" / "state.json").write_text(json.dumps(damaged))
+        tried += 1
+        problem = outcome(capsys, train.main, flags + ["--resume"])
+        if problem:
+            failures.append(f"{what}: {problem}")
+    assert tried > 60 and not failures, "\n".join(failures[:20])
+
+
+def test_metrics_lines_and_a_report_damaged_in_any_field(lab_dir, capsys, tmp_path):
+    metrics, original = lab_dir["metrics"], lab_dir["metrics"].read_text()
+    record = json.loads(original.splitlines()[0])
+    report_path = tmp_path / "report.json"
+    labreport.main([str(metrics.parent), "--report", str(report_path)])
+    report = json.loads(report_path.read_text())
+    run_cfg = TrainConfig(name="cnn_teacher", out_dir=str(metrics.parent))
+    failures = []
+    try:
+        for what, damaged in variants(record):
+            metrics.write_text(json.dumps(damaged) + "\n")
+            problem = outcome(capsys, labreport.main, [str(metrics.parent), "--report", str(tmp_path / "r2.json")])
+            try:
+                sweep.last_epoch_accuracy(run_cfg)
+            except KdfastError:
+                pass
+            except Exception as e:
+                problem = problem or f"sweep: {type(e).__name__}: {e}"
+            if problem:
+                failures.append(f"metrics {what}: {problem}")
+    finally:
+        metrics.write_text(original)
+    for what, damaged in variants(report):
+        report_path.write_text(json.dumps(damaged))
+        problem = outcome(capsys, labreport.main, [str(metrics.parent), "--report", str(report_path)])
+        if problem:
+            failures.append(f"report {what}: {problem}")
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_the_schema_names_the_field_and_the_type():
+    schema = Schema({"a": "int", "b": Schema({"c": "str"}, required=("c",))}, required=("a",))
+    assert problems({"b": {"c": 1}}, schema) == ["field 'a' is missing", "field 'b.c' is a int ('1'), expected str"]
+    assert problems({"a": True, "b": {"c": "x"}}, schema) == ["field 'a' is a bool ('True'), expected int"]
+    assert problems({"cnn": {"teacher_accuracy": "high"}}, REPORT) == \
+        ["field 'cnn.teacher_accuracy' is a str ('high'), expected number or null"]
+    assert os.path.basename(__file__) == "test_saved_json.py"
