@@ -29,7 +29,7 @@ from .engine import (Runtime, checkpoint_meta, evaluations, logging_dir, make_ru
 from .methods import method_entry
 from .models import count_parameters, create_model, model_entry
 from .models.resnet import CifarResNet
-from .rundir import RunDir, comparable_config, describe_progress
+from .rundir import RunDir, comparable_config, describe_progress, finished_run
 from .train import load_run_data
 from .together import together
 
@@ -80,11 +80,32 @@ def member_losses(members: list[DistillConfig], label_smoothing: float):
         [fn(logits[i], target, labels, epoch) for i, fn in enumerate(fns)])
 
 
+def saved_pass(name: str, candidates: list[DistillConfig]) -> list[DistillConfig] | None:
+    """The members the group `name` (in the candidates' --out-dir) was saved with when interrupted, in its order, if
+    every one of them is among the candidates (compared as configs); else None."""
+    first = candidates[0]
+    saved = RunDir(first.out_dir, name).state.saved()
+    if saved is None:
+        return None
+    by_config = {json.dumps(comparable_config(m.to_dict()), sort_keys=True): m for m in candidates}
+    keys = saved["config"].get("members")
+    picked = [by_config.get(key) for key in keys] if isinstance(keys, list) else []
+    return picked if picked and all(picked) else None
+
+
+def finished_members(members: list[DistillConfig]) -> set[str]:
+    """The members already finished with their very config (a pass stopped while it saved them one by one)."""
+    return {m.run_name for m in members if not m.fresh and finished_run(m) is not None}
+
+
 def run(members: list[TrainConfig], name: str, runtime: Runtime | None = None) -> list[dict]:
-    """Train the members together; returns each member's checkpoint metadata, in order."""
+    """Train the members together; returns each member's checkpoint metadata, in order.
+
+    Members already finished (a pass stopped while saving them) keep their files: the pass resumes for the others."""
     for m in members:
         m.validate()
     cfg = group_config(name, members)
+    done = finished_members(members)
     runtime = runtime or make_runtime(cfg.precision, log_with=cfg.log_with, logging_dir=logging_dir(cfg),
                                       accumulate=cfg.grad_accum)
     with ExitStack() as stack:
@@ -95,11 +116,11 @@ def run(members: list[TrainConfig], name: str, runtime: Runtime | None = None) -
                 lock.acquire(runtime.print)
                 stack.callback(lock.release)
         on_main(runtime.accelerator, lambda: [RunDir(m.out_dir, m.run_name).check_overwrite(
-            m.to_dict(), m.fresh, runtime.print) for m in members])
-        return _train(members, cfg, runtime, run_dir)
+            m.to_dict(), m.fresh, runtime.print) for m in members if m.run_name not in done])
+        return _train(members, cfg, runtime, run_dir, done)
 
 
-def _train(members: list[TrainConfig], cfg: GroupConfig, runtime: Runtime, run_dir: RunDir) -> list[dict]:
+def _train(members: list[TrainConfig], cfg: GroupConfig, runtime: Runtime, run_dir: RunDir, done: set[str]) -> list[dict]:
     data = load_run_data(cfg, runtime)
     set_seed(cfg.seed)  # every member starts where its run alone would: the same seed, the same weights
     plain = create_model(cfg.model, num_classes=len(data.classes))
@@ -118,10 +139,10 @@ def _train(members: list[TrainConfig], cfg: GroupConfig, runtime: Runtime, run_d
 
     tr = setup_training(model, loss_step, data, cfg, runtime, run_dir, lambda m: m)
     tr.students = len(members)
-    return _loop(tr, members, data, plain, aug_seed_for_epoch, kd)
+    return _loop(tr, members, data, plain, aug_seed_for_epoch, kd, done)
 
 
-def _loop(tr, members, data: Dataset, plain, aug_seed_for_epoch, kd: dict) -> list[dict]:
+def _loop(tr, members, data: Dataset, plain, aug_seed_for_epoch, kd: dict, done: set[str]) -> list[dict]:
     cfg, acc, run_dir, runtime = tr.cfg, tr.acc, tr.run_dir, tr.runtime
     progress = {"epoch": 0, "step": 0, "wall_time_s": 0.0}
     if run_dir.resume_from:
@@ -141,7 +162,7 @@ def _loop(tr, members, data: Dataset, plain, aug_seed_for_epoch, kd: dict) -> li
     tests, img_s = None, 0.0
     for epoch, epoch_time in train_epochs(tr, progress, aug_seed_for_epoch, wall_at):
         tests, img_s = _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall_at())
-    return _finish(tr, members, data, plain, tests, img_s, kd, wall_at())
+    return _finish(tr, members, data, plain, tests, img_s, kd, wall_at(), done)
 
 
 def student(tr, plain, i: int):
@@ -174,10 +195,16 @@ def _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall)
     return [e[1] for e in evaluated], img_s
 
 
-def _finish(tr, members, data, plain, tests, img_s: float, kd: dict, wall: float) -> list[dict]:
+def _finish(tr, members, data, plain, tests, img_s: float, kd: dict, wall: float, done: set[str]) -> list[dict]:
+    """Save each member's checkpoint (one already finished keeps its own: a pass stopped while saving them)."""
     cfg, acc, runtime = tr.cfg, tr.acc, tr.runtime
     metas = []
     for i, m in enumerate(members):
+        if m.run_name in done:
+            if acc.is_main_process:
+                RunDir(m.out_dir, m.run_name).state.clear()  # metrics this pass kept for it, if any
+            metas.append(finished_run(m))
+            continue
         model = student(tr, plain, i)
         evals = tests[i] if tests and "test" in tests[i] else evaluations(tr, model, data)[1]
         meta = checkpoint_meta(m, tr, data, evals, count_parameters(model), img_s, wall, {

@@ -51,7 +51,16 @@ def comparable_config(config: dict) -> dict:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     a, b = comparable_config(saved), comparable_config(current)
-    return [f"{k}: state has {a.get(k)!r}, this run {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    shown = {"members": _member_names}  # a group's members: their names, not their whole configs
+    return [f"{k}: state has {shown.get(k, repr)(a.get(k))}, this run {shown.get(k, repr)(b.get(k))}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _member_names(members) -> str:
+    try:
+        return ", ".join(json.loads(m).get("name", "?") for m in members or ())
+    except (ValueError, TypeError, AttributeError):
+        return repr(members)
 
 
 class RunDir:

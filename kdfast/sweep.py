@@ -261,18 +261,27 @@ def train_together(cfg: SweepConfig, runs: list, state, adopted: set[str]) -> No
     """The unfinished points of each seed in groups of at most --group-size, one pass each (kdfast.group)."""
     by_seed: dict[tuple[int, int], list] = {}
     for point, run_cfg in runs:  # the no-KD baseline trains on its own seed's views, not the cache's: alone
-        if (isinstance(run_cfg, DistillConfig) and run_cfg.run_name not in adopted
-                and (cfg.fresh or finished_run(run_cfg) is None)):
+        if isinstance(run_cfg, DistillConfig) and run_cfg.run_name not in adopted:
             by_seed.setdefault((point["seed"], point["slots"]), []).append(run_cfg)  # the same views
     for (seed, slots), members in by_seed.items():
-        size = cfg.group_size or len(members)
-        for start in range(0, len(members), size):
-            chunk = members[start:start + size]
+        todo = [m for m in members if cfg.fresh or finished_run(m) is None]
+        size = cfg.group_size or len(todo)
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
             name = (f"together-s{seed}" + (f"-c{slots}" if slots else "")
-                    + (f"-{start // size}" if size < len(members) else ""))
+                    + (f"-{start // size}" if size < len(todo) else ""))
+            chunk = adopted_pass(members, chunk, name)
             state.print(f"[sweep] {name}: {len(chunk)} student{'s' * (len(chunk) > 1)} in one pass: "
                         + ", ".join(m.run_name for m in chunk))
             group.run(chunk, name)
+
+
+def adopted_pass(members: list, chunk: list, name: str) -> list:
+    """The members a pass runs: those left to train (chunk), or, where an interrupted pass of that name was saved
+    with other points of the seed (it stopped while saving its students one by one), that pass's members: it
+    resumes, and those finished since keep their files."""
+    saved = group.saved_pass(name, members)
+    return saved if saved and {m.run_name for m in chunk} <= {m.run_name for m in saved} else chunk
 
 
 def _run_locked(cfg: SweepConfig, state, attrs: dict, teacher_accuracy: float, donors: tuple) -> dict:

@@ -25,9 +25,9 @@ def small_cache(tmp_path_factory):
 
 
 def sweep_cfg(small_cache, out, **kw):
-    return SweepConfig(teacher_cache=small_cache["h5"], model="resnet8", alphas=(0.5,), taus=(2.0,), seeds=1,
-                       epochs=2, batch_size=6, eval_batch_size=5, precision="fp32", progress=False, out_dir=str(out),
-                       cache_dir=small_cache["cache_dir"], **kw)
+    return SweepConfig(**{**dict(teacher_cache=small_cache["h5"], model="resnet8", alphas=(0.5,), taus=(2.0,), seeds=1,
+                                 epochs=2, batch_size=6, eval_batch_size=5, precision="fp32", progress=False,
+                                 out_dir=str(out), cache_dir=small_cache["cache_dir"]), **kw})
 
 
 def test_an_interrupted_sweep_is_continued_by_the_advice_it_prints(small_cache, tmp_path, monkeypatch):
@@ -103,3 +103,37 @@ def test_an_epoch_resumed_on_one_process_after_two_records_the_loss_of_two(tmp_p
     a, b = (json.loads(open(tmp_path / d / "run.metrics.jsonl").readline()) for d in ("a", "b"))
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3), (a, b)
     assert a["train_accuracy"] == b["train_accuracy"]
+
+
+# ---------------------------------------------------------------- a --together pass stopped while saving
+
+def test_a_together_pass_stopped_after_saving_some_students_continues_with_the_rest(small_cache, tmp_path,
+                                                                                     monkeypatch):
+    """Killed (here: an exception) after the first of three students was saved: the rerun of the same sweep resumes
+    the pass, keeps the saved student's files, saves the other two, and they equal an uninterrupted pass's."""
+    from kdfast import group
+
+    def cfg(out):
+        return sweep_cfg(small_cache, out, alphas=(0.3, 0.7), taus=(1.0, 2.0), together="on")
+
+    original, saved = group.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):
+        if len(saved) == 1:
+            raise KeyboardInterrupt  # what a kill while saving the second student leaves
+        saved.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(group, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(cfg(tmp_path / "b"))
+    monkeypatch.setattr(group, "save_checkpoint", original)
+    first = (tmp_path / "b" / f"{saved[0]}.pth").read_bytes()
+    assert (tmp_path / "b" / ".state").exists() and len(saved) == 1
+    result = sweep.run(cfg(tmp_path / "b"))  # the same command: no refusal as "another config"
+    assert len(result["runs"]) == 5 and not (tmp_path / "b" / ".state").exists()
+    assert (tmp_path / "b" / f"{saved[0]}.pth").read_bytes() == first  # kept, not trained again
+    sweep.run(cfg(tmp_path / "a"))
+    for row in result["runs"]:
+        a, b = ((tmp_path / d / f"{row['name']}.safetensors").read_bytes() for d in ("a", "b"))
+        assert a == b, row["name"]
