@@ -265,7 +265,7 @@ def train_together(cfg: SweepConfig, runs: list, state, adopted: set[str]) -> No
             by_seed.setdefault((point["seed"], point["slots"]), []).append(run_cfg)  # the same views
     for (seed, slots), members in by_seed.items():
         todo = [m for m in members if cfg.fresh or finished_run(m) is None]
-        size = cfg.group_size or len(todo)
+        size = cfg.group_size or max(1, len(todo))
         for start in range(0, len(todo), size):
             chunk = todo[start:start + size]
             name = (f"together-s{seed}" + (f"-c{slots}" if slots else "")
