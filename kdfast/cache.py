@@ -33,8 +33,10 @@ from . import __version__
 from .augment import AugmentSpec, epoch_seed
 from .augment.recipes import RECIPES as AUG_RECIPES, apply_recipe
 from .checkpoint import load_teacher, read_meta, weights_sha256
-from .config import DatasetName, Precision, check_augment, check_data_flags, check_int, resolved_store_size
+from .config import (DatasetName, Precision, check_augment, check_data_flags, check_int, check_numbers,
+                     resolved_store_size)
 from .data import HUB_PREFIX, Dataset, view_batches
+from .preflight import check_model_input, view_sizes
 from .engine import Runtime, accuracy_and_loss, load_data, make_runtime, on_main, predict
 from .errors import KdfastError, io_errno, io_error_line, user_errors_exit
 from .files import FileLock, check_file_target, remove_quietly
@@ -147,6 +149,7 @@ class BuildConfig:
         return cfg
 
     def validate(self) -> None:
+        check_numbers(self)
         for name in ("slots", "batch_size"):
             check_int(self, name, 1)
         check_int(self, "seed", 0)
@@ -577,6 +580,8 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str, opened: list) -
     store_size = resolved_store_size(cfg.augment, cfg.store_size)
     data = load_data(cfg, runtime, cfg.data, cfg.train_per_class, cfg.test_per_class, cfg.dataset, store_size)
     teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device, cfg.teacher_weights, cfg.teacher_pretrained)
+    check_model_input(teacher, cfg.teacher, "--teacher", view_sizes(cfg.augment, data), len(data.classes),
+                      runtime.device)
     if cfg.topk >= len(data.classes):
         raise ValueError(f"--topk must be 0 (dense) or between 1 and {len(data.classes) - 1}, got {cfg.topk}")
     topk = resolve_topk(cfg.topk, len(data.classes), runtime.print)

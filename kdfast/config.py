@@ -6,7 +6,8 @@ default never overrides a recipe default; the resolved values are saved with eve
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Literal, Optional
 
 from .augment import AugmentSpec
@@ -27,6 +28,34 @@ def check(flag: str, value, ok: bool, rule: str) -> None:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_numbers(cfg, prefix: str = "") -> None:
+    """Every whole-number field a whole number and every other numeric field finite, nested configs (augment)
+    included, whether set by flags, the Python API or a saved config: the ranges are each entry point's checks."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value, name = getattr(cfg, f.name), prefix + f.name
+        if is_dataclass(value):
+            check_numbers(value, name + ".")
+            continue
+        kind = _numeric_kind(hints[f.name])
+        for v in (value if isinstance(value, (tuple, list)) else (value,)):
+            if kind == "int" and v is not None and not (isinstance(v, int) and not isinstance(v, bool)):
+                check(name, value, False, "whole numbers" if isinstance(value, tuple) else "a whole number")
+            if kind == "float" and v is not None and not _finite(v):
+                check(name, value, False, "finite numbers" if isinstance(value, tuple) else "a finite number")
+
+
+def _numeric_kind(t) -> str | None:
+    """'int' or 'float' for a numeric field's type (Optional and tuples of them included), else None."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:
+        kinds = {_numeric_kind(a) for a in args if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin is tuple:
+        return _numeric_kind(args[0]) if args else None
+    return {int: "int", float: "float"}.get(t)
 
 
 def check_int(cfg, name: str, minimum: int) -> None:
@@ -283,6 +312,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every numeric flag checked before any work: one sentence naming the flag."""
+        check_numbers(self)
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
             check_int(self, name, 1)
         for name in ("train_per_class", "test_per_class", "val_per_class", "val_seed", "eval_every",
@@ -415,6 +445,7 @@ class EvaluateConfig:
     """Show a progress bar."""
 
     def validate(self) -> None:
+        check_numbers(self)
         check_data_flags(self)
         if self.test_per_class is not None:
             check_int(self, "test_per_class", 0)
@@ -546,6 +577,7 @@ class LabConfig:
     """Background processes decoding the streamed tier's batches."""
 
     def validate(self) -> None:
+        check_numbers(self)
         check_augment(self.augment)
         check_data_flags(self)
         check_tracker(self.log_with)
@@ -637,7 +669,11 @@ class SweepConfig:
     """Cache slots to train every point with (0: all): several values add sweep_slots.png, accuracy against slots."""
 
     def validate(self) -> None:
+        check_numbers(self)
         check_int(self, "group_size", 0)
+        for name in ("train_per_class", "test_per_class"):
+            if getattr(self, name) is not None:
+                check_int(self, name, 0)
         check_int(self, "grad_accum", 0)
         check_tracker(self.log_with)
         check_int(self, "data_workers", 0)

@@ -21,6 +21,7 @@ from .engine import Runtime, accuracy_and_loss, fit, logging_dir, make_runtime, 
 from .errors import KdfastError, user_errors_exit
 from .hints import HintedStudent, FeatureHook, feature_shape, hint_layers, make_regressor
 from .methods import method_entry
+from .preflight import check_model_input, view_sizes
 from .models import model_entry
 from .train import build_student
 
@@ -28,6 +29,8 @@ from .train import build_student
 def online_teacher(cfg: DistillConfig, data, runtime: Runtime):
     """(teacher_logits(batch), None: the default seed per epoch, kd metadata) with the teacher run on every batch."""
     teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device, cfg.teacher_weights, cfg.teacher_pretrained)
+    check_model_input(teacher, cfg.teacher, "--teacher", view_sizes(cfg.augment, data), len(data.classes),
+                      runtime.device)
 
     def teacher_logits(batch):
         with torch.no_grad(), runtime.accelerator.autocast():
@@ -98,6 +101,8 @@ def feature_method_run(cfg: DistillConfig, runtime: Runtime, run_dir, loss_fn) -
                          "pass --teacher CKPT without --teacher-cache")
     data, student = build_student(cfg, runtime)
     teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device, cfg.teacher_weights, cfg.teacher_pretrained)
+    check_model_input(teacher, cfg.teacher, "--teacher", view_sizes(cfg.augment, data), len(data.classes),
+                      runtime.device)
     layers = hint_layers(cfg.hint, meta["model"], cfg.model)
     image_shape = (3, cfg.augment.crop_size, cfg.augment.crop_size)  # a training view
     shapes = (feature_shape(student, layers[1], "student", image_shape, "cpu"),

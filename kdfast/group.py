@@ -27,6 +27,7 @@ from .distill import cached_teacher, method_meta
 from .engine import (Runtime, checkpoint_meta, evaluations, logging_dir, make_runtime, on_main, open_run,
                      setup_training, train_epochs)
 from .methods import method_entry
+from .preflight import check_model_input, view_sizes
 from .models import count_parameters, create_model, model_entry
 from .models.resnet import CifarResNet
 from .rundir import RunDir, comparable_config, describe_progress, finished_run
@@ -124,6 +125,7 @@ def _train(members: list[TrainConfig], cfg: GroupConfig, runtime: Runtime, run_d
     data = load_run_data(cfg, runtime)
     set_seed(cfg.seed)  # every member starts where its run alone would: the same seed, the same weights
     plain = create_model(cfg.model, num_classes=len(data.classes))
+    check_model_input(plain, cfg.model, "--model", view_sizes(cfg.augment, data), len(data.classes), "cpu")
     if not isinstance(plain, CifarResNet) and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in plain.modules()):
         raise ValueError(f"{cfg.model}: students with BatchNorm are trained together only in the CIFAR ResNet family "
                          "(fused); train them one at a time (--together off)")

@@ -12,6 +12,7 @@ from accelerate.utils import set_seed
 
 from .config import TrainConfig
 from .data import Dataset
+from .preflight import check_model_input, view_sizes
 from .engine import Runtime, fit, load_data, logging_dir, make_runtime, open_run
 from .errors import user_errors_exit
 from .losses import cross_entropy
@@ -29,6 +30,7 @@ def build_student(cfg: TrainConfig, runtime: Runtime):
     data = load_run_data(cfg, runtime)
     set_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=len(data.classes), pretrained=cfg.pretrained or None)
+    check_model_input(model, cfg.model, "--model", view_sizes(cfg.augment, data), len(data.classes), "cpu")
     return data, model
 
 

@@ -137,3 +137,70 @@ def test_a_together_pass_stopped_after_saving_some_students_continues_with_the_r
     for row in result["runs"]:
         a, b = ((tmp_path / d / f"{row['name']}.safetensors").read_bytes() for d in ("a", "b"))
         assert a == b, row["name"]
+
+
+# ---------------------------------------------------------------- checked before the first step
+
+def _numeric_fields(cls):
+    """(path, kind) of every numeric field of a config class, nested dataclasses (augment) included."""
+    from kdfast.schemas import Schema, from_dataclass
+
+    for name, kind in from_dataclass(cls).fields.items():
+        for path, k in ([(name, kind)] if not isinstance(kind, Schema) else
+                        [(f"{name}.{sub}", v) for sub, v in kind.fields.items()]):
+            if isinstance(k, str) and ("int" in k or "number" in k):
+                yield path, k
+
+
+def _with(cfg, path, value):
+    from dataclasses import replace
+
+    if "." in path:
+        outer, inner = path.split(".")
+        old = getattr(cfg, outer)
+        value = type(getattr(old, inner))(value) if isinstance(getattr(old, inner), tuple) else value
+        setattr(cfg, outer, replace(old, **{inner: value}))
+    else:
+        setattr(cfg, path, value)
+    return cfg
+
+
+def test_every_numeric_field_of_every_config_refuses_what_is_not_a_finite_number():
+    """NaN and inf in any numeric field (nested ones included, as the Python API or a saved config can give them) are
+    refused by validate() with the flag's name; no field's check crashes on them."""
+    from kdfast.cache import BuildConfig
+    from kdfast.config import DistillConfig, EvaluateConfig, LabConfig
+
+    makers = {TrainConfig: TrainConfig, DistillConfig: lambda: DistillConfig(teacher_cache="t.h5"),
+              SweepConfig: SweepConfig, LabConfig: LabConfig, EvaluateConfig: lambda: EvaluateConfig(checkpoint="c.pth"),
+              BuildConfig: lambda: BuildConfig(teacher="t.pth")}
+    tried = 0
+    for cls, make in makers.items():
+        for path, kind in _numeric_fields(cls):
+            for bad in (float("nan"), float("inf")):
+                value = (bad,) * len(getattr(getattr(make(), path.split(".")[0]), path.split(".")[1])) \
+                    if "list" in kind and "." in path else (bad,) if "list" in kind else bad
+                cfg = _with(make(), path, value)
+                with pytest.raises(ValueError, match=f"--{path.replace('_', '-')}"):
+                    cfg.validate()
+                tried += 1
+    assert tried > 150
+
+
+@pytest.mark.parametrize("model,flags,said", [
+    ("timm:vit_tiny_patch16_224", [], "timm:vit_tiny_patch16_224@224 resizes the views"),
+    ("vit_student", ["--augment.crop-size", "28"], "cannot take the training views (28x28 px)"),
+    ("torchvision:fcn_resnet50", [], "not a classifier kdfast can train"),
+    ("resnet8", ["--augment.crop-size", "64"], "reaches beyond one reflection of the 32 px images"),
+    ("resnet8", ["--augment.padding", "40"], "--augment.padding 40"),
+])
+def test_a_model_or_view_that_cannot_take_the_images_is_refused_before_training(small_cache, tmp_path, capsys,
+                                                                                 model, flags, said):
+    from .test_runs import one_line_error
+
+    data = os.path.join(os.path.dirname(small_cache["h5"]), "tiny")
+    err = one_line_error(capsys, train.main, ["--model", model, "--data", data, "--cache-dir", small_cache["cache_dir"],
+                                              "--epochs", "1", "--batch-size", "6", "--precision", "fp32",
+                                              "--no-progress", "--out-dir", str(tmp_path), *flags])
+    assert said in err, err
+    assert not any(name.endswith(".json") for name in os.listdir(tmp_path))

@@ -142,12 +142,21 @@ def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed:
 
 
 def check_view(split, spec: AugmentSpec) -> None:
-    """The cifar view crops at the image's own size: it needs images of one size."""
-    if spec.view == "cifar" and len(split) and not bool((split.sizes == split.sizes[0]).all()):
+    """The cifar view crops at the image's own size: it needs images of one size, and reflect padding needs the
+    padded crop to stay within one reflection of the image."""
+    if spec.view != "cifar" or not len(split):
+        return
+    if not bool((split.sizes == split.sizes[0]).all()):
         sizes = sorted({tuple(s) for s in split.sizes.tolist()})
         raise DataError(f"the images have {len(sizes)} different sizes ({sizes[0][0]}x{sizes[0][1]} ... "
                         f"{sizes[-1][0]}x{sizes[-1][1]}); the cifar view (pad + crop + flip) needs one size. Use "
                         "--augment.view rrc (RandomResizedCrop, any size) or resize the images to one size.")
+    size = min(int(v) for v in split.sizes[0].tolist())
+    if spec.pad_mode == "reflect" and (spec.padding > size - 1 or spec.crop_size + spec.padding > 2 * size - 1):
+        raise DataError(f"--augment.padding {spec.padding} with --augment.crop-size {spec.crop_size} reaches beyond "
+                        f"one reflection of the {size} px images (reflect padding needs padding <= {size - 1} and "
+                        f"crop size + padding <= {2 * size - 1}). Lower them (crop size {size}: the image's own), "
+                        "use --augment.pad-mode zeros, or --augment.view rrc.")
 
 
 class TrainLoader:

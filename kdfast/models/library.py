@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import inspect
 
 import torch
 import torch.nn as nn
@@ -149,7 +150,11 @@ def build(name: str, num_classes: int = 10, pretrained: bool = False) -> nn.Modu
     else:
         import torchvision
 
-        model = torchvision.models.get_model(model_name, num_classes=num_classes)
+        builder = torchvision.models.get_model_builder(model_name)
+        # segmentation and detection builders load a pretrained backbone unless told not to: nothing is downloaded
+        # without --pretrained
+        no_backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+        model = builder(num_classes=num_classes, **no_backbone)
         if pretrained:
             torchvision_pretrained(model, model_name)
     return ResizeInput(model, size) if size else model
