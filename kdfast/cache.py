@@ -534,7 +534,7 @@ def build(cfg: BuildConfig, runtime: Runtime | None = None) -> str:
 
     def claim():
         check_file_target(path, "--out")
-        held.append(FileLock(path + ".lock", f"the logit cache {path}").acquire(runtime.print))
+        held.append(FileLock(path + ".lock", f"the logit cache {path}", "choose another --out").acquire(runtime.print))
 
     on_main(runtime.accelerator, claim)
     opened = []  # the HDF5 file being written (main process)
@@ -709,10 +709,15 @@ def verify(cfg: VerifyConfig) -> dict:
     return result
 
 
+def parse(argv: list[str]):
+    """build / info / verify and its flags, as a BuildConfig, InfoConfig or VerifyConfig."""
+    return tyro.extras.subcommand_cli_from_dict({"build": BuildConfig, "info": InfoConfig, "verify": VerifyConfig},
+                                                args=argv, prog="kdfast cache")
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None):
-    cfg = tyro.extras.subcommand_cli_from_dict({"build": BuildConfig, "info": InfoConfig, "verify": VerifyConfig},
-                                               args=sys.argv[1:] if argv is None else argv, prog="kdfast cache")
+    cfg = parse(sys.argv[1:] if argv is None else argv)
     if isinstance(cfg, BuildConfig):
         return build(cfg)
     if isinstance(cfg, InfoConfig):

@@ -174,10 +174,14 @@ def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
         return runner(cfg, runtime, run_dir, loss_fn)
 
 
+def parse(argv: list[str]) -> DistillConfig:
+    """The command's flags as its config (what the README test checks every shown command with)."""
+    return tyro.cli(DistillConfig, args=argv, prog="kdfast distill")
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
-    cfg = tyro.cli(DistillConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast distill")
-    return run(cfg)
+    return run(parse(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -207,7 +207,9 @@ class NonFiniteLoss(KdfastError):
 class Preemption:
     """SIGINT / SIGTERM while training: the current step finishes, the state is saved, the run exits.
 
-    A second signal interrupts at once (the state saved last is kept). Under several processes the
+    A second Ctrl-C (SIGINT) interrupts at once (the state saved last is kept); a second SIGTERM does not: launchers
+    and schedulers deliver it to every process of the job, some twice (torchrun forwards the one a `timeout` or
+    Slurm sent to the whole group), and it must not cancel the save it asked for. Under several processes the
     request is shared at check points, so every process stops at the same step.
     """
 
@@ -217,9 +219,9 @@ class Preemption:
         self.signum, self.previous = 0, {}
 
     def _handle(self, signum, frame):
-        if self.signum:
+        if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -55,10 +55,14 @@ def comparison(result: dict, meta: dict, other_subset: bool) -> str:
     return f"{same} the recorded {recorded:.4f}"
 
 
+def parse(argv: list[str]) -> EvaluateConfig:
+    """The command's flags as its config (what the README test checks every shown command with)."""
+    return tyro.cli(EvaluateConfig, args=argv, prog="kdfast evaluate")
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
-    cfg = tyro.cli(EvaluateConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast evaluate")
-    return run(cfg)
+    return run(parse(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

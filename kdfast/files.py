@@ -189,8 +189,8 @@ class FileLock:
     (data workers) do not keep it (_drop_inherited_locks).
     """
 
-    def __init__(self, path: str, what: str):
-        self.path, self.what, self.fd = path, what, None
+    def __init__(self, path: str, what: str, fix: str = "choose another --name / --out-dir"):
+        self.path, self.what, self.fd, self.fix = path, what, None, fix  # fix: the flag that names another output
 
     def acquire(self, say=print) -> "FileLock":
         ensure_dir(os.path.dirname(os.path.abspath(self.path)), "lock folder")
@@ -208,7 +208,7 @@ class FileLock:
                     raise OutputError(f"{self.path}: cannot lock ({e.strerror}); is the folder on a file system "
                                       "without locks? Use a local --out-dir.") from None
                 raise LockedError(f"{self.path}: {self.what} is being written by another process ({holder}). "
-                                  "Wait for it to finish, or choose another --name / --out-dir.") from None
+                                  f"Wait for it to finish, or {self.fix}.") from None
             try:  # the file may have been unlinked by its previous holder between our open and flock
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -86,10 +86,14 @@ def run(cfg: ImportConfig) -> dict:
     return meta
 
 
+def parse(argv: list[str]) -> ImportConfig:
+    """The command's flags as its config (what the README test checks every shown command with)."""
+    return tyro.cli(ImportConfig, args=argv, prog="kdfast import")
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
-    cfg = tyro.cli(ImportConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast import")
-    return run(cfg)
+    return run(parse(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def why_trained(cfg: LabConfig, run_cfg: TrainConfig, after_teacher: bool) -> st
 def write_merged(path: str, report: dict) -> dict:
     """Write this lab's pairs into report.json, keeping the other pairs a lab of them wrote there; returns the
     merged report. Read, merge and write happen under a short lock (labs of other pairs may write meanwhile)."""
-    lock = FileLock(path + ".lock", f"the lab report {path}")
+    lock = FileLock(path + ".lock", f"the lab report {path}", "choose another --report")
     for attempt in range(600):
         try:
             lock.acquire(lambda *_: None)
@@ -161,7 +161,8 @@ def run(cfg: LabConfig) -> dict:
     def claim():
         check_file_target(cfg.report, "--report")
         for pair in cfg.pairs:
-            held.append(FileLock(f"{cfg.report}.{pair}.lock", f"the {pair} pair of the lab report {cfg.report}")
+            held.append(FileLock(f"{cfg.report}.{pair}.lock", f"the {pair} pair of the lab report {cfg.report}",
+                                 "choose another --report and --out-dir")
                         .acquire(state.print))
 
     on_main(state, claim)

@@ -148,9 +148,13 @@ def run(cfg: ReportConfig) -> str:
     return path
 
 
+def parse(argv: list[str]) -> ReportConfig:
+    return tyro.cli(ReportConfig, args=argv, prog="kdfast report")
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None):
-    return run(tyro.cli(ReportConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast report"))
+    return run(parse(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

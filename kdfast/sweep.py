@@ -218,7 +218,7 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
 
     def claim():
         ensure_dir(cfg.out_dir, "--out-dir")
-        held.append(FileLock(os.path.join(cfg.out_dir, "sweep.lock"), f"the sweep in {cfg.out_dir}").acquire(state.print))
+        held.append(FileLock(os.path.join(cfg.out_dir, "sweep.lock"), f"the sweep in {cfg.out_dir}", "choose another --out-dir").acquire(state.print))
 
     on_main(state, claim)
     try:
@@ -309,10 +309,14 @@ def _run_locked(cfg: SweepConfig, state, attrs: dict, teacher_accuracy: float, d
     return {"runs": rows, "summary": summary}
 
 
+def parse(argv: list[str]) -> SweepConfig:
+    """The command's flags as its config (what the README test checks every shown command with)."""
+    return tyro.cli(SweepConfig, args=argv, prog="kdfast sweep")
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
-    cfg = tyro.cli(SweepConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast sweep")
-    return run(cfg)
+    return run(parse(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

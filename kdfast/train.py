@@ -50,10 +50,14 @@ def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
         return fit(model, loss_step, data, cfg, runtime, run_dir, {"kd": None})
 
 
+def parse(argv: list[str]) -> TrainConfig:
+    """The command's flags as its config (what the README test checks every shown command with)."""
+    return tyro.cli(TrainConfig, args=argv, prog="kdfast train")
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
-    cfg = tyro.cli(TrainConfig, args=sys.argv[1:] if argv is None else argv, prog="kdfast train")
-    return run(cfg)
+    return run(parse(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -204,3 +204,86 @@ def test_a_model_or_view_that_cannot_take_the_images_is_refused_before_training(
                                               "--no-progress", "--out-dir", str(tmp_path), *flags])
     assert said in err, err
     assert not any(name.endswith(".json") for name in os.listdir(tmp_path))
+
+
+# ---------------------------------------------------------------- damaged or incomplete data shows
+
+def test_an_archive_cut_between_two_members_is_refused_and_counts_per_class_are_printed(tmp_path, capsys):
+    """tarfile reads a tar cut exactly at a member boundary as a whole one: kdfast looks for the end-of-archive
+    marker. A whole source's images per class are printed, so that one missing image shows."""
+    import gzip
+    import tarfile
+
+    from .conftest import write_archive
+    from .test_runs import one_line_error
+
+    folder = write_image_folder(str(tmp_path / "tiny"))
+    whole = write_archive(folder, str(tmp_path / "whole.tar.gz"))
+    with tarfile.open(whole) as tar:
+        offsets = [m.offset for m in tar]
+    raw = gzip.open(whole).read()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(gzip.compress(raw[:offsets[-3]]))  # ends right before a member: a valid-looking tar
+    with tarfile.open(cut) as tar:
+        assert len(tar.getmembers()) == len(offsets) - 3  # what tarfile alone accepts
+    flags = ["--model", "resnet8", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", "--batch-size", "6",
+             "--precision", "fp32", "--no-progress", "--out-dir", str(tmp_path / "m")]
+    err = one_line_error(capsys, train.main, ["--data", str(cut), *flags])
+    assert "without tar's end-of-archive marker: it is incomplete" in err and str(cut) in err, err
+    os.remove(os.path.join(folder, "train", "dog", "0003.png"))
+    train.main(["--data", folder, *flags])
+    out = capsys.readouterr().out
+    assert "data: train 23 images in 3 classes, not equally many: fewest dog 7" in out, out
+    assert "test 12 images, 4 in each of 3 classes" in out
+    train.main(["--data", whole, *flags, "--name", "whole"])
+    assert "data: train 24 images, 8 in each of 3 classes" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- noticed beside the probe
+
+def test_sigterm_delivered_twice_still_saves_and_a_second_ctrl_c_stops_at_once(small_cache, tmp_path, monkeypatch):
+    original = engine.train_step
+    data = os.path.join(os.path.dirname(small_cache["h5"]), "tiny")
+
+    def step_with(signals):
+        def step(tr, batch, global_step):
+            loss = original(tr, batch, global_step)
+            if global_step == 1:
+                for s in signals:
+                    os.kill(os.getpid(), s)
+            return loss
+        return step
+
+    cfg = TrainConfig(model="resnet8", data=data, cache_dir=small_cache["cache_dir"], epochs=2, batch_size=6,
+                      precision="fp32", progress=False, out_dir=str(tmp_path))
+    monkeypatch.setattr(engine, "train_step", step_with([signal.SIGTERM, signal.SIGTERM]))
+    with pytest.raises(Interrupted, match="SIGTERM: stopped after step 2 of epoch 1"):
+        train.run(cfg)
+    assert (tmp_path / ".state" / "resnet8" / "state.json").exists()
+    monkeypatch.setattr(engine, "train_step", step_with([signal.SIGINT, signal.SIGINT]))
+    with pytest.raises(KeyboardInterrupt):
+        train.run(TrainConfig(**{**cfg.__dict__, "fresh": True}))
+
+
+def test_lock_refusals_name_the_commands_own_flags_and_a_folder_without_test_is_named(small_cache, tmp_path,
+                                                                                    capsys):
+    from kdfast.files import FileLock, LockedError
+
+    from .test_runs import one_line_error
+
+    out = str(tmp_path / "t.h5")
+    with FileLock(out + ".lock", "x"):
+        with pytest.raises(LockedError, match="or choose another --out\\.$"):
+            cache.build(BuildConfig(teacher=os.path.join(os.path.dirname(small_cache["h5"]), "m", "teacher.pth"),
+                                    out=out, slots=1, cache_dir=small_cache["cache_dir"], progress=False))
+    report = str(tmp_path / "report.json")
+    with FileLock(report + ".cnn.lock", "x"):
+        from kdfast import lab
+
+        err = one_line_error(capsys, lab.main, ["--report", report, "--pairs", "cnn", "--out-dir", str(tmp_path / "m"),
+                                                "--data", os.path.join(os.path.dirname(small_cache["h5"]), "tiny")])
+        assert "choose another --report and --out-dir" in err and "--name" not in err, err
+    only_train = tmp_path / "photos"
+    (only_train / "train" / "cat").mkdir(parents=True)
+    err = one_line_error(capsys, train.main, ["--data", str(only_train), "--out-dir", str(tmp_path / "m")])
+    assert "has train/ but no test/ or val/ folder" in err and "CIFAR" not in err, err

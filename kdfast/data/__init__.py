@@ -134,6 +134,19 @@ def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store
                    "stream", store_size)
 
 
+def class_counts(labels: torch.Tensor, classes: list[str], split: str) -> str:
+    """A split's images per class in a few words, so that missing data shows: "train 50,000 images, 5,000 in each
+    of 10 classes", or the fewest and the most when they differ."""
+    counts = torch.bincount(labels.long(), minlength=len(classes)).tolist()
+    head = f"{split} {sum(counts):,} images"
+    if len(set(counts)) == 1:
+        return f"{head}, {counts[0]:,} in each of {len(classes)} classes"
+    order = sorted(range(len(classes)), key=lambda c: (counts[c], classes[c]))
+    fewest = ", ".join(f"{classes[c]} {counts[c]:,}" for c in order[:3])
+    return f"{head} in {len(classes)} classes, not equally many: fewest {fewest}; most {classes[order[-1]]} " \
+           f"{counts[order[-1]]:,}"
+
+
 def load_dataset(source: str | None = None, cache_dir: str = "cache", download: bool = False,
                  train_per_class: int = 0, test_per_class: int = 0, log=print, dataset: str = "cifar10",
                  store_size: int = 0, tier: str = "device", budget: int | None = None,
@@ -162,6 +175,8 @@ def load_dataset(source: str | None = None, cache_dir: str = "cache", download: 
         ds = _torchvision_dataset(source, dataset, cache_dir, download, log)
     else:
         ds = _encoded_dataset(source, kind, dataset, cache_dir, store_size, tier, budget, log, progress)
+    log("data: " + "; ".join(class_counts(split.labels, ds.classes, name) for name, split in
+                             (("train", ds.train), ("test", ds.test))))
     if not (train_per_class or test_per_class or val_per_class):
         return ds
     train, val = split_validation(ds.train, val_per_class, val_seed) if val_per_class else (ds.train, None)

@@ -131,9 +131,22 @@ def list_archive(path: str) -> Listing:
                 dirs.setdefault(split, set()).add(cls)
                 blobs[member.name] = tar.extractfile(member).read()
                 files.setdefault(split, {}).setdefault(cls, []).append((name, member.name))
+            whole = _ends_with_marker(tar)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: not a readable .tar.gz archive ({e}). Check the file, or download it again.") from None
+    if not whole:
+        raise DataError(f"{path}: the archive ends after {sum(len(v) for c in files.values() for v in c.values()):,} "
+                        "images without tar's end-of-archive marker: it is incomplete (cut while being downloaded "
+                        "or copied). Copy or download it again.")
     return _listing(path, files, dirs, blobs.__getitem__)
+
+
+def _ends_with_marker(tar: tarfile.TarFile) -> bool:
+    """Whether a tar archive read to its end has the end-of-archive marker (a zero block) after its last member:
+    tarfile takes an archive cut exactly between two members for a whole one."""
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
@@ -260,6 +273,11 @@ def source_kind(path: str) -> str:
         return "folder"
     if glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True):
         return "hf"
+    if os.path.isdir(os.path.join(path, "train")) and not any(
+            os.path.isdir(os.path.join(path, d)) for d in ("cifar-10-batches-py", "cifar-100-python")):
+        raise DataError(f"{path}: has train/ but no test/ or val/ folder. An image folder needs both: "
+                        "train/<class>/* and test/<class>/* (or val/<class>/*); hold images of each class out "
+                        "into test/, or point --data at the folder that has them.")
     return "torchvision"
 
 

@@ -1,0 +1,97 @@
+"""Every kdfast command the README shows is one the CLI accepts (#17): each is parsed by its command's own parser
+and its config validated, as the command does before any work; the listing commands are run. The README cannot
+drift from the CLI again."""
+import os
+import re
+import shlex
+
+import pytest
+
+from kdfast import cache, cli, distill, evaluate, import_weights, lab, labreport, sweep, train
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+PARSERS = {"train": train.parse, "distill": distill.parse, "cache": cache.parse, "evaluate": evaluate.parse,
+           "sweep": sweep.parse, "lab": lab.parse, "import": import_weights.parse, "report": labreport.parse}
+MODULES = {f"kdfast.{module.__name__.split('.')[-1]}": name for name, module in
+           (("train", train), ("distill", distill), ("cache", cache), ("evaluate", evaluate), ("sweep", sweep),
+            ("lab", lab), ("import", import_weights), ("report", labreport))}
+
+
+def readme_commands() -> list[tuple[int, str, list[str]]]:
+    """(line number, how, [command, args...]) of every kdfast command in the README: "run" for the code blocks'
+    commands (parsed and validated), "named" for those in inline code (parsed when they give a flag and its value,
+    else each flag they name must exist)."""
+    found, fenced = [], False
+    for number, line in enumerate(open(README, encoding="utf-8"), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        spans = [line] if fenced else re.findall(r"`([^`]*kdfast[^`]*)`", line)
+        for span in spans:
+            command = _command(span)
+            if command:
+                found.append((number, "run" if fenced else "named", command))
+    return found
+
+
+def _command(text: str) -> list[str] | None:
+    text = text.split(" # ")[0].split("  #")[0].strip()
+    text = re.sub(r"\[([^\]]*)\]", r"\1", text.replace("...", ""))  # [--optional flags]: shown, so checked too
+    words = shlex.split(text) if text.count('"') % 2 == 0 and text.count("'") % 2 == 0 else text.split()
+    words = [w.split("|")[0] for w in words if not w.startswith("$")]  # a|b: the first; $D: shell variables
+    for i, word in enumerate(words):
+        if i and words[i - 1] == "from":  # Python: from kdfast import ...
+            return None
+        if word == "kdfast" and i + 1 < len(words) and (words[i + 1] in cli.COMMANDS or words[i + 1].startswith("-")):
+            return words[i + 1:]
+        if word in MODULES and (i == 0 or words[i - 1] in ("-m", "launch/slurm.sbatch")):
+            return [MODULES[word], *words[i + 1:]]
+    return None
+
+
+def _usable(words: list[str]) -> list[str]:
+    """Placeholders (NAME, FILE, R, S ...) stand for a value: a sample one of the right kind."""
+    samples = {"NAME": "resnet8", "FILE": "t.h5", "DIR": "runs/x", "K": "2", "N": "2", "S": "0", "SIZE": "32",
+               "CKPT": "t.pth", "WEIGHTS": "w.pth", "DATA": "data", "OUT_DIR": "runs/x", "PATH": "p", "R": "cct",
+               "D": "data"}
+    return [samples.get(w, w) for w in words]
+
+
+def _help(command: str, args: list[str], capsys) -> str:
+    """The --help text of a command (of its sub-command: cache build, info, verify)."""
+    sub = args[:1] if command == "cache" and args and not args[0].startswith("-") else []
+    with pytest.raises(SystemExit):
+        PARSERS[command](sub + ["--help"])
+    return capsys.readouterr().out
+
+
+def test_the_readme_shows_commands_of_every_kind():
+    kinds = {words[0] for _, how, words in readme_commands() if len(words) > 2}
+    assert {"train", "distill", "cache", "sweep", "lab", "import", "evaluate", "report"} <= kinds, kinds
+    assert len(readme_commands()) > 50
+
+
+@pytest.mark.parametrize("number,how,words", readme_commands(),
+                         ids=[f"line{n}-{how}" for n, how, _ in readme_commands()])
+def test_every_readme_command_is_accepted_by_the_cli(number, how, words, capsys):
+    shown = f"README line {number}: `kdfast {' '.join(words)}`"
+    command, args = words[0], _usable(words[1:])
+    if command.startswith("-") or command in ("models", "methods", "recipes"):
+        assert cli.main(words) == 0, shown
+        return
+    assert command in PARSERS, f"{shown}: {command!r} is not a command ({', '.join(cli.COMMANDS)})"
+    given = args[1:] if command == "cache" and args and not args[0].startswith("-") else args
+    if how == "named" and len(given) < 2:  # prose names a command, maybe a flag: it must be one of its flags
+        text = _help(command, args, capsys)
+        missing = [w for w in args if w.startswith("--") and w.split("=")[0] not in text]
+        assert not missing, f"{shown}: {', '.join(missing)} not among its flags"
+        return
+    try:
+        cfg = PARSERS[command](args)
+    except SystemExit:
+        pytest.fail(f"{shown} is refused by the CLI:\n" + capsys.readouterr().err[-1500:])
+    if how == "run" and hasattr(cfg, "validate"):  # inline code may leave out what a whole command needs
+        try:
+            cfg.validate()
+        except ValueError as e:
+            pytest.fail(f"{shown} is refused: {e}")
