@@ -14,14 +14,17 @@ resumes where it stopped, and the file is renamed to NAME only once every slot i
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
-import gc
 import shutil
+import signal
 import sys
-import traceback
+import threading
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Annotated, Literal, Optional
@@ -38,7 +41,7 @@ from .config import (DatasetName, Precision, check_augment, check_data_flags, ch
 from .data import HUB_PREFIX, Dataset, view_batches
 from .preflight import check_model_input, view_sizes
 from .engine import Runtime, accuracy_and_loss, load_data, make_runtime, on_main, predict
-from .errors import KdfastError, io_errno, io_error_line, user_errors_exit
+from .errors import Interrupted, KdfastError, io_errno, io_error_line, user_errors_exit
 from .files import FileLock, check_file_target, remove_quietly
 from .flags import explained
 from .models import model_entry
@@ -539,7 +542,8 @@ def build(cfg: BuildConfig, runtime: Runtime | None = None) -> str:
     on_main(runtime.accelerator, claim)
     opened = []  # the HDF5 file being written (main process)
     try:
-        return _build_locked(cfg, runtime, path, opened)
+        with stoppable(path):
+            return _build_locked(cfg, runtime, path, opened)
     except Exception as e:
         if not io_errno(e) or isinstance(e, KdfastError):
             raise
@@ -554,6 +558,23 @@ def build(cfg: BuildConfig, runtime: Runtime | None = None) -> str:
             _close_quietly(f)
         for lock in held:
             lock.release()
+
+
+@contextmanager
+def stoppable(path: str):
+    """SIGINT / SIGTERM stop a build between two Python steps (never inside an HDF5 call): the slots marked complete
+    stay in NAME.partial, and the message says how to continue."""
+    def stop(signum, frame):
+        raise Interrupted(signum, f"{signal.Signals(signum).name}: the cache build stopped; the slots completed so far "
+                                  f"are kept in {path}.partial. Run the same command again to continue it.")
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _close_quietly(f) -> None:
@@ -595,20 +616,27 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str, opened: list) -
              or os.path.abspath(cfg.teacher),
              "precision": runtime.precision, "kdfast_version": __version__,
              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    f = None
+    f, todo = None, [None]  # the main process opens the file and decides; everyone follows, refusals included
     if acc.is_main_process:
-        check_free_space(path + ".partial", cache_bytes(attrs, len(data.classes), topk))
-        f = _open_for_build(cfg, path, attrs, len(data.classes), runtime.print)
-        opened.extend([f] if f is not None else [])
-    todo = [None]  # the main process decides; everyone follows
-    if acc.is_main_process:
-        todo = [None if f is None else {"test": not bool(f["test/complete"][()]),
-                                        "slots": [k for k, done in enumerate(f["train/complete"][:]) if not done]}]
-    from accelerate.utils import broadcast_object_list
+        try:
+            check_free_space(path + ".partial", cache_bytes(attrs, len(data.classes), topk))
+            f = _open_for_build(cfg, path, attrs, len(data.classes), runtime.print)
+            opened.extend([f] if f is not None else [])
+            todo = [None if f is None else {"test": not bool(f["test/complete"][()]),
+                                            "slots": [k for k, done in enumerate(f["train/complete"][:]) if not done]}]
+        except KdfastError as e:
+            if acc.num_processes == 1:
+                raise
+            todo = [{"error": str(e)}]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
 
-    todo = broadcast_object_list(todo)[0]
+        todo = broadcast_object_list(todo)
+    todo = todo[0]
     if todo is None:
         return path
+    if "error" in todo:
+        raise CacheError(todo["error"])
 
     t0 = time.perf_counter()
     if todo["test"]:

@@ -4,13 +4,14 @@ lock, temporary or state is left behind. Real tmpfs mounts (skipped where mount 
 import contextlib
 import os
 import subprocess
+import sys
 
 import pytest
 
 from kdfast import cache, import_weights, lab, train
 
 from .conftest import write_image_folder
-from .test_runs import one_line_error
+from .test_runs import ROOT, one_line_error
 
 
 @contextlib.contextmanager
@@ -76,6 +77,9 @@ def test_read_only_places_are_refused_in_one_line(tiny, tmp_path, capsys):
             err = one_line_error(capsys, main, argv)
             assert "Read-only file system" in err and str(ro) in err and "choose a writable place" in err, (what, err)
         assert not os.path.exists(tmp_path / "lab" / "report.json")  # the lab refused before training anything
+        real = subprocess.run([sys.executable, "-m", "kdfast.cache", *runs["cache build --out"][1]],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert real.returncode == 2 and real.stderr.count("\n") == 1 and "Read-only" in real.stderr, real.stderr
         said = train.main(["--model", "resnet8", "--epochs", "1", "--out-dir", str(tmp_path / "m"),
                            *tiny["flags"][:2], "--cache-dir", str(ro / "cache"), *tiny["flags"][4:]])
         assert said["test_accuracy"] >= 0  # a read-only data cache only costs decoding again

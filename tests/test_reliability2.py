@@ -287,3 +287,61 @@ def test_lock_refusals_name_the_commands_own_flags_and_a_folder_without_test_is_
     (only_train / "train" / "cat").mkdir(parents=True)
     err = one_line_error(capsys, train.main, ["--data", str(only_train), "--out-dir", str(tmp_path / "m")])
     assert "has train/ but no test/ or val/ folder" in err and "CIFAR" not in err, err
+
+
+# ---------------------------------------------------------------- each command's interrupt advice, run
+
+@pytest.mark.parametrize("command", ["train", "distill", "lab", "cache build"])
+def test_each_command_stopped_by_sigterm_is_continued_by_the_advice_it_prints(small_cache, tmp_path, monkeypatch,
+                                                                               capsys, command):
+    from kdfast import distill, lab
+
+    root = os.path.dirname(small_cache["h5"])
+    data, teacher = os.path.join(root, "tiny"), os.path.join(root, "m", "teacher.pth")
+    common = ["--cache-dir", small_cache["cache_dir"], "--precision", "fp32", "--no-progress"]
+    runs = {
+        "train": (train.main, ["--model", "resnet8", "--data", data, "--epochs", "2", "--batch-size", "6",
+                               "--out-dir", str(tmp_path), *common]),
+        "distill": (distill.main, ["--model", "resnet8", "--teacher-cache", small_cache["h5"], "--epochs", "2",
+                                   "--batch-size", "6", "--out-dir", str(tmp_path), *common]),
+        "lab": (lab.main, ["--data", data, "--pairs", "cnn", "--cnn-teacher-epochs", "1", "--cnn-student-epochs", "1",
+                           "--cnn-batch-size", "6", "--eval-batch-size", "5", "--out-dir", str(tmp_path / "m"),
+                           "--report", str(tmp_path / "report.json"), *common]),
+        "cache build": (cache.main, ["build", "--teacher", teacher, "--out", str(tmp_path / "t.h5"), "--slots", "3",
+                                     *common]),
+    }
+    main, argv = runs[command]
+    if command == "cache build":
+        original = cache._write_rows
+
+        def write_then_signal(f, slot, *args):
+            original(f, slot, *args)
+            if slot == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(cache, "_write_rows", write_then_signal)
+    else:
+        original = engine.train_step
+
+        def step_then_signal(tr, batch, global_step):
+            loss = original(tr, batch, global_step)
+            if global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss
+
+        monkeypatch.setattr(engine, "train_step", step_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 128 + signal.SIGTERM and "Traceback" not in err, err
+    monkeypatch.undo()
+    advice = err.strip().splitlines()[-1]
+    if advice.endswith("Resume with the same command and --resume."):
+        argv = argv + ["--resume"]
+    else:
+        assert advice.endswith("Run the same command again to continue.") or \
+            advice.endswith("Run the same command again to continue it."), advice
+    main(argv)  # what the advice says
+    out = capsys.readouterr().out
+    assert "resuming" in out, out[-2000:]
+    assert not any(p.name == ".state" for p in tmp_path.rglob(".state")) and not list(tmp_path.rglob("*.partial"))
