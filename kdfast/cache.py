@@ -257,10 +257,13 @@ class LogitCache:
             hint = " A build was interrupted: run the same build again to resume it." if os.path.exists(path + ".partial") else ""
             raise CacheError(f"{path}: no such logit cache.{hint} Build it with "
                              f"`kdfast cache build --teacher CKPT --out {path}`.")
+        if os.path.isdir(path):
+            raise CacheError(f"{path}: a folder, not a logit cache file. Point --teacher-cache at the .h5 file that "
+                             "`kdfast cache build` wrote.")
         try:
             self.file = _h5py().File(path, "r")
         except OSError as e:
-            raise CacheError(f"{path}: not a readable HDF5 file ({e}); it is truncated or corrupt. "
+            raise CacheError(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0][:200]}); it is truncated or corrupt. "
                              "Delete it and build it again.") from None
         self.path = path
         try:

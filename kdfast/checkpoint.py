@@ -58,6 +58,14 @@ def save_checkpoint(out_dir: str, name: str, model: nn.Module, meta: dict, metri
     return paths
 
 
+def state_dict_mismatch(e: RuntimeError) -> str:
+    """load_state_dict's error in a few words: its first problem (missing keys, unexpected keys, a size mismatch)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "RuntimeError")
+    more = f"; and {len(lines) - 2} more" if len(lines) > 2 else ""
+    return (detail[:160] + (" ..." if len(detail) > 160 else "")) + more
+
+
 def read_meta(path: str) -> dict:
     """The .json beside a .pth / .safetensors checkpoint."""
     meta_path = os.path.splitext(path)[0] + ".json"
@@ -131,7 +139,7 @@ def load_checkpoint(path: str, device="cpu") -> tuple[nn.Module, dict]:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise KdfastError(f"{path}: weights do not fit model {meta['model']!r} ({str(e).splitlines()[0]}); the "
+        raise KdfastError(f"{path}: weights do not fit model {meta['model']!r} ({state_dict_mismatch(e)}); the "
                           ".json beside it describes another model. Copy the pair together.") from None
     return model.to(device), meta
 
@@ -155,7 +163,7 @@ def library_teacher(name: str, classes: list[str], weights: str | None = None, p
             target.load_state_dict(state)
         except RuntimeError as e:
             raise KdfastError(f"--teacher-weights {weights}: the weights do not fit {name} with {len(classes)} classes "
-                              f"({str(e).splitlines()[0][:200]}); check --teacher and the data's classes.") from None
+                              f"({state_dict_mismatch(e)}); check --teacher and the data's classes.") from None
     meta = {"model": name, "classes": classes, "family": model_entry(name).family,
             "weights_from": os.path.abspath(weights) if weights else "pretrained"}
     return model, meta

@@ -229,7 +229,7 @@ def parse(argv: list[str]) -> LabConfig:
         elif arg.startswith("--preset="):
             preset = arg.split("=", 1)[1]
     if preset not in LAB_PRESETS:
-        raise SystemExit(f"kdfast lab: unknown preset {preset!r}; choose one of {', '.join(LAB_PRESETS)}")
+        raise ValueError(f"--preset {preset!r}: not a preset; choose one of {', '.join(LAB_PRESETS)}")
     return tyro.cli(LabConfig, args=argv, default=LAB_PRESETS[preset], prog="kdfast lab")
 
 

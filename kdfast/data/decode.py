@@ -37,8 +37,18 @@ def _open(data: bytes, name: str):
 
     try:
         return Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError:
+        what = "an empty file" if not data else "no image format Pillow reads"
+        raise DataError(f"{name}: not a readable image ({what}). Remove or replace this file.") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{name}: {_first(e)} Pillow refuses images this large (a guard against decompression "
+                        "bombs): downscale it, or remove it.") from None
+    except (OSError, ValueError) as e:
         raise DataError(f"{name}: not a readable image ({e}). Remove or replace this file.") from None
+
+
+def _first(e: Exception) -> str:
+    return str(e).split(", could be")[0].rstrip(".") + "."
 
 
 def image_size(data: bytes, name: str) -> tuple[int, int]:
@@ -61,7 +71,7 @@ def decode_pil(data: bytes, name: str, store_size: int = 0):
             if rgb.size != target:
                 rgb = rgb.resize(target, Image.BILINEAR)
             rgb.load()
-    except (OSError, ValueError, SyntaxError) as e:  # truncated data, broken chunks
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # truncated data, broken chunks
         raise DataError(f"{name}: not a readable image ({e}). Remove or replace this file.") from None
     return rgb
 

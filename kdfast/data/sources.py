@@ -73,6 +73,11 @@ def _listing(source: str, files: dict, dirs: dict, read) -> Listing:
     """files: {split: {class: [(name, key)]}}; classes sorted by name, files by name within a class."""
     for split, classes in dirs.items():
         for cls in sorted(classes):
+            try:
+                cls.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{source}: the class folder {split}/{cls.encode('utf-8', 'surrogateescape')!r} has "
+                                "a name that is not UTF-8 text (class names are saved as text). Rename it.") from None
             if not files.get(split, {}).get(cls):
                 raise DataError(f"{source}: class folder {split}/{cls} has no images. Add images or remove the folder.")
     eval_split = next((s for s in EVAL_SPLITS if files.get(s)), None)
@@ -133,7 +138,9 @@ def list_archive(path: str) -> Listing:
                 files.setdefault(split, {}).setdefault(cls, []).append((name, member.name))
             whole = _ends_with_marker(tar)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{path}: not a readable .tar.gz archive ({e}). Check the file, or download it again.") from None
+        reason = str(e).splitlines()[0].rstrip(":") if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable .tar.gz archive ({reason}). Check the file, or download it "
+                        "again.") from None
     if not whole:
         raise DataError(f"{path}: the archive ends after {sum(len(v) for c in files.values() for v in c.values()):,} "
                         "images without tar's end-of-archive marker: it is incomplete (cut while being downloaded "
@@ -303,6 +310,7 @@ def source_key(path: str, kind: str, dataset: str) -> str:
         dirnames.sort()
         for name in sorted(filenames):
             st = os.stat(os.path.join(dirpath, name))
-            h.update(f"{os.path.relpath(os.path.join(dirpath, name), path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            h.update(f"{os.path.relpath(os.path.join(dirpath, name), path)}:{st.st_size}:{st.st_mtime_ns}\n"
+                     .encode("utf-8", "surrogateescape"))  # names that are not UTF-8 are named by _listing
     return h.hexdigest()[:16]
 
