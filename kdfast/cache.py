@@ -32,7 +32,7 @@ from typing import Annotated, Literal, Optional
 import torch
 import tyro
 
-from . import __version__
+from . import __version__, schemas
 from .augment import AugmentSpec, epoch_seed
 from .augment.recipes import RECIPES as AUG_RECIPES, apply_recipe
 from .checkpoint import load_teacher, read_meta, weights_sha256
@@ -213,12 +213,15 @@ def _h5py():
 def _read_attrs(f) -> dict:
     attrs = {}
     for key, value in f.attrs.items():
-        if key in ("classes", "augment"):
-            value = json.loads(value)
-        elif key == "seeds":
-            value = [int(s) for s in value]
-        elif hasattr(value, "item"):
-            value = value.item()
+        try:
+            if key in ("classes", "augment"):
+                value = json.loads(value)
+            elif key == "seeds":
+                value = [int(s) for s in value]
+            elif hasattr(value, "item") and getattr(value, "size", 1) == 1:
+                value = value.item()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"attribute {key!r} is unreadable ({e})") from None
         attrs[key] = value
     return attrs
 
@@ -268,11 +271,17 @@ class LogitCache:
         self.path = path
         try:
             self.attrs = _read_attrs(self.file)
+            found = schemas.problems(self.attrs, schemas.CACHE_ATTRS) if self.attrs.get("format") == FORMAT else []
+            if found:
+                raise ValueError(f"attribute {found[0][len('field '):]}")
             self._check_structure()
         except (ValueError, KeyError, TypeError, OSError) as e:  # attributes or datasets unreadable
             self.file.close()
             raise CacheError(f"{path}: damaged logit cache ({type(e).__name__}: {e}). Delete it and build it "
                              "again.") from None
+        except KdfastError:
+            self.file.close()
+            raise
 
     def _check_structure(self) -> None:
         f, a = self.file, self.attrs

@@ -174,6 +174,17 @@ PAIR = Schema({"teacher_accuracy": "number|null", "student_accuracy_without_kd":
 REPORT = Schema({}, items=PAIR)  # report.json: pair (cnn, vit) -> its accuracies and details
 
 
+# a logit cache's HDF5 attributes (classes and augment are JSON text in the file)
+CACHE_ATTRS = Schema({"format": "str", "format_version": "int", "dataset_fingerprint": "str", "classes": "list[str]",
+                      "augment": RUN_CONFIG.fields["augment"], "train_size": "int", "test_size": "int",
+                      "seeds": "list[int]", "topk": "int", "data_source": "str|null", "dataset": "str",
+                      "train_per_class": "int", "test_per_class": "int", "val_per_class": "int", "val_seed": "int",
+                      "store_size": "int", "teacher_model": "str", "teacher_sha256": "str",
+                      "teacher_checkpoint": "str", "precision": "str"},
+                     required=("format", "format_version", "dataset_fingerprint", "classes", "augment", "train_size",
+                               "test_size", "seeds", "teacher_model", "teacher_sha256"))
+
+
 def check_finished(meta: dict, path: str, fix: str) -> dict:
     """A finished run's NAME.json with every field the lab, its report and sweeps read."""
     check(meta, FINISHED_RUN, path, "description of a finished run", fix)
@@ -183,5 +194,5 @@ def check_finished(meta: dict, path: str, fix: str) -> dict:
     return meta
 
 
-__all__ = ["CHECKPOINT", "FINISHED_RUN", "METRICS_LINE", "REPORT", "STATE", "Schema", "check", "check_finished",
+__all__ = ["CACHE_ATTRS", "CHECKPOINT", "FINISHED_RUN", "METRICS_LINE", "REPORT", "STATE", "Schema", "check", "check_finished",
            "problems"]

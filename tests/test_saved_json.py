@@ -50,14 +50,17 @@ def variants(obj):
             yield f"{'.'.join(map(str, path))} {how}", damaged
 
 
-def outcome(capsys, main, argv) -> str | None:
-    """None when the command worked or refused with a kdfast error (exit 2); else what went wrong."""
+def outcome(capsys, main, argv, named: str | None = None) -> str | None:
+    """None when the command worked or refused with a kdfast error (exit 2) that names the damaged field (`named`,
+    when given); else what went wrong."""
     try:
         main(argv)
     except SystemExit as e:
         err = capsys.readouterr().err.strip()
         if e.code != 2 or not err.startswith("kdfast: error:") or "Traceback" in err:
             return f"exit {e.code}: {err[-300:]}"
+        if named and named not in err:
+            return f"the refusal does not name {named!r}: {err[-300:]}"
     except Exception as e:  # a traceback in a real run
         return f"{type(e).__name__}: {e}"
     capsys.readouterr()
@@ -163,3 +166,37 @@ def test_the_schema_names_the_field_and_the_type():
     assert problems({"cnn": {"teacher_accuracy": "high"}}, REPORT) == \
         ["field 'cnn.teacher_accuracy' is a str ('high'), expected number or null"]
     assert os.path.basename(__file__) == "test_saved_json.py"
+
+
+def test_a_logit_caches_attributes_damaged_in_any_field(lab_dir, capsys, tmp_path):
+    """The cache's HDF5 attributes (classes and augment are JSON text there) through `cache info` and a distillation
+    from it."""
+    import h5py
+
+    from kdfast import cache, distill
+
+    good = str(tmp_path / "good.h5")
+    cache.main(["build", "--teacher", str(lab_dir["json"].with_suffix(".pth")), "--out", good, "--slots", "1",
+                "--cache-dir", str(lab_dir["root"] / "cache"), "--precision", "fp32", "--no-progress"])
+    with h5py.File(good, "r") as f:
+        attrs = cache._read_attrs(f)
+    damaged_path = str(tmp_path / "damaged.h5")
+    flags = [f if f != str(lab_dir["root"] / "m") else str(tmp_path / "d") for f in lab_dir["flags"]]
+    failures = []
+    for what, damaged in variants(attrs):
+        shutil.copyfile(good, damaged_path)
+        with h5py.File(damaged_path, "r+") as f:
+            for key in list(f.attrs):
+                del f.attrs[key]
+            for key, value in damaged.items():  # as the build writes them; what it could not hold, as text
+                text = key in ("classes", "augment") or not isinstance(value, (str, int, float, list))
+                f.attrs[key] = json.dumps(value) if text else value
+        for reader, (main, argv) in {"info": (cache.main, ["info", damaged_path]),
+                                     "distill": (distill.main, ["--teacher-cache", damaged_path, "--fresh",
+                                                                *flags])}.items():
+            if reader == "distill" and what.startswith("augment."):
+                continue  # the same reading as info's
+            problem = outcome(capsys, main, argv, named=what.split(" ")[0].split(".")[0])
+            if problem:
+                failures.append(f"{what} -> {reader}: {problem}")
+    assert not failures, "\n".join(failures[:20])
