@@ -125,3 +125,24 @@ def test_a_writer_that_names_no_cause_is_explained(tiny, tmp_path, capsys):
                                                            "--out-dir", str(out / "imported")])
         assert "No space left on device" in err and "imported" in err, err
         assert files_in(out) == {}
+
+
+@pytest.mark.parametrize("code,fix", [(13, "Permission denied: fix the permissions"), (21, "A folder is in the way"),
+                                      (20, "A file is in the way"), (122, "quota"), (5, "I/O error")])
+def test_each_file_error_says_its_cause_and_fix(tiny, tmp_path, capsys, monkeypatch, code, fix):
+    """Errors this machine cannot make for real (root ignores permissions): raised where kdfast creates its output
+    folder, they read as the others do."""
+    import errno
+
+    real = os.makedirs
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "out")):
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    err = one_line_error(capsys, train.main, ["--model", "resnet8", "--epochs", "1", "--out-dir", str(tmp_path / "out"),
+                                              *tiny["flags"]])
+    assert fix in err and str(tmp_path / "out") in err and os.strerror(code) in err, err
+    assert errno.errorcode[code]  # a real errno
