@@ -93,3 +93,15 @@ def write_mixed_folder(root: str, n_train: int = 6, n_test: int = 3, eval_split:
 @pytest.fixture
 def mixed_folder(tmp_path):
     return write_mixed_folder(str(tmp_path / "mixed"))
+
+
+def tiny_teacher(root, name: str = "teacher", eval_batch_size: int = 5) -> tuple[list[str], str]:
+    """A tiny image folder under root and a resnet8 trained on it for one epoch (root/m/NAME.pth): (the common CLI
+    flags of the runs on that data, the checkpoint's path)."""
+    from kdfast import train
+
+    data = write_image_folder(str(root / "tiny"))
+    flags = ["--data", data, "--cache-dir", str(root / "cache"), "--batch-size", "6", "--eval-batch-size",
+             str(eval_batch_size), "--precision", "fp32", "--no-progress"]
+    train.main(["--model", "resnet8", "--name", name, "--epochs", "1", "--out-dir", str(root / "m"), *flags])
+    return flags, str(root / "m" / f"{name}.pth")

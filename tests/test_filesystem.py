@@ -10,7 +10,7 @@ import pytest
 
 from kdfast import cache, import_weights, lab, train
 
-from .conftest import write_image_folder
+from .conftest import tiny_teacher
 from .test_runs import ROOT, one_line_error
 
 
@@ -52,11 +52,8 @@ def files_in(folder) -> dict:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("fs")
-    data = write_image_folder(str(root / "tiny"))
-    flags = ["--data", data, "--cache-dir", str(root / "cache"), "--batch-size", "6", "--eval-batch-size", "5",
-             "--precision", "fp32", "--no-progress"]
-    train.main(["--model", "resnet8", "--name", "teacher", "--epochs", "1", "--out-dir", str(root / "m"), *flags])
-    return {"flags": flags, "teacher": str(root / "m" / "teacher.pth"), "cache_dir": str(root / "cache")}
+    flags, teacher = tiny_teacher(root)
+    return {"flags": flags, "teacher": teacher, "cache_dir": str(root / "cache")}
 
 
 def test_read_only_places_are_refused_in_one_line(tiny, tmp_path, capsys):

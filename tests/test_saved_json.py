@@ -12,7 +12,7 @@ from kdfast.config import TrainConfig
 from kdfast.errors import KdfastError
 from kdfast.schemas import REPORT, Schema, problems
 
-from .conftest import write_image_folder
+from .conftest import tiny_teacher
 
 
 def fields(obj, prefix=()):
@@ -70,11 +70,8 @@ def outcome(capsys, main, argv, named: str | None = None) -> str | None:
 @pytest.fixture(scope="module")
 def lab_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("json")
-    data = write_image_folder(str(root / "tiny"))
-    flags = ["--data", data, "--cache-dir", str(root / "cache"), "--batch-size", "6", "--eval-batch-size", "12",
-             "--precision", "fp32", "--no-progress", "--model", "resnet8", "--epochs", "1", "--out-dir",
-             str(root / "m")]
-    train.main(flags + ["--name", "cnn_teacher"])
+    flags, _ = tiny_teacher(root, "cnn_teacher", eval_batch_size=12)
+    flags += ["--model", "resnet8", "--epochs", "1", "--out-dir", str(root / "m")]
     return {"root": root, "flags": flags, "json": root / "m" / "cnn_teacher.json",
             "metrics": root / "m" / "cnn_teacher.metrics.jsonl"}
 
