@@ -29,7 +29,7 @@ def test_lab_presets_and_overrides():
     assert (cfg.preset, cfg.alpha, cfg.train_per_class, cfg.sweep_seeds) == ("cpu", 0.7, 1000, 2)  # the preset, one flag over it
     smoke = lab.parse([])
     assert smoke.preset == "smoke" and smoke.train_per_class > 0
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--preset 'huge': not a preset"):  # kdfast lab: exit 2, one line
         lab.parse(["--preset", "huge"])
     own = lab.parse(["--preset", "imagenet", "--data", "my_photos"])  # your own images at 224
     runs = {name: run_cfg for name, _, run_cfg in lab.plan(own)}
