@@ -72,6 +72,13 @@ def outcome(capsys, main, argv, named: str | None = None) -> str | None:
     return None
 
 
+@pytest.fixture(autouse=True)
+def default_data_is_the_tiny_folder(lab_dir, monkeypatch):
+    """A damaged file that loses its data source falls back to $KDFAST_DATA: the tiny folder here, not CI's CIFAR-10
+    (decoding it in every case of the fuzz took a minute)."""
+    monkeypatch.setenv("KDFAST_DATA", str(lab_dir["root"] / "tiny"))
+
+
 @pytest.fixture(scope="module")
 def lab_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("json")
