@@ -36,8 +36,8 @@ from . import __version__, schemas
 from .augment import AugmentSpec, epoch_seed
 from .augment.recipes import RECIPES as AUG_RECIPES, apply_recipe
 from .checkpoint import load_teacher, read_meta, weights_sha256
-from .config import (DatasetName, Precision, check_augment, check_data_flags, check_int, check_numbers,
-                     resolved_store_size)
+from .config import (DIST_TIMEOUT_S, DatasetName, Precision, check_augment, check_data_flags, check_float, check_int,
+                     check_numbers, resolved_store_size)
 from .data import HUB_PREFIX, Dataset, view_batches
 from .preflight import check_model_input, view_sizes
 from .engine import Runtime, accuracy_and_loss, load_data, make_runtime, on_main, predict
@@ -126,6 +126,8 @@ class BuildConfig:
     """A named augmentation recipe (see kdfast train --help): the students' views, mixed ones included."""
     overwrite: bool = False
     """Replace an existing cache (or partial build) made with other settings."""
+    dist_timeout: float = DIST_TIMEOUT_S
+    """Several processes: seconds one waits for the others in a collective before the job stops (kdfast train --help)."""
     progress: bool = True
     """Show progress bars (main process only)."""
 
@@ -160,6 +162,7 @@ class BuildConfig:
             if name not in ("data", "dataset") and getattr(self, name) is not None:
                 check_int(self, name, 0)
         check_int(self, "topk", -1)
+        check_float(self, "dist_timeout", 1.0)
         check_augment(self.augment)
         check_data_flags(self)
 
@@ -543,7 +546,7 @@ def build(cfg: BuildConfig, runtime: Runtime | None = None) -> str:
     The main process holds NAME.lock for the whole build: a second build of the same file refuses at once.
     """
     cfg.validate()
-    runtime = runtime or make_runtime(cfg.precision)
+    runtime = runtime or make_runtime(cfg.precision, dist_timeout=cfg.dist_timeout)
     path = cfg.out or default_cache_path(cfg.teacher, cfg.cache_dir)
     held = []
 

@@ -156,6 +156,7 @@ def check_grid(alphas, taus, alpha_flag: str = "alphas", tau_flag: str = "taus")
 # alpha x tau grid on CIFAR-10 (1,000 images per class, ResNet-20 -> ResNet-8) and on a 64 px folder (timm ResNet-18 ->
 # ResNet-8, RandomResizedCrop), 8 epochs, 2 seeds (README "Defaults"); deit: DeiT's 0.5 (no temperature); dkd: its
 # paper's CIFAR temperature (its CE weight is 1, alpha unused)
+DIST_TIMEOUT_S = 1800.0  # torch's own default for gloo: long enough for any step the main process does alone
 KD_DEFAULTS = (0.1, 2.0)
 METHOD_DEFAULTS = {"deit": (0.5, 4.0), "dkd": (0.1, 4.0)}
 
@@ -287,8 +288,17 @@ class TrainConfig:
     fresh: bool = False
     """Start over: discard an interrupted run's saved state, and replace a finished run of the same name trained with
     another config (without it, both are refused)."""
+    auto_resume: bool = False
+    """Resume by itself when the job is a restart (torchrun --max-restarts, a requeued Slurm job) and a saved state
+    exists; a restart of a finished run keeps it. A first start behaves as without it (a saved state is refused)."""
     checkpoint_every: int = 0
     """Also save the resumable state every N optimizer steps (0: after every epoch only)."""
+    dist_timeout: float = DIST_TIMEOUT_S
+    """Several processes: seconds one waits in a collective for the others before the job stops, naming the rank
+    lost. Keep it above the longest step the main process does alone (decoding a large folder)."""
+    sync_bn: bool = False
+    """Convert BatchNorm layers to SyncBatchNorm (statistics over the global batch) before training: GPUs with
+    NCCL only (torch has no SyncBatchNorm on CPU)."""
     progress: bool = True
     """Show a progress bar (main process only)."""
     log_with: Tracker = "none"
@@ -328,8 +338,10 @@ class TrainConfig:
         check_augment(self.augment)
         check_data_flags(self)
         check_tracker(self.log_with)
-        if self.resume and self.fresh:
-            raise ValueError("--resume and --fresh exclude each other: --resume continues a saved state, "
+        check_float(self, "dist_timeout", 1.0)
+        if self.fresh and (self.resume or self.auto_resume):
+            flag = "--resume" if self.resume else "--auto-resume"
+            raise ValueError(f"{flag} and --fresh exclude each other: {flag} continues a saved state, "
                              "--fresh discards it")
 
     def resolved_recipe(self, family: str) -> Recipe:
@@ -541,6 +553,8 @@ class LabConfig:
     """Retrain every run; by default finished runs with the same config are kept and interrupted ones resumed."""
     checkpoint_every: int = 0
     """Also save each run's resumable state every N optimizer steps (0: after every epoch only)."""
+    dist_timeout: float = DIST_TIMEOUT_S
+    """Several processes: seconds one waits for the others in a collective before the job stops (kdfast train --help)."""
     methods: tuple[str, ...] = ()
     """Extra KD students, one per method (dkd, fitnets, ...), reported under each pair's details."""
     logit_std: bool = False
@@ -582,6 +596,7 @@ class LabConfig:
         check_data_flags(self)
         check_tracker(self.log_with)
         check_float(self, "ema", 0.0, 1.0)
+        check_float(self, "dist_timeout", 1.0)
         check("sweep_taus", self.sweep_taus, bool(self.sweep_alphas) == bool(self.sweep_taus),
               "given together with --sweep-alphas (both or neither)")
         if self.sweep_alphas:
@@ -654,6 +669,8 @@ class SweepConfig:
     """Retrain every point (default: finished points are kept, an interrupted one resumes)."""
     checkpoint_every: int = 0
     """Also save each run's resumable state every N optimizer steps (0: after every epoch only)."""
+    dist_timeout: float = DIST_TIMEOUT_S
+    """Several processes: seconds one waits for the others in a collective before the job stops (kdfast train --help)."""
     progress: bool = True
     """Show progress bars (main process only)."""
     log_with: Tracker = "none"
@@ -671,6 +688,7 @@ class SweepConfig:
     def validate(self) -> None:
         check_numbers(self)
         check_int(self, "group_size", 0)
+        check_float(self, "dist_timeout", 1.0)
         for name in ("train_per_class", "test_per_class"):
             if getattr(self, name) is not None:
                 check_int(self, name, 0)

@@ -162,12 +162,15 @@ def with_cache_data(cfg: DistillConfig, say=print) -> DistillConfig:
 
 
 def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
-    cfg = with_cache_data(cfg, process_state().print)
+    cfg = with_cache_data(cfg, process_state(cfg.dist_timeout).print)
     cfg.validate()  # refuse bad α, τ and every other number before any work
     method = method_entry(cfg.method)
     runtime = runtime or make_runtime(cfg.precision, find_unused_parameters=method.needs == "features",
-                                      log_with=cfg.log_with, logging_dir=logging_dir(cfg), accumulate=cfg.grad_accum)
+                                      log_with=cfg.log_with, logging_dir=logging_dir(cfg), accumulate=cfg.grad_accum,
+                                      dist_timeout=cfg.dist_timeout)
     with open_run(cfg, runtime) as run_dir:
+        if run_dir.kept:
+            return run_dir.kept
         label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
         loss_fn = method.build(cfg, label_smoothing)
         runner = feature_method_run if method.needs == "features" else logit_method_run

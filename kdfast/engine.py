@@ -9,6 +9,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -16,18 +17,19 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, broadcast_object_list,
-                              parse_flag_from_env)
+from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs,
+                              broadcast_object_list, parse_flag_from_env)
 from tqdm.auto import tqdm
 
 from .augment import epoch_seed
 from .checkpoint import save_checkpoint
-from .config import Recipe, TrainConfig
+from . import cluster
+from .config import DIST_TIMEOUT_S, Recipe, TrainConfig
 from .data import Batch, DataError, Dataset, Split, TrainLoader, default_budget, eval_batches, load_dataset
 from .errors import USER_ERRORS, Interrupted, KdfastError, user_message
 from .machine import accelerate_mixed_precision, launcher_precision, resolve_precision
 from .models import count_parameters, model_entry
-from .rundir import RunDir, describe_progress
+from .rundir import RunDir, describe_progress, finished_run
 from .together import clip_per_student
 from .tta import tta_logits
 
@@ -54,9 +56,13 @@ def _use_cpu() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
-def process_state() -> PartialState:
-    """This process's place in the (possibly distributed) job; set up once per process."""
-    return PartialState(cpu=_use_cpu())
+def process_state(dist_timeout: float | None = None) -> PartialState:
+    """This process's place in the (possibly distributed) job; set up once per process: the first call's
+    dist_timeout (seconds a collective waits for the others; default torch's) is the process group's."""
+    if PartialState._shared_state:  # set up already
+        return PartialState()
+    timeout = timedelta(seconds=DIST_TIMEOUT_S if dist_timeout is None else dist_timeout)
+    return PartialState(cpu=_use_cpu(), timeout=timeout, **cluster.process_group_store(timeout))
 
 
 def decide_precision(precision: str, device_type: str) -> tuple[str, str]:
@@ -70,21 +76,24 @@ def decide_precision(precision: str, device_type: str) -> tuple[str, str]:
 
 
 def make_runtime(precision: str = "auto", find_unused_parameters: bool = False, log_with: str = "none",
-                 logging_dir: str | None = None, accumulate: int = 1) -> Runtime:
+                 logging_dir: str | None = None, accumulate: int = 1,
+                 dist_timeout: float = DIST_TIMEOUT_S) -> Runtime:
     """An Accelerator with the precision that is really fast here (see decide_precision).
 
     find_unused_parameters: for losses that leave some parameters without a gradient in some steps
     (FitNets' stages), which DDP must then be told about. log_with: Accelerate's experiment trackers
     ("none", "tensorboard", "wandb", "mlflow", "aim", "all"), writing under logging_dir where they write files.
-    accumulate: micro-batches per optimizer step (Accelerate's gradient accumulation).
+    accumulate: micro-batches per optimizer step (Accelerate's gradient accumulation). dist_timeout: seconds a
+    collective waits for the other processes (Accelerate's InitProcessGroupKwargs), then the job stops (kdfast.cluster).
     """
-    device_type = process_state().device.type
+    device_type = process_state(dist_timeout).device.type
     used, reason = decide_precision(precision, device_type)
     if device_type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     AcceleratorState._reset_state()  # lets one process run several runs (the lab, tests) in turn
     GradientState._reset_state()
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))]
+    handlers += [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     trackers = {} if log_with == "none" else {"log_with": log_with, "project_dir": logging_dir}
     accelerator = Accelerator(cpu=_use_cpu(), mixed_precision=accelerate_mixed_precision(used),
                               gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulate),
@@ -205,7 +214,7 @@ class NonFiniteLoss(KdfastError):
 
 
 class Preemption:
-    """SIGINT / SIGTERM while training: the current step finishes, the state is saved, the run exits.
+    """SIGINT / SIGTERM / SIGUSR1 while training: the current step finishes, the state is saved, the run exits.
 
     A second Ctrl-C (SIGINT) interrupts at once (the state saved last is kept); a second SIGTERM does not: launchers
     and schedulers deliver it to every process of the job, some twice (torchrun forwards the one a `timeout` or
@@ -213,7 +222,7 @@ class Preemption:
     request is shared at check points, so every process stops at the same step.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # USR1: what clusters send before a time limit
 
     def __init__(self):
         self.signum, self.previous = 0, {}
@@ -265,25 +274,39 @@ def open_run(cfg: TrainConfig, runtime: Runtime):
     --resume / --fresh, a state written under another config, a finished run under another config without --fresh.
     """
     run_dir = RunDir(cfg.out_dir, cfg.run_name)
+    check_sync_bn(cfg, runtime)
+    restarted = cfg.auto_resume and cluster.restart_count() > 0
 
     def claim():
         run_dir.prepare()
         run_dir.lock.acquire(runtime.print)
         try:
             run_dir.remove_stale_temporaries(runtime.print)
-            resume_from = run_dir.check_resume(cfg.to_dict(), cfg.resume, cfg.fresh, runtime.print)
-            if resume_from is None:
+            resume_from = run_dir.check_resume(cfg.to_dict(), cfg.resume or restarted, cfg.fresh, runtime.print)
+            kept = finished_run(cfg) if restarted and resume_from is None else None
+            if restarted:
+                runtime.print(f"[{cfg.run_name}] --auto-resume: restart {cluster.restart_count()} of this job: " + (
+                    "continuing its saved state" if resume_from else "its finished run is kept" if kept else
+                    "no state was saved yet: starting"))
+            if resume_from is None and kept is None:
                 run_dir.check_overwrite(cfg.to_dict(), cfg.fresh, runtime.print)
-            return resume_from
+            return resume_from, kept
         except BaseException:
             run_dir.lock.release()
             raise
 
-    run_dir.resume_from = on_main(runtime.accelerator, claim)
+    run_dir.resume_from, run_dir.kept = on_main(runtime.accelerator, claim)
     try:
         yield run_dir
     finally:
         run_dir.lock.release()
+
+
+def check_sync_bn(cfg: TrainConfig, runtime: Runtime) -> None:
+    """--sync-bn needs NCCL: torch's SyncBatchNorm has no CPU (gloo) kernel."""
+    if getattr(cfg, "sync_bn", False) and runtime.device.type != "cuda":
+        raise ValueError(f"--sync-bn: SyncBatchNorm needs GPUs with NCCL; torch has none on {runtime.device.type} "
+                         "(gloo). Leave --sync-bn out here: each process then normalizes with its own batch's statistics.")
 
 
 @dataclass
@@ -471,6 +494,8 @@ def setup_training(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: Tr
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, recipe))
+    if cfg.sync_bn and acc.num_processes > 1:  # one process: plain BatchNorm computes the same
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand, once per optimizer step
@@ -522,22 +547,59 @@ def fit(model: nn.Module, loss_step: LossStep, data: Dataset, cfg: TrainConfig, 
         return progress["wall_time_s"] + time.perf_counter() - wall_start
 
     evals, train_img_s = {}, 0.0
-    for epoch, epoch_time in train_epochs(tr, progress, aug_seed_for_epoch, wall_at):
-        record, evals = end_epoch(tr, data, epoch, epoch_time)
-        train_img_s = record["img_per_s"]
-        record["wall_time_s"] = round(wall_at(), 1)
-        if acc.is_main_process:
-            records.append(record)
-            run_dir.write_metrics(records)
-        if cfg.log_with != "none":  # the same numbers as the metrics line, at step = epochs done
-            acc.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}, step=epoch + 1)
-    return finish(tr, data, evals, params, train_img_s, wall_at(), extra_meta)
+    with lost_processes(tr):
+        for epoch, epoch_time in train_epochs(tr, progress, aug_seed_for_epoch, wall_at):
+            record, evals = end_epoch(tr, data, epoch, epoch_time)
+            train_img_s = record["img_per_s"]
+            record["wall_time_s"] = round(wall_at(), 1)
+            if acc.is_main_process:
+                records.append(record)
+                run_dir.write_metrics(records)
+            if cfg.log_with != "none":  # the same numbers as the metrics line, at step = epochs done
+                acc.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"},
+                        step=epoch + 1)
+        return finish(tr, data, evals, params, train_img_s, wall_at(), extra_meta)
+
+
+@contextmanager
+def lost_processes(tr: Training):
+    """A collective that fails because a process or node of the job is lost or stuck becomes kdfast.cluster's
+    JobLost: who was lost, the state saved last, how to resume (the launcher's own block follows it)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, (KdfastError, cluster.JobLost)) or not cluster.is_collective_failure(e):
+            raise
+        raise cluster.lost_job(e, saved_state_line(tr.run_dir), lost_advice(tr.cfg)) from None
+
+
+def saved_state_line(run_dir: RunDir) -> str:
+    """Where the last whole state is, as this process sees the --out-dir (the main node's disk may be another)."""
+    try:
+        saved = run_dir.state.saved()
+    except Exception:  # a state being written by the main process, or damaged: not this line's business
+        saved = None
+    if saved is None:
+        return f"No whole state of {run_dir.name!r} is in {run_dir.state_dir} as this node sees it."
+    return f"The last whole state of {run_dir.name!r} is {saved['dir']} ({describe_progress(saved['progress'])})."
+
+
+def lost_advice(cfg: TrainConfig) -> str:
+    auto = (" (--auto-resume: a restart by torchrun --max-restarts or a Slurm requeue does it by itself)"
+            if cfg.auto_resume else " (or with --auto-resume, under torchrun --max-restarts or a Slurm requeue)")
+    return ("Continue it with the same command" + ("" if cfg.resume else " and --resume")
+            + ", on any number of processes" + auto + ".")
 
 
 def resume_advice(cfg: TrainConfig) -> str:
     """What continues an interrupted run: its own command again, with --resume unless it already resumes (the lab
     and sweeps start every run that way, so their advice is just their command again)."""
-    return "Run the same command again to continue." if cfg.resume else "Resume with the same command and --resume."
+    if cfg.resume:
+        return "Run the same command again to continue."
+    if cfg.auto_resume:
+        return ("A restart of this job (torchrun --max-restarts, a Slurm requeue) continues it by itself; by hand: "
+                "the same command with --resume.")
+    return "Resume with the same command and --resume."
 
 
 FEW_STEPS = 10  # fewer optimizer steps per epoch than this: said at the start of the run

@@ -81,7 +81,8 @@ def _close_process_group() -> None:
 def user_errors_exit(main):
     """Wrap an entry point: user errors and file errors print `kdfast: error: ...` and exit 2 (KDFAST_DEBUG=1 shows
     the traceback);
-    a run stopped by a signal after saving its state exits 128 + signal, Ctrl-C elsewhere 130."""
+    a run stopped by a signal after saving its state exits 128 + signal, Ctrl-C elsewhere 130; a job that lost a process
+    or node says which (kdfast.cluster) and exits 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -94,6 +95,14 @@ def user_errors_exit(main):
                 raise
             print(f"kdfast: error: {user_message(e)}", file=sys.stderr)
             raise SystemExit(2) from None
+        except RuntimeError as e:  # another process of the job was lost or is stuck (a failed collective)
+            from .cluster import JobLost, exit_lost, is_collective_failure, lost_job
+
+            if isinstance(e, JobLost):
+                exit_lost(e)
+            if not is_collective_failure(e) or os.environ.get("KDFAST_DEBUG"):
+                raise
+            exit_lost(lost_job(e))
         except Interrupted as e:
             if _is_main_process():
                 print(f"kdfast: {e}", file=sys.stderr)

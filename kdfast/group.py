@@ -25,7 +25,7 @@ from .config import DistillConfig, TrainConfig
 from .data import Dataset
 from .distill import cached_teacher, method_meta
 from .engine import (Runtime, checkpoint_meta, evaluations, logging_dir, make_runtime, on_main, open_run,
-                     setup_training, train_epochs)
+                     lost_processes, setup_training, train_epochs)
 from .methods import method_entry
 from .preflight import check_model_input, view_sizes
 from .models import count_parameters, create_model, model_entry
@@ -108,7 +108,7 @@ def run(members: list[TrainConfig], name: str, runtime: Runtime | None = None) -
     cfg = group_config(name, members)
     done = finished_members(members)
     runtime = runtime or make_runtime(cfg.precision, log_with=cfg.log_with, logging_dir=logging_dir(cfg),
-                                      accumulate=cfg.grad_accum)
+                                      accumulate=cfg.grad_accum, dist_timeout=cfg.dist_timeout)
     with ExitStack() as stack:
         run_dir = stack.enter_context(open_run(cfg, runtime))
         if runtime.accelerator.is_main_process:  # one writer per member's files too
@@ -162,9 +162,10 @@ def _loop(tr, members, data: Dataset, plain, aug_seed_for_epoch, kd: dict, done:
         return progress["wall_time_s"] + time.perf_counter() - wall_start
 
     tests, img_s = None, 0.0
-    for epoch, epoch_time in train_epochs(tr, progress, aug_seed_for_epoch, wall_at):
-        tests, img_s = _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall_at())
-    return _finish(tr, members, data, plain, tests, img_s, kd, wall_at(), done)
+    with lost_processes(tr):
+        for epoch, epoch_time in train_epochs(tr, progress, aug_seed_for_epoch, wall_at):
+            tests, img_s = _end_epoch(tr, members, dirs, records, data, plain, epoch, epoch_time, wall_at())
+        return _finish(tr, members, data, plain, tests, img_s, kd, wall_at(), done)
 
 
 def student(tr, plain, i: int):

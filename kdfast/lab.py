@@ -42,7 +42,7 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                       train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
                       batch_size=getattr(cfg, f"{pair}_batch_size"), eval_every=cfg.eval_every,
                       eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, compile=cfg.compile,
-                      seed=cfg.seed, resume=not cfg.fresh, fresh=cfg.fresh, checkpoint_every=cfg.checkpoint_every,
+                      seed=cfg.seed, resume=not cfg.fresh, fresh=cfg.fresh, checkpoint_every=cfg.checkpoint_every, dist_timeout=cfg.dist_timeout,
                       progress=cfg.progress, augment=cfg.augment, aug_recipe=getattr(cfg, f"{pair}_aug_recipe"),
                       ema=cfg.ema, tta=cfg.tta, val_per_class=cfg.val_per_class, val_seed=cfg.val_seed,
                       grad_accum=cfg.grad_accum, **data_flags(cfg))
@@ -63,6 +63,7 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                 dataset=cfg.dataset,
                 cache_dir=cfg.cache_dir, train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
                 val_per_class=cfg.val_per_class, val_seed=cfg.val_seed, batch_size=max(cfg.eval_batch_size, 500), precision=cfg.precision, overwrite=True,
+                dist_timeout=cfg.dist_timeout,
                 progress=cfg.progress, augment=cfg.augment, aug_recipe=getattr(cfg, f"{pair}_aug_recipe"),
                 **data_flags(cfg))))
         runs.append((f"{pair}_student_with_kd", distill,
@@ -155,7 +156,7 @@ def run(cfg: LabConfig) -> dict:
         method_entry(method)
         if method == "kd":
             raise ValueError("--methods: kd is the lab's KD student already (student_with_kd); list other methods")
-    state = process_state()
+    state = process_state(cfg.dist_timeout)
     held = []  # the lock, on the main process only
 
     def claim():

@@ -30,11 +30,12 @@ NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit,
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # config fields that do not change what a run computes: a resume may differ in these (--out-dir and --cache-dir are
 # where files are, the same folder however it is spelled)
-NOT_COMPARED = ("resume", "fresh", "progress", "checkpoint_every", "log_every", "log_with", "data_tier", "data_budget_gb",
+NOT_COMPARED = ("resume", "auto_resume", "fresh", "progress", "dist_timeout", "checkpoint_every", "log_every", "log_with", "data_tier", "data_budget_gb",
                 "data_workers", "out_dir", "cache_dir")
 # fields added since a state or checkpoint may have been written, with the value that older runs had
 ADDED_FIELDS = {"dataset": "cifar10", "store_size": 0, "aug_recipe": "none", "ema": 0.0, "tta": "none",
-                "grad_accum": 1, "val_per_class": 0, "val_seed": 0, "teacher_weights": None, "teacher_pretrained": False}
+                "grad_accum": 1, "val_per_class": 0, "val_seed": 0, "teacher_weights": None, "teacher_pretrained": False,
+                "sync_bn": False}
 
 
 def check_name(name: str, flag: str = "--name") -> str:
@@ -73,6 +74,7 @@ class RunDir:
         self.state = ResumableState(self.state_dir, self._remove_tree)
         self.lock = FileLock(self.paths["lock"], f"run {name!r}")
         self.resume_from: dict | None = None  # the saved state this run continues (set by engine.open_run)
+        self.kept: dict | None = None  # a restarted job's finished run (--auto-resume): its metadata, nothing to train
 
     # ------------------------------------------------------------ confinement and cleanup
 

@@ -51,7 +51,7 @@ def plan(cfg: SweepConfig, cache_attrs: dict) -> list[tuple[dict, TrainConfig]]:
                   grad_accum=cfg.grad_accum,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                   eval_every=cfg.eval_every, precision=cfg.precision, resume=not cfg.fresh, fresh=cfg.fresh,
-                  checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                  checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, dist_timeout=cfg.dist_timeout,
                   augment=served["augment"], store_size=served["store_size"], data_tier=cfg.data_tier,
                   data_budget_gb=cfg.data_budget_gb, data_workers=cfg.data_workers)
     runs = []
@@ -206,7 +206,7 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
     if method_entry(cfg.method).needs != "logits":
         raise ValueError(f"--method {cfg.method}: a sweep reads teacher logits from the cache; choose a logit method "
                          "(kd, dkd)")
-    state = process_state()
+    state = process_state(cfg.dist_timeout)
     cache = LogitCache(cfg.teacher_cache or PAIR_DEFAULTS[cfg.pair][1])
     attrs, (test_logits, test_labels) = cache.attrs, cache.test_logits()
     cache.close()

@@ -38,8 +38,10 @@ def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
     """Train cfg.model with cross-entropy; returns the checkpoint's metadata (test accuracy included)."""
     cfg.validate()
     runtime = runtime or make_runtime(cfg.precision, log_with=cfg.log_with, logging_dir=logging_dir(cfg),
-                                      accumulate=cfg.grad_accum)
+                                      accumulate=cfg.grad_accum, dist_timeout=cfg.dist_timeout)
     with open_run(cfg, runtime) as run_dir:
+        if run_dir.kept:
+            return run_dir.kept
         data, model = build_student(cfg, runtime)
         label_smoothing = cfg.resolved_recipe(model_entry(cfg.model).family).label_smoothing
 

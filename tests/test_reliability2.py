@@ -70,41 +70,6 @@ def test_report_with_a_sweep_folder_that_holds_none_is_refused(tmp_path):
         labreport.run(labreport.ReportConfig(out_dir=str(tmp_path), sweep=str(tmp_path / "typo")))
 
 
-# ---------------------------------------------------------------- resumed under another number of processes
-
-def test_an_epoch_resumed_on_one_process_after_two_records_the_loss_of_two(tmp_path):
-    """2 gloo processes stopped by SIGTERM in the middle of an epoch, resumed on 1 process: the epoch's training loss
-    and accuracy are those of an uninterrupted 2-process run (a model without BatchNorm, so 1 process with the
-    whole global batch computes what 2 compute). Summing each process's losses doubled the saved part."""
-    import json
-    import subprocess
-    import sys
-
-    data = write_image_folder(str(tmp_path / "tiny"), n_train=60)  # 180 images: 30 steps of 6 an epoch
-    flags = ["--model", "timm:test_vit", "--data", data, "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
-             "--batch-size", "6", "--eval-batch-size", "30", "--precision", "fp32", "--no-progress", "--name", "run"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def torchrun(port, *args):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                "-m", *args]
-
-    stopped = subprocess.run(torchrun(29571, "tests.stop_at", "3", "kdfast.train", *flags, "--out-dir",
-                                      str(tmp_path / "b")), capture_output=True, text=True, timeout=300, env=env, cwd=root)
-    assert stopped.returncode != 0 and "stopped after step 25 of epoch 1" in stopped.stderr, \
-        stopped.stderr[-3000:]
-    resumed = subprocess.run([sys.executable, "-m", "kdfast.train", *flags, "--out-dir", str(tmp_path / "b"),
-                              "--resume"], capture_output=True, text=True, timeout=300, env=env, cwd=root)
-    assert resumed.returncode == 0 and "resuming after epoch 0, step 25 of epoch 1" in resumed.stdout, resumed.stderr[-3000:]
-    whole = subprocess.run(torchrun(29572, "kdfast.train", *flags, "--out-dir", str(tmp_path / "a")),
-                           capture_output=True, text=True, timeout=300, env=env, cwd=root)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    a, b = (json.loads(open(tmp_path / d / "run.metrics.jsonl").readline()) for d in ("a", "b"))
-    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3), (a, b)
-    assert a["train_accuracy"] == b["train_accuracy"]
-
-
 # ---------------------------------------------------------------- a --together pass stopped while saving
 
 def test_a_together_pass_stopped_after_saving_some_students_continues_with_the_rest(small_cache, tmp_path,
