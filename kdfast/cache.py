@@ -665,7 +665,7 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str, opened: list) -
             f["test/complete"][()] = True
             f.flush()
     bar = tqdm(total=len(todo["slots"]) * len(data.train), unit="img", desc=f"cache {os.path.basename(path)}",
-               disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
+               disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
     n = len(data.train)
     for slot in todo["slots"]:
         for start in range(0, n, BUILD_CHUNK):  # a slot in chunks: memory stays bounded whatever N

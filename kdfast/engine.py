@@ -48,7 +48,13 @@ class Runtime:
         return self.accelerator.device
 
     def print(self, *args):
-        self.accelerator.print(*args)
+        say(self.accelerator, *args)
+
+
+def say(state: Accelerator | PartialState, *args) -> None:
+    """print on the main process of the whole job only (Accelerate's print is per node: once on every node)."""
+    if state.is_main_process:
+        print(*args, flush=True)
 
 
 def _use_cpu() -> bool:
@@ -151,7 +157,7 @@ def load_data(cfg, runtime: Runtime, source: str | None, train_per_class: int, t
         data = load_dataset(source, cfg.cache_dir, getattr(cfg, "download", False), train_per_class, test_per_class,
                             log=runtime.print, dataset=dataset, store_size=store_size,
                             tier=getattr(cfg, "data_tier", "device"), budget=budget,
-                            progress=getattr(cfg, "progress", True) and acc.is_local_main_process,
+                            progress=getattr(cfg, "progress", True) and acc.is_main_process,
                             val_per_class=val[0], val_seed=val[1])
     batch = getattr(cfg, "batch_size", None) or 0
     one_batch = batch * 3 * data.train.box[0] * data.train.box[1]
@@ -453,7 +459,7 @@ def run_epoch(tr: Training, epoch: int, start_step: int, aug_seed: int, stop: Pr
     finite_every = 1 if tr.runtime.device.type == "cpu" else LOG_EVERY  # .item() is a sync on a GPU
     show_every = max(1, min(LOG_EVERY, len(loader) // 10))  # the bar's loss: about 10 updates an epoch, or more
     bar = tqdm(total=len(loader), initial=start_step, desc=f"{cfg.run_name} {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
+               disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
     tr.model.train()  # evaluation left it in eval mode
     t0 = time.perf_counter()
     for step, micro in enumerate(grouped(loader.epoch(epoch, aug_seed, start_step), loader.accumulate),

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from dataclasses import fields
+from functools import partial
 from datetime import datetime, timezone
 
 import tyro
@@ -18,7 +19,7 @@ from . import cache, distill, labreport, schemas, sweep, train
 from .cache import BuildConfig
 from .checkpoint import checkpoint_paths
 from .config import LAB_PRESETS, DistillConfig, LabConfig, SweepConfig, TrainConfig
-from .engine import on_main, process_state
+from .engine import on_main, process_state, say as print_on_main
 from .errors import KdfastError, user_errors_exit
 from .files import FileLock, LockedError, check_file_target, read_json, write_json
 from .machine import describe
@@ -157,6 +158,7 @@ def run(cfg: LabConfig) -> dict:
         if method == "kd":
             raise ValueError("--methods: kd is the lab's KD student already (student_with_kd); list other methods")
     state = process_state(cfg.dist_timeout)
+    say_main = partial(print_on_main, state)
     held = []  # the lock, on the main process only
 
     def claim():
@@ -164,7 +166,7 @@ def run(cfg: LabConfig) -> dict:
         for pair in cfg.pairs:
             held.append(FileLock(f"{cfg.report}.{pair}.lock", f"the {pair} pair of the lab report {cfg.report}",
                                  "choose another --report and --out-dir")
-                        .acquire(state.print))
+                        .acquire(say_main))
 
     on_main(state, claim)
     try:
@@ -175,7 +177,7 @@ def run(cfg: LabConfig) -> dict:
 
 
 def _run_locked(cfg: LabConfig, state) -> dict:
-    say = state.print  # main process only
+    say = partial(print_on_main, state)  # main process only
     machine = describe()
     extra = {"preset": cfg.preset, "preset_overrides": preset_overrides(cfg),
              "machine": machine.get("gpu") or machine["cpu"], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}

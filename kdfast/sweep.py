@@ -18,13 +18,14 @@ import itertools
 import os
 import statistics
 import sys
+from functools import partial
 
 import tyro
 
 from . import distill, group, plots, train
 from .cache import LogitCache, served_data
 from .config import DistillConfig, SweepConfig, TrainConfig, check
-from .engine import accuracy_and_loss, on_main, process_state
+from .engine import accuracy_and_loss, on_main, process_state, say as print_on_main
 from .errors import KdfastError, user_errors_exit
 from .files import FileLock, ensure_dir, write_json, write_text
 from .methods import method_entry
@@ -207,6 +208,7 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
         raise ValueError(f"--method {cfg.method}: a sweep reads teacher logits from the cache; choose a logit method "
                          "(kd, dkd)")
     state = process_state(cfg.dist_timeout)
+    say_main = partial(print_on_main, state)
     cache = LogitCache(cfg.teacher_cache or PAIR_DEFAULTS[cfg.pair][1])
     attrs, (test_logits, test_labels) = cache.attrs, cache.test_logits()
     cache.close()
@@ -218,7 +220,7 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
 
     def claim():
         ensure_dir(cfg.out_dir, "--out-dir")
-        held.append(FileLock(os.path.join(cfg.out_dir, "sweep.lock"), f"the sweep in {cfg.out_dir}", "choose another --out-dir").acquire(state.print))
+        held.append(FileLock(os.path.join(cfg.out_dir, "sweep.lock"), f"the sweep in {cfg.out_dir}", "choose another --out-dir").acquire(say_main))
 
     on_main(state, claim)
     try:
@@ -247,8 +249,8 @@ def adopt(cfg: SweepConfig, runs: list, donors: tuple, state) -> set[str]:
             if not cfg.fresh and finished_run(run_cfg) is not None:
                 continue
             for donor in donors:
-                if adopt_finished_run(donor, run_cfg, state.print) is not None:
-                    state.print(f"[sweep] {run_cfg.run_name}: the same run as the finished {donor.run_name} in "
+                if adopt_finished_run(donor, run_cfg, partial(print_on_main, state)) is not None:
+                    print_on_main(state, f"[sweep] {run_cfg.run_name}: the same run as the finished {donor.run_name} in "
                                 f"{donor.out_dir}; copied, not trained again")
                     adopted.add(run_cfg.run_name)
                     break
@@ -271,7 +273,7 @@ def train_together(cfg: SweepConfig, runs: list, state, adopted: set[str]) -> No
             name = (f"together-s{seed}" + (f"-c{slots}" if slots else "")
                     + (f"-{start // size}" if size < len(todo) else ""))
             chunk = adopted_pass(members, chunk, name)
-            state.print(f"[sweep] {name}: {len(chunk)} student{'s' * (len(chunk) > 1)} in one pass: "
+            print_on_main(state, f"[sweep] {name}: {len(chunk)} student{'s' * (len(chunk) > 1)} in one pass: "
                         + ", ".join(m.run_name for m in chunk))
             group.run(chunk, name)
 
@@ -296,16 +298,16 @@ def _run_locked(cfg: SweepConfig, state, attrs: dict, teacher_accuracy: float, d
         label = f"[sweep {i + 1}/{len(runs)}] {run_cfg.run_name}"
         if done is not None:
             kept = "copied above" if run_cfg.run_name in adopted else "finished earlier, kept"
-            state.print(f"{label}: {done['test_accuracy']:.4f}" + ("" if grouped else f", {kept}"))
+            print_on_main(state, f"{label}: {done['test_accuracy']:.4f}" + ("" if grouped else f", {kept}"))
         else:
             (distill if isinstance(run_cfg, DistillConfig) else train).run(run_cfg)
         rows.append({"name": run_cfg.run_name, **point, **last_epoch_accuracy(run_cfg)})
         summary = {**summarize(rows, teacher_accuracy), "cache_slots_total": len(attrs.get("seeds", []))}
         if point["kind"] == "no_kd" and summary["warnings"]:
-            state.print(f"[sweep] warning: {summary['warnings'][0]}")
+            print_on_main(state, f"[sweep] warning: {summary['warnings'][0]}")
         if state.is_main_process:
             write_results(cfg, rows, summary)
-    state.print("\n" + markdown(cfg, summary) + f"\nwrote {os.path.join(cfg.out_dir, 'sweep.md')} (.json, .csv)")
+    print_on_main(state, "\n" + markdown(cfg, summary) + f"\nwrote {os.path.join(cfg.out_dir, 'sweep.md')} (.json, .csv)")
     return {"runs": rows, "summary": summary}
 
 
