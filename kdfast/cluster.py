@@ -125,7 +125,7 @@ def lost_job(e: BaseException, state_line: str = "", advice: str = "") -> JobLos
     rank, world, per_node = place()
     cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
     cause = re.sub(r"^\[[^\]]*\]\s*", "", cause)  # gloo's "[.../pair.cc:534] " source location
-    cause = re.split(r"(?<=[a-z])\. ", cause)[0][:200]  # its first sentence (gloo adds advice and an emoji)
+    cause = re.split(r"\.\s+(?=[A-Z])", cause)[0][:200]  # its first sentence (gloo adds advice and an emoji)
     here = f"rank {rank} (node {rank // per_node}, host {os.uname().nodename})"
     present = roll_call(rank, world)
     if present is None:
