@@ -175,12 +175,12 @@ def test_hundred_classes_train_cache_dense_and_topk_distill(hundred, tmp_path):
                                   **{**common, "augment": AugmentSpec(padding=2)}))
 
 
-def test_hundred_classes_lab_end_to_end(hundred, tmp_path):
+def test_hundred_classes_lab_end_to_end(hundred, tmp_path):  # small teachers: the pairs' plumbing is what is tested
     report = lab.run(LabConfig(preset="smoke", dataset="cifar100", data=hundred["data"], cache_dir=hundred["cache_dir"],
                                out_dir=str(tmp_path / "m"), report=str(tmp_path / "report.json"), train_per_class=0,
                                test_per_class=0, cnn_teacher_epochs=1, cnn_student_epochs=1, vit_teacher_epochs=1,
                                vit_student_epochs=1, cnn_batch_size=100, vit_batch_size=100, eval_batch_size=100,
-                               precision="fp32", progress=False))
+                               precision="fp32", progress=False, cnn_teacher="resnet8", vit_teacher="timm:test_vit"))
     for pair in ("cnn", "vit"):
         assert report[pair]["details"]["teacher"]["train_size"] == 300
         for name in ("teacher", "student_no_kd", "student_with_kd"):
