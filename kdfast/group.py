@@ -69,7 +69,8 @@ def group_config(name: str, members: list[DistillConfig]) -> GroupConfig:
                                                       "checkpoint_every": first.checkpoint_every,
                                                       "log_with": first.log_with, "data_tier": first.data_tier,
                                                       "data_budget_gb": first.data_budget_gb,
-                                                      "data_workers": first.data_workers}
+                                                      "data_workers": first.data_workers,
+                                                      "dist_timeout": first.dist_timeout}
     return GroupConfig(name=name, teacher_cache=first.teacher_cache, cache_slots=first.cache_slots,
                        members=tuple(json.dumps(comparable_config(m.to_dict()), sort_keys=True) for m in members), **shared)
 
