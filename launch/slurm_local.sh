@@ -37,7 +37,7 @@ SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$port
 AuthType=auth/munge
-AuthInfo=socket=$dir/munge/munge.socket
+AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -83,6 +83,13 @@ case $action in
     sinfo >&2 || true
     exit 1 ;;
   down)
+    if [ -e "$conf" ]; then  # end the jobs first: their step daemons outlive slurmd and would haunt the next cluster
+      SLURM_CONF=$conf scancel --full --quiet --partition debug 2>/dev/null || true
+      for _ in $(seq 40); do
+        [ -z "$(SLURM_CONF=$conf squeue -h 2>/dev/null)" ] && break
+        sleep 0.5
+      done
+    fi
     stop_daemons
     rm -rf "$dir" ;;
   *)

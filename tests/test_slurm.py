@@ -38,11 +38,19 @@ def job_field(env, job: str, name: str) -> str:
     return found.group(1) if found else ""
 
 
-def wait_until(test, what: str, seconds: float = 180):
+def wait_until(test, what: str, seconds: float = 180, env=None, job: str = ""):
     t0 = time.time()
     while not test():
-        assert time.time() - t0 < seconds, f"timed out waiting for {what}"
+        assert time.time() - t0 < seconds, f"timed out waiting for {what}" + (_slurm_says(env, job) if env else "")
         time.sleep(0.2)
+
+
+def _slurm_says(env, job: str) -> str:
+    """The job as Slurm shows it, and the end of the controller's log (where it says why a job waits)."""
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env).stdout
+    log = os.path.join(os.path.dirname(env["SLURM_CONF"]), "slurmctld.log")
+    tail = open(log).read()[-3000:] if os.path.exists(log) else ""
+    return f"\n{shown}\n{tail}"
 
 
 def saved_progress(out) -> tuple:
@@ -53,19 +61,12 @@ def saved_progress(out) -> tuple:
         return None
 
 
-def start_now(env, job: str) -> None:
-    """A requeued job waits two minutes before it may start again (Slurm's own delay): skip the wait (asked again
-    until it runs: the delay is set once the old run has completed)."""
-    wait_until(lambda: job_field(env, job, "Restarts") and job_field(env, job, "JobState") == "PENDING",
-               "the requeued job to be pending")
-
-    def started() -> bool:
-        if job_field(env, job, "JobState") == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
-            time.sleep(1.0)
-        return job_field(env, job, "JobState") != "PENDING"
-
-    wait_until(started, "the requeued job to start again")
+def requeued(env, job: str, restarts: int) -> None:
+    """Wait for the job to be requeued and run again: a requeued job may start once its old credentials expired
+    (AuthInfo cred_expire: 120 s by default, 10 s on the local cluster; forcing an earlier start fails it)."""
+    wait_until(lambda: job_field(env, job, "Restarts") == str(restarts), f"restart {restarts}", env=env, job=job)
+    wait_until(lambda: job_field(env, job, "JobState") in ("RUNNING", "COMPLETED", "FAILED", "CANCELLED"),
+               f"restart {restarts} to run", env=env, job=job)
 
 
 def test_a_two_node_job_preempted_twice_is_requeued_and_resumes_by_itself(slurm, tmp_path):
@@ -85,12 +86,12 @@ def test_a_two_node_job_preempted_twice_is_requeued_and_resumes_by_itself(slurm,
     try:
         wait_until(lambda: saved_progress(out) is not None, "a first saved state")
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-        start_now(env, job)
+        requeued(env, job, 1)
         first = saved_progress(out)
         wait_until(lambda: job_field(env, job, "JobState") == "RUNNING" and (saved_progress(out) or (0,)) > first
-                   and saved_progress(out)[0] >= first[0] + 2, "the requeued job to save a later state")
+                   and saved_progress(out)[0] >= first[0] + 2, "the requeued job to save a later state", env=env, job=job)
         subprocess.run(["scontrol", "requeue", job], env=env, check=True)
-        start_now(env, job)
+        requeued(env, job, 2)
         wait_until(lambda: job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job's end", 300)
     finally:
         subprocess.run(["scancel", job], env=env)
