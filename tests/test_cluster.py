@@ -306,3 +306,23 @@ def test_two_nodes_train_cache_distill_and_a_lab_as_two_processes_on_one_node_do
     ra, rb = (json.load(open(d / "report.json"))["cnn"] for d in (a, b))
     keys = ("teacher_accuracy", "student_accuracy_without_kd", "student_accuracy_with_kd")
     assert [ra[k] for k in keys] == [rb[k] for k in keys]
+
+
+def test_sigusr1_the_time_limit_warning_saves_the_state_as_sigterm_does(tiny, tmp_path, monkeypatch):
+    from kdfast import engine
+    from kdfast.errors import Interrupted
+
+    cfg = TrainConfig(model="timm:test_vit", data=tiny, cache_dir=os.path.join(os.path.dirname(tiny), "cache"),
+                      out_dir=str(tmp_path), name="run", epochs=1, batch_size=6, eval_batch_size=30, precision="fp32",
+                      progress=False)
+    original = engine.train_step
+
+    def warned_at_2(tr, micro, global_step):
+        if global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(tr, micro, global_step)
+
+    monkeypatch.setattr(engine, "train_step", warned_at_2)
+    with pytest.raises(Interrupted, match="SIGUSR1: stopped after step 3 of epoch 1") as stopped:
+        train.run(cfg)
+    assert stopped.value.signum == signal.SIGUSR1 and (tmp_path / ".state" / "run" / "state.json").exists()
