@@ -127,7 +127,7 @@ class BuildConfig:
     overwrite: bool = False
     """Replace an existing cache (or partial build) made with other settings."""
     dist_timeout: float = DIST_TIMEOUT_S
-    """Several processes: seconds one waits for the others in a collective before the job stops (kdfast train --help)."""
+    """Several processes: seconds one waits for the others in a collective (see kdfast train --help)."""
     progress: bool = True
     """Show progress bars (main process only)."""
 

@@ -554,7 +554,7 @@ class LabConfig:
     checkpoint_every: int = 0
     """Also save each run's resumable state every N optimizer steps (0: after every epoch only)."""
     dist_timeout: float = DIST_TIMEOUT_S
-    """Several processes: seconds one waits for the others in a collective before the job stops (kdfast train --help)."""
+    """Several processes: seconds one waits for the others in a collective (see kdfast train --help)."""
     methods: tuple[str, ...] = ()
     """Extra KD students, one per method (dkd, fitnets, ...), reported under each pair's details."""
     logit_std: bool = False
@@ -670,7 +670,7 @@ class SweepConfig:
     checkpoint_every: int = 0
     """Also save each run's resumable state every N optimizer steps (0: after every epoch only)."""
     dist_timeout: float = DIST_TIMEOUT_S
-    """Several processes: seconds one waits for the others in a collective before the job stops (kdfast train --help)."""
+    """Several processes: seconds one waits for the others in a collective (see kdfast train --help)."""
     progress: bool = True
     """Show progress bars (main process only)."""
     log_with: Tracker = "none"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from functools import partial
 
 import torch
 import tyro
@@ -17,7 +18,8 @@ import tyro
 from .cache import CachedTeacher, LogitCache, served_data
 from .checkpoint import load_teacher, weights_sha256
 from .config import DistillConfig, TrainConfig
-from .engine import Runtime, accuracy_and_loss, fit, logging_dir, make_runtime, open_run, process_state
+from .engine import (Runtime, accuracy_and_loss, fit, logging_dir, make_runtime, open_run, process_state,
+                     say)
 from .errors import KdfastError, user_errors_exit
 from .hints import HintedStudent, FeatureHook, feature_shape, hint_layers, make_regressor
 from .methods import method_entry
@@ -162,7 +164,7 @@ def with_cache_data(cfg: DistillConfig, say=print) -> DistillConfig:
 
 
 def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
-    cfg = with_cache_data(cfg, process_state(cfg.dist_timeout).print)
+    cfg = with_cache_data(cfg, partial(say, process_state(cfg.dist_timeout)))
     cfg.validate()  # refuse bad α, τ and every other number before any work
     method = method_entry(cfg.method)
     runtime = runtime or make_runtime(cfg.precision, find_unused_parameters=method.needs == "features",

@@ -310,9 +310,10 @@ def open_run(cfg: TrainConfig, runtime: Runtime):
 
 def check_sync_bn(cfg: TrainConfig, runtime: Runtime) -> None:
     """--sync-bn needs NCCL: torch's SyncBatchNorm has no CPU (gloo) kernel."""
-    if getattr(cfg, "sync_bn", False) and runtime.device.type != "cuda":
+    if cfg.sync_bn and runtime.device.type != "cuda":
         raise ValueError(f"--sync-bn: SyncBatchNorm needs GPUs with NCCL; torch has none on {runtime.device.type} "
-                         "(gloo). Leave --sync-bn out here: each process then normalizes with its own batch's statistics.")
+                         "(gloo). Leave --sync-bn out here: each process then normalizes with its own batch's "
+                         "statistics.")
 
 
 @dataclass
@@ -576,7 +577,8 @@ def lost_processes(tr: Training):
     except RuntimeError as e:
         if isinstance(e, (KdfastError, cluster.JobLost)) or not cluster.is_collective_failure(e):
             raise
-        raise cluster.lost_job(e, saved_state_line(tr.run_dir), lost_advice(tr.cfg)) from None
+        raise cluster.lost_job(e, saved_state_line(tr.run_dir),
+                               resume_advice(tr.cfg) + " Any number of processes can continue it.") from None
 
 
 def saved_state_line(run_dir: RunDir) -> str:
@@ -588,13 +590,6 @@ def saved_state_line(run_dir: RunDir) -> str:
     if saved is None:
         return f"No whole state of {run_dir.name!r} is in {run_dir.state_dir} as this node sees it."
     return f"The last whole state of {run_dir.name!r} is {saved['dir']} ({describe_progress(saved['progress'])})."
-
-
-def lost_advice(cfg: TrainConfig) -> str:
-    auto = (" (--auto-resume: a restart by torchrun --max-restarts or a Slurm requeue does it by itself)"
-            if cfg.auto_resume else " (or with --auto-resume, under torchrun --max-restarts or a Slurm requeue)")
-    return ("Continue it with the same command" + ("" if cfg.resume else " and --resume")
-            + ", on any number of processes" + auto + ".")
 
 
 def resume_advice(cfg: TrainConfig) -> str:

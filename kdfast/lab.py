@@ -10,8 +10,8 @@ import os
 import sys
 import time
 from dataclasses import fields
-from functools import partial
 from datetime import datetime, timezone
+from functools import partial
 
 import tyro
 
@@ -43,7 +43,8 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                       train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
                       batch_size=getattr(cfg, f"{pair}_batch_size"), eval_every=cfg.eval_every,
                       eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, compile=cfg.compile,
-                      seed=cfg.seed, resume=not cfg.fresh, fresh=cfg.fresh, checkpoint_every=cfg.checkpoint_every, dist_timeout=cfg.dist_timeout,
+                      seed=cfg.seed, resume=not cfg.fresh, fresh=cfg.fresh, checkpoint_every=cfg.checkpoint_every,
+                      dist_timeout=cfg.dist_timeout,
                       progress=cfg.progress, augment=cfg.augment, aug_recipe=getattr(cfg, f"{pair}_aug_recipe"),
                       ema=cfg.ema, tta=cfg.tta, val_per_class=cfg.val_per_class, val_seed=cfg.val_seed,
                       grad_accum=cfg.grad_accum, **data_flags(cfg))
@@ -158,7 +159,6 @@ def run(cfg: LabConfig) -> dict:
         if method == "kd":
             raise ValueError("--methods: kd is the lab's KD student already (student_with_kd); list other methods")
     state = process_state(cfg.dist_timeout)
-    say_main = partial(print_on_main, state)
     held = []  # the lock, on the main process only
 
     def claim():
@@ -166,7 +166,7 @@ def run(cfg: LabConfig) -> dict:
         for pair in cfg.pairs:
             held.append(FileLock(f"{cfg.report}.{pair}.lock", f"the {pair} pair of the lab report {cfg.report}",
                                  "choose another --report and --out-dir")
-                        .acquire(say_main))
+                        .acquire(partial(print_on_main, state)))
 
     on_main(state, claim)
     try:

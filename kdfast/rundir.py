@@ -30,8 +30,8 @@ NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit,
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # config fields that do not change what a run computes: a resume may differ in these (--out-dir and --cache-dir are
 # where files are, the same folder however it is spelled)
-NOT_COMPARED = ("resume", "auto_resume", "fresh", "progress", "dist_timeout", "checkpoint_every", "log_every", "log_with", "data_tier", "data_budget_gb",
-                "data_workers", "out_dir", "cache_dir")
+NOT_COMPARED = ("resume", "auto_resume", "fresh", "progress", "dist_timeout", "checkpoint_every", "log_every", "log_with",
+                "data_tier", "data_budget_gb", "data_workers", "out_dir", "cache_dir")
 # fields added since a state or checkpoint may have been written, with the value that older runs had
 ADDED_FIELDS = {"dataset": "cifar10", "store_size": 0, "aug_recipe": "none", "ema": 0.0, "tta": "none",
                 "grad_accum": 1, "val_per_class": 0, "val_seed": 0, "teacher_weights": None, "teacher_pretrained": False,

@@ -208,7 +208,6 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
         raise ValueError(f"--method {cfg.method}: a sweep reads teacher logits from the cache; choose a logit method "
                          "(kd, dkd)")
     state = process_state(cfg.dist_timeout)
-    say_main = partial(print_on_main, state)
     cache = LogitCache(cfg.teacher_cache or PAIR_DEFAULTS[cfg.pair][1])
     attrs, (test_logits, test_labels) = cache.attrs, cache.test_logits()
     cache.close()
@@ -220,7 +219,7 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
 
     def claim():
         ensure_dir(cfg.out_dir, "--out-dir")
-        held.append(FileLock(os.path.join(cfg.out_dir, "sweep.lock"), f"the sweep in {cfg.out_dir}", "choose another --out-dir").acquire(say_main))
+        held.append(FileLock(os.path.join(cfg.out_dir, "sweep.lock"), f"the sweep in {cfg.out_dir}", "choose another --out-dir").acquire(partial(print_on_main, state)))
 
     on_main(state, claim)
     try:
@@ -250,8 +249,8 @@ def adopt(cfg: SweepConfig, runs: list, donors: tuple, state) -> set[str]:
                 continue
             for donor in donors:
                 if adopt_finished_run(donor, run_cfg, partial(print_on_main, state)) is not None:
-                    print_on_main(state, f"[sweep] {run_cfg.run_name}: the same run as the finished {donor.run_name} in "
-                                f"{donor.out_dir}; copied, not trained again")
+                    print_on_main(state, f"[sweep] {run_cfg.run_name}: the same run as the finished "
+                                         f"{donor.run_name} in {donor.out_dir}; copied, not trained again")
                     adopted.add(run_cfg.run_name)
                     break
         return adopted
@@ -274,7 +273,7 @@ def train_together(cfg: SweepConfig, runs: list, state, adopted: set[str]) -> No
                     + (f"-{start // size}" if size < len(todo) else ""))
             chunk = adopted_pass(members, chunk, name)
             print_on_main(state, f"[sweep] {name}: {len(chunk)} student{'s' * (len(chunk) > 1)} in one pass: "
-                        + ", ".join(m.run_name for m in chunk))
+                          + ", ".join(m.run_name for m in chunk))
             group.run(chunk, name)
 
 
@@ -307,7 +306,8 @@ def _run_locked(cfg: SweepConfig, state, attrs: dict, teacher_accuracy: float, d
             print_on_main(state, f"[sweep] warning: {summary['warnings'][0]}")
         if state.is_main_process:
             write_results(cfg, rows, summary)
-    print_on_main(state, "\n" + markdown(cfg, summary) + f"\nwrote {os.path.join(cfg.out_dir, 'sweep.md')} (.json, .csv)")
+    print_on_main(state, "\n" + markdown(cfg, summary)
+                  + f"\nwrote {os.path.join(cfg.out_dir, 'sweep.md')} (.json, .csv)")
     return {"runs": rows, "summary": summary}
 
 
