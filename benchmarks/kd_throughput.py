@@ -69,7 +69,7 @@ def bench_pair(teacher_name, student_name, data, args, runtime, workdir) -> dict
 
     cfg = DistillConfig(model=student_name, teacher=ckpt, teacher_cache=cache_path, data=args.data, epochs=1,
                         cache_dir=args.cache_dir, train_per_class=args.train_per_class,
-                        test_per_class=args.test_per_class, precision=args.precision)
+                        test_per_class=args.test_per_class, precision=args.precision).resolved()
     online, _, _ = online_teacher(cfg, data, runtime)
     cached, aug_seed_for_epoch, _ = cached_teacher(cfg, data, runtime)
     loader = TrainLoader(data.train, args.batch_size, 0, AugmentSpec(), device, channels_last=channels_last)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from functools import partial
 
 import torch
@@ -17,9 +16,9 @@ import tyro
 
 from .cache import CachedTeacher, LogitCache, served_data
 from .checkpoint import load_teacher, weights_sha256
-from .config import DistillConfig, TrainConfig
-from .engine import (Runtime, accuracy_and_loss, fit, logging_dir, make_runtime, open_run, process_state,
-                     say)
+from .config import DataConfig, DistillConfig, names
+from .engine import (Runtime, RunReporter, accuracy_and_loss, fit, make_trainer, open_run, process_state,
+                     run_runtime, say)
 from .errors import KdfastError, user_errors_exit
 from .hints import HintedStudent, FeatureHook, feature_shape, hint_layers, make_regressor
 from .methods import method_entry
@@ -84,7 +83,8 @@ def logit_method_run(cfg: DistillConfig, runtime: Runtime, run_dir, loss_fn) -> 
         loss = loss_fn(logits, target, batch.targets, batch.epoch)
         return loss, (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits  # deit: heads averaged
 
-    return fit(model, loss_step, data, cfg, runtime, run_dir, {"kd": {**kd, **method_meta(cfg)}}, aug_seed_for_epoch)
+    trainer = make_trainer(model, loss_step, data, cfg, runtime, run_dir)
+    return fit(trainer, data, RunReporter({"kd": {**kd, **method_meta(cfg)}}), aug_seed_for_epoch)
 
 
 def distillation_token(model, name: str) -> None:
@@ -123,8 +123,8 @@ def feature_method_run(cfg: DistillConfig, runtime: Runtime, run_dir, loss_fn) -
     kd = {"mode": "online", "teacher": cfg.teacher, "teacher_model": meta["model"],
           "teacher_accuracy": meta.get("test_accuracy"), "hint": f"{layers[0]}:{layers[1]}"}
     try:
-        return fit(hinted, loss_step, data, cfg, runtime, run_dir, {"kd": {**kd, **method_meta(cfg)}},
-                   export=lambda m: m.student)
+        trainer = make_trainer(hinted, loss_step, data, cfg, runtime, run_dir, export=lambda m: m.student)
+        return fit(trainer, data, RunReporter({"kd": {**kd, **method_meta(cfg)}}))
     finally:
         teacher_hook.remove()
         hinted.remove_hooks()
@@ -142,34 +142,28 @@ def method_meta(cfg: DistillConfig) -> dict:
     return meta
 
 
-def with_cache_data(cfg: DistillConfig, say=print) -> DistillConfig:
-    """The data flags left at their defaults, taken from --teacher-cache (cache.served_data, as kdfast sweep takes
-    them), said in the log: a cache serves only the data, subset and views it was built on."""
+def resolved(cfg: DistillConfig, say=print) -> DistillConfig:
+    """The run's config with what was not given taken from --teacher-cache (the data, subset, split and views it was
+    built on: a cache serves only those), said in the log, then the defaults."""
     if not cfg.teacher_cache:
-        return cfg
+        return cfg.resolved()
     cache = LogitCache(cfg.teacher_cache)
     served = served_data(cache.attrs)
     cache.close()
-    defaults = TrainConfig(dataset=cfg.dataset)
-    if cfg.aug_recipe != "none":  # a recipe's views are the run's own choice
-        served.pop("augment")
-    taken = {k: v for k, v in served.items() if getattr(cfg, k) == getattr(defaults, k) and v != getattr(cfg, k)
-             and v is not None}
-    if not taken:
-        return cfg
-    shown = [f"--{k.replace('_', '-')} {v}" for k, v in taken.items() if k != "augment"]
-    say(f"[{cfg.run_name}] as {cfg.teacher_cache} was built: " + " ".join(shown + (
-        [taken["augment"].describe()] if "augment" in taken else [])))
-    return replace(cfg, **taken)
+    plain, run_cfg = cfg.resolved(), cfg.resolved(served)
+    taken = [k for k in names(DataConfig) + ("augment",) if getattr(run_cfg, k) != getattr(plain, k)]
+    if taken:
+        shown = [f"--{k.replace('_', '-')} {getattr(run_cfg, k)}" for k in taken if k != "augment"]
+        say(f"[{cfg.run_name}] as {cfg.teacher_cache} was built: " + " ".join(
+            shown + ([run_cfg.augment.describe()] if "augment" in taken else [])))
+    return run_cfg
 
 
 def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
-    cfg = with_cache_data(cfg, partial(say, process_state(cfg.dist_timeout)))
     cfg.validate()  # refuse bad α, τ and every other number before any work
+    cfg = resolved(cfg, partial(say, process_state(cfg.dist_timeout)))
     method = method_entry(cfg.method)
-    runtime = runtime or make_runtime(cfg.precision, find_unused_parameters=method.needs == "features",
-                                      log_with=cfg.log_with, logging_dir=logging_dir(cfg), accumulate=cfg.grad_accum,
-                                      dist_timeout=cfg.dist_timeout)
+    runtime = runtime or run_runtime(cfg, find_unused_parameters=method.needs == "features")
     with open_run(cfg, runtime) as run_dir:
         if run_dir.kept:
             return run_dir.kept

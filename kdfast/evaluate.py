@@ -16,30 +16,39 @@ from .engine import evaluate_model, load_data, make_runtime
 from .errors import user_errors_exit
 
 
+def recorded_run(meta: dict) -> dict:
+    """What the checkpoint's run recorded that an evaluation takes when not given: its data source, dataset, test
+    subset, stored size, precision and TTA."""
+    config = meta.get("config", {})
+    spec = AugmentSpec.from_dict(config.get("augment", {}))
+    return {"data": meta.get("data", {}).get("source"), "dataset": config.get("dataset", "cifar10"),
+            "test_per_class": config.get("test_per_class", 0),
+            "store_size": resolved_store_size(spec, config.get("store_size", 0)),
+            "precision": meta.get("precision", "auto"), "tta": config.get("tta", "none")}
+
+
 def run(cfg: EvaluateConfig) -> dict:
     cfg.validate()
     meta = read_meta(cfg.checkpoint)
-    recorded = meta.get("config", {})
-    runtime = make_runtime(cfg.precision or meta.get("precision", "auto"))
+    recorded = recorded_run(meta)
+    cfg = cfg.resolved(recorded)
+    runtime = make_runtime(cfg.precision, dist_timeout=cfg.dist_timeout)
     model, meta = load_checkpoint(cfg.checkpoint, runtime.device)
-    test_per_class = recorded.get("test_per_class", 0) if cfg.test_per_class is None else cfg.test_per_class
-    source = cfg.data or meta.get("data", {}).get("source")
-    spec = AugmentSpec.from_dict(recorded.get("augment", {}))
-    store_size = cfg.store_size or resolved_store_size(spec, recorded.get("store_size", 0))
-    data = load_data(cfg, runtime, source, 0, test_per_class, recorded.get("dataset", "cifar10"), store_size)
+    data = load_data(cfg, runtime)
     if data.classes != meta["classes"]:
-        raise ValueError(f"{cfg.checkpoint}: trained on classes {meta['classes']}, but {data.source} has {data.classes}")
+        raise ValueError(f"{cfg.checkpoint}: trained on classes {meta['classes']}, but {data.source} has "
+                         f"{data.classes}")
     channels_last = meta.get("family") == "cnn"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     batch_size = cfg.batch_size or meta.get("eval_batch_size", 500)
-    tta = cfg.tta or recorded.get("tta", "none")
-    result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last, cfg.data_workers, tta)
-    result.update(checkpoint=cfg.checkpoint, model=meta["model"], precision=runtime.precision, tta=tta,
+    spec = AugmentSpec.from_dict(meta.get("config", {}).get("augment", {}))
+    result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last, cfg.data_workers, cfg.tta)
+    result.update(checkpoint=cfg.checkpoint, model=meta["model"], precision=runtime.precision, tta=cfg.tta,
                   recorded_accuracy=meta.get("test_accuracy"))
     runtime.print(f"{cfg.checkpoint}: {meta['model']} test accuracy {result['accuracy']:.4f} on {result['samples']} "
-                  f"samples ({runtime.precision}{', TTA ' + tta if tta != 'none' else ''}); "
-                  + comparison(result, meta, test_per_class != recorded.get("test_per_class", 0)))
+                  f"samples ({runtime.precision}{', TTA ' + cfg.tta if cfg.tta != 'none' else ''}); "
+                  + comparison(result, meta, cfg.test_per_class != recorded["test_per_class"]))
     return result
 
 

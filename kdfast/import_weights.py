@@ -8,46 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from typing import Annotated, Optional
 
 import tyro
 
 from .checkpoint import checkpoint_paths, library_teacher, save_checkpoint
-from .config import DatasetName
+from .config import ImportConfig
 from .data import load_dataset, list_source, resolve_source, source_kind
 from .errors import KdfastError, user_errors_exit
 from .models import count_parameters
 from .rundir import check_name
-from .flags import explained
-
-
-@explained
-@dataclass
-class ImportConfig:
-    """Turn a plain state dict (or a library's pretrained weights) into a kdfast checkpoint with its .json."""
-
-    weights: Annotated[Optional[str], tyro.conf.Positional] = None
-    """The weights: a plain state dict in a .pth (torch.save; nested under "state_dict" / "model" and DDP's "module."
-    prefix are unwrapped) or a .safetensors file. Default: none (then --teacher-pretrained)."""
-    model: str = ""
-    """The model the weights belong to: a registered name, timm:NAME or torchvision:NAME (`kdfast models`)."""
-    teacher_pretrained: bool = False
-    """Take the library's pretrained weights of --model instead of a file (downloaded once)."""
-    classes: tuple[str, ...] = ()
-    """The class names, in the order of the model's outputs. Default: the classes of --data (sorted folder names)."""
-    data: Optional[str] = None
-    """The data the model was trained on, for its class names (default: $KDFAST_DATA, else ./data)."""
-    dataset: DatasetName = "cifar10"
-    """Which torchvision dataset a torchvision folder holds."""
-    cache_dir: str = "cache"
-    """Where a torchvision dataset's decoded copy is kept (read for its class names)."""
-    name: Optional[str] = None
-    """Checkpoint name in --out-dir (default: the weights file's name, else the model's)."""
-    out_dir: str = "models_saved"
-    """Where the checkpoint's three files are written."""
-    overwrite: bool = False
-    """Replace a checkpoint of the same name."""
 
 
 def class_names(cfg: ImportConfig) -> list[str]:
@@ -59,13 +28,15 @@ def class_names(cfg: ImportConfig) -> list[str]:
                          "its class names), or --classes NAME ...")
     kind = source_kind(source)
     if kind == "torchvision":
-        return load_dataset(source, cfg.cache_dir, dataset=cfg.dataset, log=lambda *a: None).classes
+        return load_dataset(source, cfg.cache_dir, cfg.download, dataset=cfg.dataset, log=lambda *a: None).classes
     return list_source(source, kind).classes
 
 
 def run(cfg: ImportConfig) -> dict:
     if not cfg.model:
         raise ValueError("--model is needed: the model the weights belong to (e.g. timm:resnet50; `kdfast models`)")
+    cfg.validate()
+    cfg = cfg.resolved()
     if bool(cfg.weights) == cfg.teacher_pretrained:
         raise ValueError("give either the weights file or --teacher-pretrained (not both, not neither)")
     if cfg.weights and not os.path.isfile(cfg.weights):

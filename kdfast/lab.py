@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -16,11 +17,14 @@ from functools import partial
 import tyro
 
 from . import cache, distill, labreport, schemas, sweep, train
+from .augment import AugmentSpec
 from .cache import BuildConfig
 from .checkpoint import checkpoint_paths
-from .config import LAB_PRESETS, DistillConfig, LabConfig, SweepConfig, TrainConfig
+from .config import (LAB_PRESETS, DataConfig, DistillConfig, EvalConfig, KDConfig, LabConfig, OutputConfig, RunConfig,
+                     RuntimeConfig, SweepConfig, TrainConfig, TrainingConfig, ViewConfig, sections)
 from .engine import on_main, process_state, say as print_on_main
 from .errors import KdfastError, user_errors_exit
+from .flags import hidden
 from .files import FileLock, LockedError, check_file_target, read_json, write_json
 from .machine import describe
 from .methods import method_entry
@@ -28,56 +32,36 @@ from .report import format_table, lab_report
 from .rundir import RunDir, finished_run
 
 
-def data_flags(cfg: LabConfig) -> dict:
-    return dict(store_size=cfg.store_size, data_tier=cfg.data_tier, data_budget_gb=cfg.data_budget_gb,
-                data_workers=cfg.data_workers)
-
-
 def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
-    """(name, module, config) for each step of the lab: teacher, student without KD, cache build, student with KD."""
-    runs = []
+    """(name, module, config) for each step of the lab: teacher, student without KD, cache build, student with KD.
+    Every run gets the lab's sections whole; the pair's fields set its models, epochs, batch size and recipe."""
+    cfg, runs = cfg.resolved(), []
     for pair in cfg.pairs:
         teacher, student = getattr(cfg, f"{pair}_teacher"), getattr(cfg, f"{pair}_student")
-        common = dict(dataset=cfg.dataset, data=cfg.data, download=cfg.download, log_with=cfg.log_with,
-                      cache_dir=cfg.cache_dir, out_dir=cfg.out_dir,
-                      train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
-                      batch_size=getattr(cfg, f"{pair}_batch_size"), eval_every=cfg.eval_every,
-                      eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, compile=cfg.compile,
-                      seed=cfg.seed, resume=not cfg.fresh, fresh=cfg.fresh, checkpoint_every=cfg.checkpoint_every,
-                      dist_timeout=cfg.dist_timeout,
-                      progress=cfg.progress, augment=cfg.augment, aug_recipe=getattr(cfg, f"{pair}_aug_recipe"),
-                      ema=cfg.ema, tta=cfg.tta, val_per_class=cfg.val_per_class, val_seed=cfg.val_seed,
-                      grad_accum=cfg.grad_accum, **data_flags(cfg))
-        student_epochs = getattr(cfg, f"{pair}_student_epochs")
+        views = {**sections(cfg, DataConfig, ViewConfig, RuntimeConfig), "aug_recipe": cfg.pair_recipe(pair)}
+        common = {**views, **sections(cfg, EvalConfig, TrainingConfig, RunConfig, OutputConfig),
+                  "batch_size": getattr(cfg, f"{pair}_batch_size"), "resume": not cfg.fresh}
+        kd = {**common, **sections(cfg, KDConfig), "model": student, "epochs": getattr(cfg, f"{pair}_student_epochs")}
         teacher_path = checkpoint_paths(cfg.out_dir, f"{pair}_teacher")["pth"]
         teacher_cache = None if cfg.online else os.path.join(cfg.cache_dir, f"{pair}_teacher.h5")
         runs += [
-            (f"{pair}_teacher", train,
-             TrainConfig(model=teacher, name=f"{pair}_teacher", epochs=getattr(cfg, f"{pair}_teacher_epochs"),
-                         pretrained=getattr(cfg, f"{pair}_teacher_pretrained"), lr=getattr(cfg, f"{pair}_teacher_lr"),
-                         **common)),
-            (f"{pair}_student_no_kd", train,
-             TrainConfig(model=student, name=f"{pair}_student_no_kd", epochs=student_epochs, **common)),
+            (f"{pair}_teacher", train, TrainConfig(**{
+                **common, "model": teacher, "name": f"{pair}_teacher", "epochs": getattr(cfg, f"{pair}_teacher_epochs"),
+                "pretrained": getattr(cfg, f"{pair}_teacher_pretrained"), "lr": getattr(cfg, f"{pair}_teacher_lr")})),
+            (f"{pair}_student_no_kd", train, TrainConfig(**{
+                **common, "model": student, "name": f"{pair}_student_no_kd", "epochs": kd["epochs"]})),
         ]
         if teacher_cache:  # one slot per student epoch: the cached student sees exactly what an online one would
-            runs.append((f"{pair}_teacher_cache", cache, BuildConfig(
-                teacher=teacher_path, out=teacher_cache, slots=student_epochs, seed=cfg.seed, data=cfg.data,
-                dataset=cfg.dataset,
-                cache_dir=cfg.cache_dir, train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
-                val_per_class=cfg.val_per_class, val_seed=cfg.val_seed, batch_size=max(cfg.eval_batch_size, 500), precision=cfg.precision, overwrite=True,
-                dist_timeout=cfg.dist_timeout,
-                progress=cfg.progress, augment=cfg.augment, aug_recipe=getattr(cfg, f"{pair}_aug_recipe"),
-                **data_flags(cfg))))
-        runs.append((f"{pair}_student_with_kd", distill,
-                     DistillConfig(model=student, name=f"{pair}_student_with_kd", epochs=student_epochs,
-                                   teacher=teacher_path, teacher_cache=teacher_cache, alpha=cfg.alpha, tau=cfg.tau,
-                                   logit_std=cfg.logit_std, **common)))
+            runs.append((f"{pair}_teacher_cache", cache, BuildConfig(**{
+                **views, "teacher": teacher_path, "out": teacher_cache, "slots": kd["epochs"],
+                "batch_size": max(cfg.eval_batch_size, 500), "overwrite": True})))
+        runs.append((f"{pair}_student_with_kd", distill, DistillConfig(**{
+            **kd, "name": f"{pair}_student_with_kd", "teacher": teacher_path, "teacher_cache": teacher_cache})))
         for method in cfg.methods:  # extra students, one per method, from the same teacher (and cache)
             needs_features = method_entry(method).needs == "features"
-            runs.append((f"{pair}_student_{method}", distill, DistillConfig(
-                model=student, name=f"{pair}_student_{method}", epochs=student_epochs, method=method,
-                teacher=teacher_path, teacher_cache=None if needs_features else teacher_cache, alpha=cfg.alpha,
-                tau=cfg.tau, logit_std=cfg.logit_std, **common)))
+            runs.append((f"{pair}_student_{method}", distill, DistillConfig(**{
+                **kd, "name": f"{pair}_student_{method}", "method": method, "teacher": teacher_path,
+                "teacher_cache": None if needs_features else teacher_cache})))
     return runs
 
 
@@ -88,13 +72,13 @@ def run_sweep(cfg: LabConfig, pair: str) -> str:
     donors = tuple(run_cfg for name, _, run_cfg in plan(cfg)
                    if name.startswith(f"{pair}_student") and isinstance(run_cfg, TrainConfig))
     out = os.path.join(cfg.out_dir, f"sweep_{pair}")
-    sweep.run(SweepConfig(
-        pair=pair, model=getattr(cfg, f"{pair}_student"), teacher_cache=os.path.join(cfg.cache_dir, f"{pair}_teacher.h5"),
-        alphas=cfg.sweep_alphas, taus=cfg.sweep_taus, seeds=cfg.sweep_seeds, epochs=getattr(cfg, f"{pair}_student_epochs"),
-        batch_size=getattr(cfg, f"{pair}_batch_size"), eval_batch_size=cfg.eval_batch_size, eval_every=cfg.eval_every,
-        cache_dir=cfg.cache_dir, precision=cfg.precision, out_dir=out, fresh=cfg.fresh,
-        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, log_with=cfg.log_with,
-        **{k: v for k, v in data_flags(cfg).items() if k != "store_size"}), donors)
+    shared = sections(cfg, DataConfig, EvalConfig, TrainingConfig, RuntimeConfig, RunConfig, KDConfig)
+    sweep.run(SweepConfig(**{
+        **{k: v for k, v in shared.items() if k not in hidden(SweepConfig)}, "pair": pair,
+        "model": getattr(cfg, f"{pair}_student"), "teacher_cache": os.path.join(cfg.cache_dir, f"{pair}_teacher.h5"),
+        "alphas": cfg.sweep_alphas, "taus": cfg.sweep_taus, "seeds": cfg.sweep_seeds,
+        "epochs": getattr(cfg, f"{pair}_student_epochs"), "batch_size": getattr(cfg, f"{pair}_batch_size"),
+        "out_dir": out}), donors)
     return out
 
 
@@ -138,12 +122,17 @@ def write_merged(path: str, report: dict) -> dict:
 
 
 def preset_overrides(cfg: LabConfig) -> dict:
-    """The fields that change what the runs do and differ from the preset's values."""
-    preset = LAB_PRESETS[cfg.preset]
-    ignored = {"data", "download", "cache_dir", "out_dir", "report", "pairs", "fresh", "progress", "checkpoint_every",
-               "log_with", "data_tier", "data_budget_gb", "data_workers"}
+    """The fields that change what the runs do and differ from the preset's values (where the data is and which pairs
+    run are not among them)."""
+    cfg, preset = cfg.resolved(), LAB_PRESETS[cfg.preset].resolved()
+    ignored = set(LabConfig.not_compared()) | {"data", "download", "report", "pairs"}
+
+    def value(c, name):
+        v = getattr(c, name)
+        return v.filled() if name == "augment" else v
+
     return {f.name: getattr(cfg, f.name) for f in fields(LabConfig)
-            if f.name not in ignored and getattr(cfg, f.name) != getattr(preset, f.name)}
+            if f.name not in ignored and value(cfg, f.name) != value(preset, f.name)}
 
 
 def run(cfg: LabConfig) -> dict:
@@ -154,6 +143,7 @@ def run(cfg: LabConfig) -> dict:
     locks its own checkpoint name and each cache build its file.
     """
     cfg.validate()
+    cfg = cfg.resolved()
     for method in cfg.methods:
         method_entry(method)
         if method == "kd":
@@ -233,7 +223,9 @@ def parse(argv: list[str]) -> LabConfig:
             preset = arg.split("=", 1)[1]
     if preset not in LAB_PRESETS:
         raise ValueError(f"--preset {preset!r}: not a preset; choose one of {', '.join(LAB_PRESETS)}")
-    return tyro.cli(LabConfig, args=argv, default=LAB_PRESETS[preset], prog="kdfast lab")
+    default = copy.copy(LAB_PRESETS[preset])
+    default.augment = AugmentSpec.not_given(**default.augment.given_values())  # tyro: None for every flag not given
+    return tyro.cli(LabConfig, args=argv, default=default, prog="kdfast lab")
 
 
 @user_errors_exit

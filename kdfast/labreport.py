@@ -10,32 +10,17 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from dataclasses import dataclass
-from typing import Annotated, Optional
 
 import tyro
 
 from . import plots, schemas
+from .config import ReportConfig
 from .errors import KdfastError, user_errors_exit
 from .files import ensure_dir, read_json, write_json, write_text
 from .report import format_table, lab_report
 from .rundir import RunDir
-from .flags import explained
 
 ROLE_LABELS = {"teacher": "teacher", "student_no_kd": "student, no KD", "student_with_kd": "student, KD"}
-
-
-@explained
-@dataclass
-class ReportConfig:
-    """Rebuild report.json and report.md (table of the runs, accuracy curves, sweep) from a lab's saved runs."""
-
-    out_dir: Annotated[str, tyro.conf.Positional] = "models_saved"
-    """The lab's --out-dir: NAME.json and NAME.metrics.jsonl of each run."""
-    report: str = "report.json"
-    """Where report.json is (report.md and the figures go beside it)."""
-    sweep: Optional[str] = None
-    """A sweep's --out-dir whose sweep.md and heatmap are included (a lab's own sweeps, OUT_DIR/sweep_<pair>, always are). Default: none."""
 
 
 def saved_results(out_dir: str) -> dict[str, dict]:
@@ -127,6 +112,7 @@ def write(out_dir: str, report_path: str, report: dict, results: dict, extra: di
 
 
 def run(cfg: ReportConfig) -> str:
+    cfg = cfg.resolved()
     if cfg.sweep and not os.path.exists(os.path.join(cfg.sweep, "sweep.md")):
         raise KdfastError(f"--sweep {cfg.sweep}: no sweep here (no sweep.md). Point at a kdfast sweep's --out-dir.")
     results = saved_results(cfg.out_dir)

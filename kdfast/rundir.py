@@ -28,14 +28,19 @@ __all__ = ["RunDir", "StateError", "adopt_finished_run", "check_name", "comparab
 
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters, no '..'"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-# config fields that do not change what a run computes: a resume may differ in these (--out-dir and --cache-dir are
-# where files are, the same folder however it is spelled)
-NOT_COMPARED = ("resume", "auto_resume", "fresh", "progress", "dist_timeout", "checkpoint_every", "log_every", "log_with",
-                "data_tier", "data_budget_gb", "data_workers", "out_dir", "cache_dir")
-# fields added since a state or checkpoint may have been written, with the value that older runs had
-ADDED_FIELDS = {"dataset": "cifar10", "store_size": 0, "aug_recipe": "none", "ema": 0.0, "tta": "none",
-                "grad_accum": 1, "val_per_class": 0, "val_seed": 0, "teacher_weights": None, "teacher_pretrained": False,
-                "sync_bn": False}
+
+
+def _fields_rules() -> tuple[tuple[str, ...], dict]:
+    """(fields that do not change what a run computes, the value each compared field had before it existed), as the
+    config sections declare them: a setting() is not compared (where files are, how a run is watched; --out-dir and
+    --cache-dir are the same folder however they are spelled), and a field added later reads, in an older config, as
+    what a run that does not give it resolves to. A group's members are compared too."""
+    from .config import DistillConfig
+
+    return DistillConfig.not_compared(), DistillConfig.as_older_runs_had()
+
+
+NOT_COMPARED, OLDER_RUNS_HAD = _fields_rules()
 
 
 def check_name(name: str, flag: str = "--name") -> str:
@@ -46,7 +51,7 @@ def check_name(name: str, flag: str = "--name") -> str:
 
 def comparable_config(config: dict) -> dict:
     """The fields of a run's config that change what it computes, as they read back from JSON."""
-    config = {**ADDED_FIELDS, **json.loads(json.dumps(finite_json(config)))}
+    config = {**OLDER_RUNS_HAD, **json.loads(json.dumps(finite_json(config)))}
     return {k: v for k, v in config.items() if k not in NOT_COMPARED}
 
 

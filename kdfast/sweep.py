@@ -24,47 +24,36 @@ import tyro
 
 from . import distill, group, plots, train
 from .cache import LogitCache, served_data
-from .config import DistillConfig, SweepConfig, TrainConfig, check
+from .config import (DataConfig, DistillConfig, EvalConfig, KDConfig, ModelConfig, OptimConfig, OutputConfig, RunConfig,
+                     RuntimeConfig, SweepConfig, TeacherConfig, TrainConfig, TrainingConfig, check, sections)
 from .engine import accuracy_and_loss, on_main, process_state, say as print_on_main
 from .errors import KdfastError, user_errors_exit
 from .files import FileLock, ensure_dir, write_json, write_text
 from .methods import method_entry
 from .rundir import RunDir, adopt_finished_run, finished_run
 
-PAIR_DEFAULTS = {"cnn": ("resnet8", "cache/cnn_teacher.h5"), "vit": ("vit_student", "cache/vit_teacher.h5")}
-
 
 def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def plan(cfg: SweepConfig, cache_attrs: dict) -> list[tuple[dict, TrainConfig]]:
-    """(point, run config) for every run: the no-KD baseline and every (alpha, tau), for each seed."""
-    model = cfg.model or PAIR_DEFAULTS[cfg.pair][0]
-    teacher_cache = cfg.teacher_cache or PAIR_DEFAULTS[cfg.pair][1]
-    served = served_data(cache_attrs)
-    built = lambda key, value: served[key] if value is None else value  # noqa: E731
-    common = dict(model=model, data=cfg.data or served["data"], cache_dir=cfg.cache_dir,
-                  dataset=served["dataset"], log_with=cfg.log_with,
-                  train_per_class=built("train_per_class", cfg.train_per_class),
-                  test_per_class=built("test_per_class", cfg.test_per_class), out_dir=cfg.out_dir,
-                  val_per_class=served["val_per_class"], val_seed=served["val_seed"],
-                  grad_accum=cfg.grad_accum,
-                  epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-                  eval_every=cfg.eval_every, precision=cfg.precision, resume=not cfg.fresh, fresh=cfg.fresh,
-                  checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, dist_timeout=cfg.dist_timeout,
-                  augment=served["augment"], store_size=served["store_size"], data_tier=cfg.data_tier,
-                  data_budget_gb=cfg.data_budget_gb, data_workers=cfg.data_workers)
+def plan(cfg: SweepConfig, served: dict) -> list[tuple[dict, TrainConfig]]:
+    """(point, run config) for every run: the no-KD baseline and every (alpha, tau), for each seed. cfg is resolved
+    against its cache (served: what the cache records); every run gets the sweep's sections whole, and the cache's
+    views explicitly (the baseline reads no cache)."""
+    common = {**sections(cfg, DataConfig, OptimConfig, TrainingConfig, EvalConfig, RuntimeConfig, RunConfig,
+                         OutputConfig, ModelConfig), "augment": served["augment"], "resume": not cfg.fresh}
+    kd = {**common, **sections(cfg, TeacherConfig, KDConfig), "teacher_cache": cfg.teacher_cache}
     runs = []
     for seed in range(cfg.seeds):
         runs.append(({"kind": "no_kd", "alpha": None, "tau": None, "seed": seed},
-                     TrainConfig(name=f"nokd-s{seed}", seed=seed, **common)))
+                     TrainConfig(**{**common, "name": f"nokd-s{seed}", "seed": seed})))
         for alpha, tau, slots in itertools.product(cfg.alphas, cfg.taus, cfg.cache_slots):
             name = (f"{cfg.method}{'-ls' if cfg.logit_std else ''}-a{_num(alpha)}-t{_num(tau)}"
                     + (f"-c{slots}" if slots else "") + f"-s{seed}")
             runs.append(({"kind": cfg.method, "alpha": alpha, "tau": tau, "slots": slots, "seed": seed},
-                         DistillConfig(name=name, seed=seed, teacher_cache=teacher_cache, method=cfg.method,
-                                       alpha=alpha, tau=tau, logit_std=cfg.logit_std, cache_slots=slots, **common)))
+                         DistillConfig(**{**kd, "name": name, "seed": seed, "alpha": alpha, "tau": tau,
+                                          "cache_slots": slots})))
     return runs
 
 
@@ -208,9 +197,11 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
         raise ValueError(f"--method {cfg.method}: a sweep reads teacher logits from the cache; choose a logit method "
                          "(kd, dkd)")
     state = process_state(cfg.dist_timeout)
-    cache = LogitCache(cfg.teacher_cache or PAIR_DEFAULTS[cfg.pair][1])
+    cache = LogitCache(cfg.cache_path())
     attrs, (test_logits, test_labels) = cache.attrs, cache.test_logits()
     cache.close()
+    served = served_data(attrs)
+    cfg = cfg.resolved(served)
     held_slots = len(attrs["seeds"])
     check("cache_slots", cfg.cache_slots, all(s <= held_slots for s in cfg.cache_slots),
           f"at most the {held_slots} slots {cache.path} holds (0: all)")
@@ -223,7 +214,7 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
 
     on_main(state, claim)
     try:
-        return _run_locked(cfg, state, attrs, teacher_accuracy, donors)
+        return _run_locked(cfg, state, attrs, served, teacher_accuracy, donors)
     finally:
         for lock in held:
             lock.release()
@@ -285,8 +276,8 @@ def adopted_pass(members: list, chunk: list, name: str) -> list:
     return saved if saved and {m.run_name for m in chunk} <= {m.run_name for m in saved} else chunk
 
 
-def _run_locked(cfg: SweepConfig, state, attrs: dict, teacher_accuracy: float, donors: tuple) -> dict:
-    runs = plan(cfg, attrs)
+def _run_locked(cfg: SweepConfig, state, attrs: dict, served: dict, teacher_accuracy: float, donors: tuple) -> dict:
+    runs = plan(cfg, served)
     adopted = adopt(cfg, runs, donors, state)
     if use_together(cfg, state.device.type):
         train_together(cfg, runs, state, adopted)

@@ -146,6 +146,12 @@ def together(models: list[nn.Module]) -> nn.Module:
 
 # ---------------------------------------------------------------- clipping per student
 
+def clip_students(acc, model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The gradient clip of K students trained together (engine.Trainer's clip): each on its own slice."""
+    acc.unscale_gradients()  # fp16: clip the true gradients, as clip_grad_norm_ does
+    return clip_per_student(acc.unwrap_model(model), max_norm)
+
+
 def clip_per_student(model: nn.Module, max_norm: float) -> torch.Tensor:
     """clip_grad_norm_ for each student on its own slice of every gradient (dim 0 holds the K students in both the
     fused and the stacked form); returns the K norms before clipping."""

@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from .config import TrainConfig
 from .data import Dataset
 from .preflight import check_model_input, view_sizes
-from .engine import Runtime, fit, load_data, logging_dir, make_runtime, open_run
+from .engine import Runtime, RunReporter, fit, load_data, make_trainer, open_run, run_runtime
 from .errors import user_errors_exit
 from .losses import cross_entropy
 from .models import create_model, model_entry
@@ -21,7 +21,7 @@ from .models import create_model, model_entry
 
 def load_run_data(cfg: TrainConfig, runtime: Runtime) -> Dataset:
     """The run's dataset; the main process decodes and caches it first, the others then read the cache."""
-    return load_data(cfg, runtime, cfg.data, cfg.train_per_class, cfg.test_per_class, cfg.dataset, cfg.stored_size)
+    return load_data(cfg, runtime, cfg.batch_size)
 
 
 def build_student(cfg: TrainConfig, runtime: Runtime):
@@ -37,8 +37,8 @@ def build_student(cfg: TrainConfig, runtime: Runtime):
 def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
     """Train cfg.model with cross-entropy; returns the checkpoint's metadata (test accuracy included)."""
     cfg.validate()
-    runtime = runtime or make_runtime(cfg.precision, log_with=cfg.log_with, logging_dir=logging_dir(cfg),
-                                      accumulate=cfg.grad_accum, dist_timeout=cfg.dist_timeout)
+    cfg = cfg.resolved()
+    runtime = runtime or run_runtime(cfg)
     with open_run(cfg, runtime) as run_dir:
         if run_dir.kept:
             return run_dir.kept
@@ -49,7 +49,8 @@ def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
             logits = model(batch.images)
             return cross_entropy(logits, batch.targets, label_smoothing), logits
 
-        return fit(model, loss_step, data, cfg, runtime, run_dir, {"kd": None})
+        trainer = make_trainer(model, loss_step, data, cfg, runtime, run_dir)
+        return fit(trainer, data, RunReporter({"kd": None}))
 
 
 def parse(argv: list[str]) -> TrainConfig:

@@ -105,3 +105,48 @@ def tiny_teacher(root, name: str = "teacher", eval_batch_size: int = 5) -> tuple
              str(eval_batch_size), "--precision", "fp32", "--no-progress"]
     train.main(["--model", "resnet8", "--name", name, "--epochs", "1", "--out-dir", str(root / "m"), *flags])
     return flags, str(root / "m" / f"{name}.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A tiny image folder (12 train / 4 test images per class) and its decoded cache, shared by the whole session."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    return {"data": write_image_folder(str(root / "tiny"), n_train=12, n_test=4), "cache_dir": str(root / "cache")}
+
+
+def common(data, out, **kw):
+    """The flags of a fast run on `data` (tiny_data), writing to `out`."""
+    return dict(data=data["data"], cache_dir=data["cache_dir"], out_dir=str(out), batch_size=6, eval_batch_size=5,
+                precision="fp32", progress=False, **kw)
+
+
+def teacher_and_cache(root, teacher_epochs: int = 1, **build) -> tuple[str, dict]:
+    """A tiny teacher trained on a tiny folder (ROOT/tiny -> ROOT/m/teacher.pth) and its 2-slot logit cache
+    (ROOT/t.h5, built with `build`'s flags); returns the cache and the runs' flags."""
+    from kdfast import cache, train
+    from kdfast.cache import BuildConfig
+    from kdfast.config import TrainConfig
+
+    data = write_image_folder(str(root / "tiny"))
+    flags = dict(data=data, cache_dir=str(root / "cache"), batch_size=6, eval_batch_size=5, precision="fp32",
+                 progress=False)
+    train.run(TrainConfig(model="resnet8", name="teacher", epochs=teacher_epochs, out_dir=str(root / "m"), **flags))
+    h5 = cache.build(BuildConfig(**{"teacher": str(root / "m" / "teacher.pth"), "out": str(root / "t.h5"), "slots": 2,
+                                    "cache_dir": flags["cache_dir"], "precision": "fp32", "progress": False, **build}))
+    return h5, flags
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory):
+    """A trained tiny teacher (ROOT/m/teacher.pth), its data (ROOT/tiny) and a 2-slot logit cache (ROOT/t.h5)."""
+    h5, flags = teacher_and_cache(tmp_path_factory.mktemp("small_cache"))
+    return {"h5": h5, "cache_dir": flags["cache_dir"]}
+
+
+def sweep_cfg(small_cache, out, **kw):
+    """A one-point, one-seed sweep from small_cache's cache into `out`."""
+    from kdfast.config import SweepConfig
+
+    return SweepConfig(**{**dict(teacher_cache=small_cache["h5"], model="resnet8", alphas=(0.5,), taus=(2.0,), seeds=1,
+                                 epochs=2, batch_size=6, eval_batch_size=5, precision="fp32", progress=False,
+                                 out_dir=str(out), cache_dir=small_cache["cache_dir"]), **kw})

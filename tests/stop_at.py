@@ -54,7 +54,7 @@ def _log_writes(path: str) -> None:
 
 def main() -> None:
     step, args = int(sys.argv[1]), sys.argv[2:]
-    original, record = engine.train_step, os.environ.get("KDFAST_TEST_RECORD")
+    original, record = engine.loop.train_step, os.environ.get("KDFAST_TEST_RECORD")
 
     def step_with_fault(tr, micro_batches, global_step):
         if global_step == step:
@@ -66,7 +66,7 @@ def main() -> None:
                             + " ".join(map(str, batch.indices.tolist())) + "\n")
         return original(tr, micro_batches, global_step)
 
-    engine.train_step = step_with_fault
+    engine.loop.train_step = step_with_fault
     if os.environ.get("KDFAST_TEST_WRITES"):
         _log_writes(os.environ["KDFAST_TEST_WRITES"])
     commands = [args]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdfast import cache as cache_mod
-from kdfast import distill, train
+from kdfast import cache, distill, train
 from kdfast.augment import AugmentSpec, augment, normalize
 from kdfast.cache import BuildConfig, CachedTeacher, CacheError, LogitCache, build
 from kdfast.checkpoint import load_teacher
@@ -18,7 +18,7 @@ from kdfast.config import DistillConfig, TrainConfig
 from kdfast.data import TrainLoader, load_dataset
 from kdfast.losses import kd_loss
 
-from .conftest import write_image_folder
+from .conftest import common, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_topk_is_automatic_above_a_hundred_classes_and_slots_are_built_in_chunks
     assert cache_mod.resolve_topk(-1, 1000, said.append) == cache_mod.AUTO_TOPK and "top 10" in said[0]
     assert cache_mod.resolve_topk(0, 1000, said.append) == 0 and cache_mod.resolve_topk(5, 1000, said.append) == 5
     whole = LogitCache(build(build_cfg(setup, tmp_path / "whole.h5")))
-    monkeypatch.setattr(cache_mod, "BUILD_CHUNK", 5)  # 24 samples in chunks of 5: the same file
+    monkeypatch.setattr(cache_mod.builder, "BUILD_CHUNK", 5)  # 24 samples in chunks of 5: the same file
     chunked = LogitCache(build(build_cfg(setup, tmp_path / "chunked.h5")))
     for slot in range(3):
         assert torch.equal(whole.slot_logits(slot), chunked.slot_logits(slot))
@@ -217,14 +217,14 @@ def test_existing_cache_is_kept_or_refused_never_silently_replaced(setup, tmp_pa
 
 
 def test_teacher_nan_logits_are_not_written(setup, tmp_path, monkeypatch):
-    real = cache_mod.predict
+    real = cache_mod.builder.predict
 
     def nan_predict(*args, **kwargs):
         out = real(*args, **kwargs)
         aug_seed = args[6] if len(args) > 6 else kwargs.get("aug_seed")
         return out if aug_seed is None else out * float("nan")  # the test set is fine, the training views are not
 
-    monkeypatch.setattr(cache_mod, "predict", nan_predict)
+    monkeypatch.setattr(cache_mod.builder, "predict", nan_predict)
     with pytest.raises(CacheError, match="NaN or inf logits for slot 0; nothing of it was written"):
         build(build_cfg(setup, tmp_path / "t.h5"))
     with h5py.File(str(tmp_path / "t.h5") + ".partial") as f:
@@ -261,3 +261,17 @@ def test_info_and_verify_of_a_subset_cache(setup, tmp_path, capsys):
     with pytest.raises(CacheError, match="not the teacher this cache was built from"):
         cache_mod.verify(cache_mod.VerifyConfig(file=path, teacher=str(tmp_path / "m" / "other.pth"),
                                                 cache_dir=setup["cache_dir"]))
+
+
+def test_distill_takes_the_caches_subset_and_a_mismatch_names_the_flags(tiny_data, tmp_path, capsys):
+    train.run(TrainConfig(model="resnet8", name="teacher", epochs=1, train_per_class=5, test_per_class=2,
+                          **common(tiny_data, tmp_path / "m")))
+    h5 = cache.build(BuildConfig(teacher=str(tmp_path / "m" / "teacher.pth"), out=str(tmp_path / "t.h5"), slots=1,
+                                 cache_dir=tiny_data["cache_dir"], precision="fp32", progress=False))
+    assert "--train-per-class 5 --test-per-class 2" in capsys.readouterr().out  # taken from the teacher, said
+    student = distill.run(DistillConfig(model="resnet8", name="s", epochs=1, teacher_cache=h5,
+                                        **{**common(tiny_data, tmp_path), "data": None}))
+    assert (student["data"]["train_size"], student["data"]["test_size"]) == (15, 6)
+    with pytest.raises(Exception, match=r"(?s)does not match this run.*--train-per-class 5"):
+        distill.run(DistillConfig(model="resnet8", name="t", epochs=1, teacher_cache=h5, train_per_class=4,
+                                  **common(tiny_data, tmp_path)))

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from kdfast import cli, lab
+from kdfast import cache, cli, lab, train
 
 
 @pytest.mark.parametrize("module", ["kdfast.train", "kdfast.distill", "kdfast.evaluate", "kdfast.lab", "kdfast.sweep",
@@ -51,3 +51,16 @@ def test_user_errors_are_one_line_not_tracebacks(tmp_path):
     assert out.returncode == 2
     assert out.stderr.startswith("kdfast: error:") and "nope: no such file or folder" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_help_shows_one_default_per_flag_and_version(capsys):
+    from kdfast import cli
+
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "Peak learning rate" in out
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out.startswith("kdfast ")
+    with pytest.raises(SystemExit):
+        cache.main(["build", "--help"])
+    assert "--slots" in capsys.readouterr().out

@@ -204,7 +204,7 @@ def test_auto_resume_continues_only_a_restarted_job_and_keeps_a_finished_run(tin
     cfg = TrainConfig(model="timm:test_vit", data=tiny, cache_dir=os.path.join(os.path.dirname(tiny), "cache"),
                       out_dir=str(tmp_path), name="run", epochs=2, batch_size=6, eval_batch_size=30, precision="fp32",
                       progress=False, auto_resume=True)
-    original = engine.train_step
+    original = engine.loop.train_step
 
     def stop_at_3(tr, micro, global_step):
         if global_step == 3:
@@ -213,10 +213,10 @@ def test_auto_resume_continues_only_a_restarted_job_and_keeps_a_finished_run(tin
 
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    monkeypatch.setattr(engine, "train_step", stop_at_3)
+    monkeypatch.setattr(engine.loop, "train_step", stop_at_3)
     with pytest.raises(Exception, match="continues it by itself"):
         train.run(cfg)
-    monkeypatch.setattr(engine, "train_step", original)
+    monkeypatch.setattr(engine.loop, "train_step", original)
     with pytest.raises(KdfastError, match="Pass --resume to continue it"):  # a first start: never by surprise
         train.run(cfg)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
@@ -315,14 +315,14 @@ def test_sigusr1_the_time_limit_warning_saves_the_state_as_sigterm_does(tiny, tm
     cfg = TrainConfig(model="timm:test_vit", data=tiny, cache_dir=os.path.join(os.path.dirname(tiny), "cache"),
                       out_dir=str(tmp_path), name="run", epochs=1, batch_size=6, eval_batch_size=30, precision="fp32",
                       progress=False)
-    original = engine.train_step
+    original = engine.loop.train_step
 
     def warned_at_2(tr, micro, global_step):
         if global_step == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
         return original(tr, micro, global_step)
 
-    monkeypatch.setattr(engine, "train_step", warned_at_2)
+    monkeypatch.setattr(engine.loop, "train_step", warned_at_2)
     with pytest.raises(Interrupted, match="SIGUSR1: stopped after step 3 of epoch 1") as stopped:
         train.run(cfg)
     assert stopped.value.signum == signal.SIGUSR1 and (tmp_path / ".state" / "run" / "state.json").exists()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kdfast import data as data_mod
+from kdfast import train
 from kdfast.data import DataError, eval_batches, load_dataset, subset_per_class
 
 from .conftest import CLASSES, SHARED_DATA, make_images, write_archive, write_image_folder
@@ -187,3 +188,47 @@ def test_offline_cifar10_copy(tmp_path):
     assert (len(ds.train), len(ds.test)) == (50000, 10000)
     assert ds.classes[0] == "airplane" and len(ds.classes) == 10
     assert torch.bincount(ds.train.labels).tolist() == [5000] * 10
+
+
+def test_validation_split_is_disjoint_class_balanced_and_fixed_by_its_seed(tiny_data):
+    load = lambda **kw: load_dataset(tiny_data["data"], tiny_data["cache_dir"], log=lambda *a: None, **kw)  # noqa: E731
+    whole = load()
+    a, again, other = load(val_per_class=3, val_seed=0), load(val_per_class=3, val_seed=0), load(val_per_class=3, val_seed=1)
+    assert set(a.train.digests).isdisjoint(a.val.digests)  # no training image is validated on
+    assert sorted(a.train.digests + a.val.digests) == sorted(whole.train.digests)
+    assert torch.bincount(a.val.labels).tolist() == [3, 3, 3]
+    assert a.val.digests == again.val.digests and a.fingerprint == again.fingerprint
+    assert a.val.digests != other.val.digests and a.fingerprint != whole.fingerprint
+    subset = load(val_per_class=3, train_per_class=5)  # the subset is taken from what is left: the split holds
+    assert subset.val.digests == a.val.digests and torch.bincount(subset.train.labels).tolist() == [5, 5, 5]
+
+
+def test_an_archive_cut_between_two_members_is_refused_and_counts_per_class_are_printed(tmp_path, capsys):
+    """tarfile reads a tar cut exactly at a member boundary as a whole one: kdfast looks for the end-of-archive
+    marker. A whole source's images per class are printed, so that one missing image shows."""
+    import gzip
+    import tarfile
+
+    from .conftest import write_archive
+    from .test_runs import one_line_error
+
+    folder = write_image_folder(str(tmp_path / "tiny"))
+    whole = write_archive(folder, str(tmp_path / "whole.tar.gz"))
+    with tarfile.open(whole) as tar:
+        offsets = [m.offset for m in tar]
+    raw = gzip.open(whole).read()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(gzip.compress(raw[:offsets[-3]]))  # ends right before a member: a valid-looking tar
+    with tarfile.open(cut) as tar:
+        assert len(tar.getmembers()) == len(offsets) - 3  # what tarfile alone accepts
+    flags = ["--model", "resnet8", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", "--batch-size", "6",
+             "--precision", "fp32", "--no-progress", "--out-dir", str(tmp_path / "m")]
+    err = one_line_error(capsys, train.main, ["--data", str(cut), *flags])
+    assert "without tar's end-of-archive marker: it is incomplete" in err and str(cut) in err, err
+    os.remove(os.path.join(folder, "train", "dog", "0003.png"))
+    train.main(["--data", folder, *flags])
+    out = capsys.readouterr().out
+    assert "data: train 23 images in 3 classes, not equally many: fewest dog 7" in out, out
+    assert "test 12 images, 4 in each of 3 classes" in out
+    train.main(["--data", whole, *flags, "--name", "whole"])
+    assert "data: train 24 images, 8 in each of 3 classes" in capsys.readouterr().out

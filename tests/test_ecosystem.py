@@ -16,11 +16,12 @@ import torch
 
 from kdfast import cache, distill, evaluate, lab, train
 from kdfast.augment import CIFAR100_MEAN, CIFAR100_STD
-from kdfast.cache import BuildConfig
+from kdfast.cache import BuildConfig, LogitCache
 from kdfast.config import DistillConfig, EvaluateConfig, LabConfig, TrainConfig
 from kdfast.data import DataError, load_dataset
+from kdfast.models import create_model
 
-from .conftest import write_image_folder
+from .conftest import common, write_image_folder
 from .test_runs import one_line_error
 
 
@@ -164,10 +165,14 @@ def test_hundred_classes_train_cache_dense_and_topk_distill(hundred, tmp_path):
                                 progress=False))
         meta = distill.run(DistillConfig(model="resnet8", name=f"kd{topk}", epochs=1, teacher_cache=h5, **common))
         assert len(meta["classes"]) == 100 and 0 <= meta["test_accuracy"] <= 1
-    # a student left at the defaults takes the cache's dataset and normalization; other views are refused
+    # a student that does not give the dataset takes the cache's, and its normalization; an explicit one is kept even
+    # where it is the default (here it is refused: its normalization is not the cache's); other views are refused
     meta = distill.run(DistillConfig(model="resnet8", name="taken", epochs=1, teacher_cache=str(tmp_path / "t0.h5"),
-                                     **{**common, "dataset": "cifar10"}))
+                                     **{k: v for k, v in common.items() if k != "dataset"}))
     assert tuple(meta["config"]["augment"]["mean"]) == CIFAR100_MEAN and meta["config"]["dataset"] == "cifar100"
+    with pytest.raises(Exception, match="(?s)does not match.*augment"):
+        distill.run(DistillConfig(model="resnet8", name="given", epochs=1, teacher_cache=str(tmp_path / "t0.h5"),
+                                  **{**common, "dataset": "cifar10"}))
     from kdfast.augment import AugmentSpec
 
     with pytest.raises(Exception, match="(?s)does not match.*augment"):
@@ -286,3 +291,52 @@ def test_tensorboard_gets_every_epoch_of_the_metrics_file(small, tmp_path):
         assert [s.step for s in scalars] == [1, 2]
         assert [s.value for s in scalars] == pytest.approx([r[key] for r in records], rel=1e-6)
     assert meta["test_accuracy"] == records[-1]["test_accuracy"]
+
+
+def test_a_timm_teacher_from_a_plain_state_dict_builds_a_cache_and_teaches(tiny_data, tmp_path):
+    outside = create_model("timm:test_resnet", num_classes=3)
+    torch.save({"state_dict": {"module." + k: v for k, v in outside.state_dict().items()}}, tmp_path / "sd.pth")
+    h5 = cache.build(BuildConfig(teacher="timm:test_resnet", teacher_weights=str(tmp_path / "sd.pth"),
+                                 out=str(tmp_path / "t.h5"), slots=1, data=tiny_data["data"], cache_dir=tiny_data["cache_dir"],
+                                 precision="fp32", progress=False))
+    assert LogitCache(h5).attrs["teacher_model"] == "timm:test_resnet"
+    student = distill.run(DistillConfig(model="resnet8", name="s", epochs=1, teacher_cache=h5, **common(tiny_data, tmp_path)))
+    assert student["kd"]["mode"] == "cached"
+    # kdfast import: the same weights as a checkpoint, taught from online
+    from kdfast import import_weights
+
+    meta = import_weights.run(import_weights.ImportConfig(weights=str(tmp_path / "sd.pth"), model="timm:test_resnet",
+                                                           data=tiny_data["data"], out_dir=str(tmp_path / "m")))
+    assert meta["classes"] == ["cat", "dog", "frog"]
+    online = distill.run(DistillConfig(model="resnet8", name="o", epochs=1, teacher=str(tmp_path / "m" / "sd.pth"),
+                                       **common(tiny_data, tmp_path)))
+    assert online["kd"]["teacher_model"] == "timm:test_resnet"
+
+
+def test_a_pretrained_torchvision_teacher_served_from_localhost_builds_a_cache_and_teaches(server, tiny_data, tmp_path,  # noqa: F811
+                                                                                           monkeypatch):
+    from torchvision.models import MobileNet_V3_Small_Weights
+
+    folder, base = server
+    buf = io.BytesIO()
+    torch.save(create_model("torchvision:mobilenet_v3_small", num_classes=1000).state_dict(), buf)
+    name = f"mobilenet_v3_small-{hashlib.sha256(buf.getvalue()).hexdigest()[:8]}.pth"  # torch hub checks the prefix
+    (folder / name).write_bytes(buf.getvalue())
+    monkeypatch.setattr(MobileNet_V3_Small_Weights.IMAGENET1K_V1.value, "url", f"{base}/{name}")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    h5 = cache.build(BuildConfig(teacher="torchvision:mobilenet_v3_small", teacher_pretrained=True,
+                                 out=str(tmp_path / "t.h5"), slots=1, data=tiny_data["data"], cache_dir=tiny_data["cache_dir"],
+                                 precision="fp32", progress=False))
+    student = distill.run(DistillConfig(model="resnet8", name="s", epochs=1, teacher_cache=h5, **common(tiny_data, tmp_path)))
+    assert student["kd"]["teacher_model"] == "torchvision:mobilenet_v3_small"
+
+
+def test_a_teacher_given_by_name_alone_or_without_its_json_says_what_to_do(tiny_data, tmp_path, capsys):
+    err = one_line_error(capsys, distill.main, ["--teacher", "timm:resnet18", "--data", tiny_data["data"], "--cache-dir",
+                                                tiny_data["cache_dir"], "--out-dir", str(tmp_path), "--no-progress"])
+    assert "a model name, not a checkpoint" in err and "--teacher-weights" in err
+    torch.save(create_model("resnet8", num_classes=3).state_dict(), tmp_path / "plain.pth")
+    err = one_line_error(capsys, distill.main, ["--teacher", str(tmp_path / "plain.pth"), "--data", tiny_data["data"],
+                                                "--cache-dir", tiny_data["cache_dir"], "--out-dir", str(tmp_path),
+                                                "--no-progress"])
+    assert "kdfast import" in err

@@ -9,8 +9,10 @@ import sys
 import pytest
 
 from kdfast import cache, import_weights, lab, train
+from kdfast.cache import BuildConfig
+from kdfast.config import TrainConfig
 
-from .conftest import tiny_teacher
+from .conftest import common, tiny_teacher
 from .test_runs import ROOT, one_line_error
 
 
@@ -143,3 +145,33 @@ def test_each_file_error_says_its_cause_and_fix(tiny, tmp_path, capsys, monkeypa
                                               *tiny["flags"]])
     assert fix in err and str(tmp_path / "out") in err and os.strerror(code) in err, err
     assert errno.errorcode[code]  # a real errno
+
+
+def test_checkpoint_files_are_written_with_one_mode(tiny_data, tmp_path):
+    train.run(TrainConfig(model="resnet8", name="m", epochs=1, **common(tiny_data, tmp_path)))
+    modes = {ext: os.stat(tmp_path / f"m.{ext}").st_mode & 0o777 for ext in ("pth", "safetensors", "json")}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_lock_refusals_name_the_commands_own_flags_and_a_folder_without_test_is_named(small_cache, tmp_path,
+                                                                                    capsys):
+    from kdfast.files import FileLock, LockedError
+
+    from .test_runs import one_line_error
+
+    out = str(tmp_path / "t.h5")
+    with FileLock(out + ".lock", "x"):
+        with pytest.raises(LockedError, match="or choose another --out\\.$"):
+            cache.build(BuildConfig(teacher=os.path.join(os.path.dirname(small_cache["h5"]), "m", "teacher.pth"),
+                                    out=out, slots=1, cache_dir=small_cache["cache_dir"], progress=False))
+    report = str(tmp_path / "report.json")
+    with FileLock(report + ".cnn.lock", "x"):
+        from kdfast import lab
+
+        err = one_line_error(capsys, lab.main, ["--report", report, "--pairs", "cnn", "--out-dir", str(tmp_path / "m"),
+                                                "--data", os.path.join(os.path.dirname(small_cache["h5"]), "tiny")])
+        assert "choose another --report and --out-dir" in err and "--name" not in err, err
+    only_train = tmp_path / "photos"
+    (only_train / "train" / "cat").mkdir(parents=True)
+    err = one_line_error(capsys, train.main, ["--data", str(only_train), "--out-dir", str(tmp_path / "m")])
+    assert "has train/ but no test/ or val/ folder" in err and "CIFAR" not in err, err

@@ -6,23 +6,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kdfast import cache, distill, evaluate, group, sweep, train
-from kdfast.cache import BuildConfig
+from kdfast import distill, evaluate, group, sweep, train
 from kdfast.config import DistillConfig, EvaluateConfig, SweepConfig, TrainConfig
 
-from .conftest import write_image_folder
+from .conftest import sweep_cfg, teacher_and_cache
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("group")
-    data = write_image_folder(str(root / "tiny"))
-    common = dict(data=data, cache_dir=str(root / "cache"), batch_size=6, eval_batch_size=5, precision="fp32",
-                  progress=False)
-    train.run(TrainConfig(model="resnet8", name="teacher", epochs=1, out_dir=str(root / "t"), **common))
-    h5 = str(root / "t.h5")
-    cache.build(BuildConfig(teacher=str(root / "t" / "teacher.pth"), out=h5, slots=2, data=data,
-                            cache_dir=common["cache_dir"], precision="fp32", progress=False))
+    common, h5 = teacher_and_cache(tmp_path_factory.mktemp("group"))[::-1]
     return common, h5
 
 
@@ -115,7 +107,7 @@ def test_students_together_stopped_mid_epoch_resume_to_the_same_weights(setup, t
     from kdfast.errors import Interrupted
 
     common, h5 = setup
-    original = engine.train_step
+    original = engine.loop.train_step
 
     def step_with_signal(tr, batch, global_step):
         loss = original(tr, batch, global_step)
@@ -123,10 +115,10 @@ def test_students_together_stopped_mid_epoch_resume_to_the_same_weights(setup, t
             os.kill(os.getpid(), signal.SIGTERM)
         return loss
 
-    monkeypatch.setattr(engine, "train_step", step_with_signal)
+    monkeypatch.setattr(engine.loop, "train_step", step_with_signal)
     with pytest.raises(Interrupted, match="after step 2 of epoch 2"):
         group.run(members("resnet8", tmp_path / "b", common, h5), "g")
-    monkeypatch.setattr(engine, "train_step", original)
+    monkeypatch.setattr(engine.loop, "train_step", original)
     with pytest.raises(Exception, match="--resume"):  # a rerun without --resume is refused, as for any run
         group.run(members("resnet8", tmp_path / "b", common, h5), "g")
     resumed = group.run([replace(m, resume=True) for m in members("resnet8", tmp_path / "b", common, h5)], "g")
@@ -146,3 +138,35 @@ def test_together_auto_follows_the_measurements():
     assert not on_cpu(pair="cnn") and not on_cpu(pair="vit")  # both measured slower on a CPU at K >= 3
     assert sweep.use_together(SweepConfig(pair="cnn"), "cuda")
     assert on_cpu(pair="cnn", together="on") and not on_cpu(pair="vit", together="off")
+
+
+def test_a_together_pass_stopped_after_saving_some_students_continues_with_the_rest(small_cache, tmp_path,
+                                                                                     monkeypatch):
+    """Killed (here: an exception) after the first of three students was saved: the rerun of the same sweep resumes
+    the pass, keeps the saved student's files, saves the other two, and they equal an uninterrupted pass's."""
+    from kdfast import group
+
+    def cfg(out):
+        return sweep_cfg(small_cache, out, alphas=(0.3, 0.7), taus=(1.0, 2.0), together="on")
+
+    original, saved = group.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):
+        if len(saved) == 1:
+            raise KeyboardInterrupt  # what a kill while saving the second student leaves
+        saved.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(group, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(cfg(tmp_path / "b"))
+    monkeypatch.setattr(group, "save_checkpoint", original)
+    first = (tmp_path / "b" / f"{saved[0]}.pth").read_bytes()
+    assert (tmp_path / "b" / ".state").exists() and len(saved) == 1
+    result = sweep.run(cfg(tmp_path / "b"))  # the same command: no refusal as "another config"
+    assert len(result["runs"]) == 5 and not (tmp_path / "b" / ".state").exists()
+    assert (tmp_path / "b" / f"{saved[0]}.pth").read_bytes() == first  # kept, not trained again
+    sweep.run(cfg(tmp_path / "a"))
+    for row in result["runs"]:
+        a, b = ((tmp_path / d / f"{row['name']}.safetensors").read_bytes() for d in ("a", "b"))
+        assert a == b, row["name"]

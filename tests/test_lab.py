@@ -1,4 +1,5 @@
 """End to end: the real lab pipeline at smoke size on data the test makes, and resuming."""
+import dataclasses
 import json
 import os
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdfast import distill, evaluate, lab, train
-from kdfast.config import DistillConfig, EvaluateConfig, LabConfig, TrainConfig
+from kdfast import distill, evaluate, lab, labreport, train
+from kdfast.config import LAB_PRESETS, DistillConfig, EvaluateConfig, LabConfig, TrainConfig
+from kdfast.errors import KdfastError
+from kdfast.rundir import StateError
 
 NAMES = [f"{p}_{r}" for p in ("cnn", "vit") for r in ("teacher", "student_no_kd", "student_with_kd")]
 
@@ -179,3 +182,35 @@ def test_lab_sweep_copies_the_labs_own_students_and_they_equal_trained_points(tm
     for point in copies:
         trained, copy = (load_file(d / f"{point}.safetensors") for d in (sweep_dir, tmp_path / "copied"))
         assert trained.keys() == copy.keys() and all(torch.equal(trained[k], copy[k]) for k in trained)
+
+
+def test_the_smoke_lab_leaves_the_repository_deliverables_alone(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "report.json").write_text('{"cnn": "the measured results"}')
+    cfg = dataclasses.replace(LAB_PRESETS["smoke"], data=tiny_data["data"], pairs=("cnn",), cnn_teacher_epochs=1,
+                              cnn_student_epochs=1, cnn_batch_size=6, eval_batch_size=5, precision="fp32",
+                              progress=False)
+    lab.run(cfg)
+    assert "[lab] cnn_teacher: training (no finished run of it yet)" in capsys.readouterr().out
+    with pytest.raises(StateError, match=r"(?s)cnn_teacher.json: a finished run.*epochs: it has 1, this run 2.*--fresh"):
+        lab.run(dataclasses.replace(cfg, cnn_teacher_epochs=2))  # a lab over finished runs of another config
+    assert "another config (below): refused unless --fresh" in capsys.readouterr().out
+    assert (tmp_path / "report.json").read_text() == '{"cnn": "the measured results"}'
+    assert not (tmp_path / "models_saved").exists() and not (tmp_path / "report.md").exists()
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "cache").exists()
+    assert json.load(open(tmp_path / "runs" / "smoke" / "report.json"))["cnn"]["teacher_accuracy"] >= 0
+    from kdfast import labreport  # rebuilt into a folder that does not exist yet, without a lab's header
+
+    md = labreport.run(labreport.ReportConfig(out_dir="runs/smoke/models_saved", report=str(tmp_path / "new" / "r.json")))
+    assert "None" not in open(md).read().splitlines()[2]
+
+
+def test_labs_of_two_pairs_merge_into_one_report(tmp_path):
+    lab.write_merged(str(tmp_path / "report.json"), {"cnn": {"teacher_accuracy": 0.9, "details": {}}})
+    merged = lab.write_merged(str(tmp_path / "report.json"), {"vit": {"teacher_accuracy": 0.8, "details": {}}})
+    assert set(merged) == {"cnn", "vit"} and json.load(open(tmp_path / "report.json")) == merged
+
+
+def test_report_with_a_sweep_folder_that_holds_none_is_refused(tmp_path):
+    with pytest.raises(KdfastError, match="--sweep .*: no sweep here"):
+        labreport.run(labreport.ReportConfig(out_dir=str(tmp_path), sweep=str(tmp_path / "typo")))

@@ -1,6 +1,6 @@
 import pytest
 
-from kdfast.machine import resolve_precision
+from kdfast.machine import launcher_precision, resolve_precision
 
 AMX = {"avx512f", "amx_bf16", "amx_tile"}
 AVX512 = {"avx512f", "avx512bw"}
@@ -22,3 +22,15 @@ def test_emulated_bf16_is_called_out():
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="not one of"):
         resolve_precision("fp8", "cpu", AMX)
+
+
+def test_accelerate_launch_precision_wins_over_auto_and_says_so(tmp_path):
+    env = {"ACCELERATE_MIXED_PRECISION": "no"}
+    config = tmp_path / "accelerate.yaml"  # what `accelerate config` writes, read by Accelerate's own loader
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: 'no'\n")
+    assert launcher_precision(env, ["accelerate", "launch", "--config_file", str(config)])[0] == "fp32"
+    assert launcher_precision(env, ["accelerate", "launch", "--mixed_precision", "no", "-m", "kdfast.train"]) == \
+        ("fp32", "accelerate launch --mixed_precision no")
+    assert launcher_precision({"ACCELERATE_MIXED_PRECISION": "bf16"}, ["accelerate", "launch"])[0] == "bf16"
+    assert launcher_precision(env, ["accelerate", "launch", "--config_file", "/nonexistent.yaml"]) is None  # not said
+    assert launcher_precision({}, ["python"]) is None

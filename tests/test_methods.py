@@ -214,17 +214,17 @@ def test_two_stage_trains_only_up_to_the_guided_layer_first(setup, tmp_path):
 
 
 def test_fitnets_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):
-    original = engine.train_step
+    original = engine.loop.train_step
 
     def dies(tr, batch, global_step):
         if global_step == len(tr.loader) + 1:
             raise KeyError("killed")
         return original(tr, batch, global_step)
 
-    monkeypatch.setattr(engine, "train_step", dies)
+    monkeypatch.setattr(engine.loop, "train_step", dies)
     with pytest.raises(KeyError):
         distill.run(distill_cfg(setup, tmp_path / "b", method="fitnets", checkpoint_every=1))
-    monkeypatch.setattr(engine, "train_step", original)
+    monkeypatch.setattr(engine.loop, "train_step", original)
     saved = json.load(open(tmp_path / "b" / ".state" / "s" / "state.json"))
     assert saved["progress"]["step"] == 1
     distill.run(distill_cfg(setup, tmp_path / "b", method="fitnets", resume=True, checkpoint_every=1))

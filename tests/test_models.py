@@ -1,5 +1,9 @@
+import os
+
 import pytest
 import torch
+
+from kdfast import train
 
 from kdfast.models import count_parameters, create_model, list_models, model_entry
 
@@ -60,3 +64,20 @@ def test_pretrained_weights_neither_cached_nor_downloadable_say_so(tmp_path, mon
         create_model("vit_tiny", pretrained=True)
 
 
+@pytest.mark.parametrize("model,flags,said", [
+    ("timm:vit_tiny_patch16_224", [], "timm:vit_tiny_patch16_224@224 resizes the views"),
+    ("vit_student", ["--augment.crop-size", "28"], "cannot take the training views (28x28 px)"),
+    ("torchvision:fcn_resnet50", [], "not a classifier kdfast can train"),
+    ("resnet8", ["--augment.crop-size", "64"], "reaches beyond one reflection of the 32 px images"),
+    ("resnet8", ["--augment.padding", "40"], "--augment.padding 40"),
+])
+def test_a_model_or_view_that_cannot_take_the_images_is_refused_before_training(small_cache, tmp_path, capsys,
+                                                                                 model, flags, said):
+    from .test_runs import one_line_error
+
+    data = os.path.join(os.path.dirname(small_cache["h5"]), "tiny")
+    err = one_line_error(capsys, train.main, ["--model", model, "--data", data, "--cache-dir", small_cache["cache_dir"],
+                                              "--epochs", "1", "--batch-size", "6", "--precision", "fp32",
+                                              "--no-progress", "--out-dir", str(tmp_path), *flags])
+    assert said in err, err
+    assert not any(name.endswith(".json") for name in os.listdir(tmp_path))

@@ -95,3 +95,28 @@ def test_every_readme_command_is_accepted_by_the_cli(number, how, words, capsys)
             cfg.validate()
         except ValueError as e:
             pytest.fail(f"{shown} is refused: {e}")
+
+
+def code_layout_modules() -> set[str]:
+    """The modules the README's "Code layout" block names: a line starting with PACKAGE/ (and the indented lines after
+    it) names that package's modules (its __init__.py implied); other lines name top-level modules."""
+    text = open(README, encoding="utf-8").read()
+    section = text[text.index("## Code layout"):]
+    block = section.split("```")[1]
+    named, package = set(), ""
+    for line in block.splitlines():
+        if line.strip() and not line.startswith(" "):
+            first = line.split()[0]
+            package = first if first.endswith("/") else ""
+            if package:
+                named.add(package + "__init__.py")
+        named.update(package + name for name in re.findall(r"\b\w+\.py\b", line))
+    return named
+
+
+def test_the_code_layout_in_the_readme_is_the_tree():
+    root = os.path.join(os.path.dirname(README), "kdfast")
+    tree = {os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
+            if f.endswith(".py")}
+    named = code_layout_modules()
+    assert named == tree, f"missing from the README: {sorted(tree - named)}; not in the tree: {sorted(named - tree)}"

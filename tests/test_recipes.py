@@ -50,16 +50,16 @@ def test_a_run_with_every_policy_and_ema_resumes_mid_epoch_to_the_same_weights(d
 def test_ema_is_the_moving_average_of_the_weights_and_is_what_is_exported(data, tmp_path, monkeypatch):
     from kdfast import engine
     seen = []
-    original = engine.train_step
+    original = engine.loop.train_step
 
     def record(tr, batch, global_step):  # the weights after every step, as the EMA should have averaged them
         loss = original(tr, batch, global_step)
         seen.append({k: v.detach().clone() for k, v in tr.trained().state_dict().items()})
         return loss
 
-    monkeypatch.setattr(engine, "train_step", record)
+    monkeypatch.setattr(engine.loop, "train_step", record)
     meta = train.run(cfg_of(data, tmp_path, epochs=1, ema=0.8))
-    monkeypatch.setattr(engine, "train_step", original)
+    monkeypatch.setattr(engine.loop, "train_step", original)
     expected = {k: v.clone().double() for k, v in seen[0].items()}
     for state in seen[1:]:
         for k, v in state.items():

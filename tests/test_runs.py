@@ -14,13 +14,13 @@ import time
 import pytest
 import torch
 
-from kdfast import distill, engine, evaluate, train
+from kdfast import cache, distill, engine, evaluate, train
 from kdfast.config import DistillConfig, TrainConfig
 from kdfast.errors import Interrupted, KdfastError
 from kdfast.files import FileLock, LockedError
 from kdfast.rundir import RunDir, StateError
 
-from .conftest import write_image_folder
+from .conftest import common, write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,15 +79,15 @@ class Die(Exception):
 
 def interrupt_at(monkeypatch, epoch: int, step: int):
     """Make the next run raise Die before the given step: an interruption with a state saved before it."""
-    original = engine.train_step
+    original = engine.loop.train_step
 
     def step_that_dies(tr, batch, global_step):
         if global_step == epoch * len(tr.loader) + step:
             raise Die
         return original(tr, batch, global_step)
 
-    monkeypatch.setattr(engine, "train_step", step_that_dies)
-    return lambda: monkeypatch.setattr(engine, "train_step", original)
+    monkeypatch.setattr(engine.loop, "train_step", step_that_dies)
+    return lambda: monkeypatch.setattr(engine.loop, "train_step", original)
 
 
 # ---------------------------------------------------------------- no pickle anywhere
@@ -290,7 +290,7 @@ def test_sigint_then_sigkill_at_random_moments_then_resume_gives_the_same_weight
 
 def test_sigterm_mid_epoch_in_process_resumes_bitwise(data, tmp_path, monkeypatch):
     """The signal lands inside step 3 of epoch 2: that step finishes, the state is saved mid-epoch."""
-    original = engine.train_step
+    original = engine.loop.train_step
 
     def step_with_signal(tr, batch, global_step):
         loss = original(tr, batch, global_step)
@@ -298,13 +298,13 @@ def test_sigterm_mid_epoch_in_process_resumes_bitwise(data, tmp_path, monkeypatc
             os.kill(os.getpid(), signal.SIGTERM)
         return loss
 
-    monkeypatch.setattr(engine, "train_step", step_with_signal)
+    monkeypatch.setattr(engine.loop, "train_step", step_with_signal)
     with pytest.raises(Interrupted) as stopped:
         train.run(cfg_of(data, tmp_path / "b"))
     assert stopped.value.signum == signal.SIGTERM and "after step 3 of epoch 2" in str(stopped.value)
     saved = json.load(open(tmp_path / "b" / ".state" / "run" / "state.json"))["progress"]
     assert (saved["epoch"], saved["step"]) == (1, 3)
-    monkeypatch.setattr(engine, "train_step", original)
+    monkeypatch.setattr(engine.loop, "train_step", original)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     resumed = train.run(cfg_of(data, tmp_path / "b", resume=True))
     whole = train.run(cfg_of(data, tmp_path / "a"))
@@ -592,3 +592,81 @@ def test_a_forked_child_does_not_keep_a_dead_holders_lock(tmp_path):
         FileLock(path, "run").acquire(lambda *a: None).release()
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_finished_run_under_another_config_is_refused_without_fresh(tiny_data, tmp_path, capsys):
+    train.run(TrainConfig(model="resnet8", name="teacher", epochs=1, **common(tiny_data, tmp_path)))
+    with pytest.raises(StateError, match=r"(?s)trained with another config.*epochs: it has 1, this run 2.*--fresh"):
+        train.run(TrainConfig(model="resnet8", name="teacher", epochs=2, **common(tiny_data, tmp_path)))
+    assert json.load(open(tmp_path / "teacher.json"))["epochs"] == 1  # untouched
+    meta = train.run(TrainConfig(model="resnet8", name="teacher", epochs=2, fresh=True, **common(tiny_data, tmp_path)))
+    assert meta["epochs"] == 2 and "replacing the finished run" in capsys.readouterr().out
+
+
+def test_evaluate_on_another_test_subset_says_so(tiny_data, tmp_path, capsys):
+    from kdfast import evaluate
+    from kdfast.config import EvaluateConfig
+
+    meta = train.run(TrainConfig(model="resnet8", name="m", epochs=1, **common(tiny_data, tmp_path)))
+    capsys.readouterr()
+    evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "m.pth"), cache_dir=tiny_data["cache_dir"]))
+    assert f"matches the recorded {meta['test_accuracy']:.4f}" in capsys.readouterr().out
+    evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "m.pth"), cache_dir=tiny_data["cache_dir"], test_per_class=2))
+    out = capsys.readouterr().out
+    assert "another test subset (not comparable)" in out and "differs" not in out
+
+
+@pytest.mark.parametrize("command", ["train", "distill", "lab", "cache build"])
+def test_each_command_stopped_by_sigterm_is_continued_by_the_advice_it_prints(small_cache, tmp_path, monkeypatch,
+                                                                               capsys, command):
+    from kdfast import distill, lab
+
+    root = os.path.dirname(small_cache["h5"])
+    data, teacher = os.path.join(root, "tiny"), os.path.join(root, "m", "teacher.pth")
+    common = ["--cache-dir", small_cache["cache_dir"], "--precision", "fp32", "--no-progress"]
+    runs = {
+        "train": (train.main, ["--model", "resnet8", "--data", data, "--epochs", "2", "--batch-size", "6",
+                               "--out-dir", str(tmp_path), *common]),
+        "distill": (distill.main, ["--model", "resnet8", "--teacher-cache", small_cache["h5"], "--epochs", "2",
+                                   "--batch-size", "6", "--out-dir", str(tmp_path), *common]),
+        "lab": (lab.main, ["--data", data, "--pairs", "cnn", "--cnn-teacher-epochs", "1", "--cnn-student-epochs", "1",
+                           "--cnn-batch-size", "6", "--eval-batch-size", "5", "--out-dir", str(tmp_path / "m"),
+                           "--report", str(tmp_path / "report.json"), *common]),
+        "cache build": (cache.main, ["build", "--teacher", teacher, "--out", str(tmp_path / "t.h5"), "--slots", "3",
+                                     *common]),
+    }
+    main, argv = runs[command]
+    if command == "cache build":
+        original = cache.builder.write_rows
+
+        def write_then_signal(f, slot, *args):
+            original(f, slot, *args)
+            if slot == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(cache.builder, "write_rows", write_then_signal)
+    else:
+        original = engine.loop.train_step
+
+        def step_then_signal(tr, batch, global_step):
+            loss = original(tr, batch, global_step)
+            if global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss
+
+        monkeypatch.setattr(engine.loop, "train_step", step_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 128 + signal.SIGTERM and "Traceback" not in err, err
+    monkeypatch.undo()
+    advice = err.strip().splitlines()[-1]
+    if advice.endswith("Resume with the same command and --resume."):
+        argv = argv + ["--resume"]
+    else:
+        assert advice.endswith("Run the same command again to continue.") or \
+            advice.endswith("Run the same command again to continue it."), advice
+    main(argv)  # what the advice says
+    out = capsys.readouterr().out
+    assert "resuming" in out, out[-2000:]
+    assert not any(p.name == ".state" for p in tmp_path.rglob(".state")) and not list(tmp_path.rglob("*.partial"))

@@ -189,7 +189,7 @@ def test_a_logit_caches_attributes_damaged_in_any_field(lab_dir, capsys, tmp_pat
     cache.main(["build", "--teacher", str(lab_dir["json"].with_suffix(".pth")), "--out", good, "--slots", "1",
                 "--cache-dir", str(lab_dir["root"] / "cache"), "--precision", "fp32", "--no-progress"])
     with h5py.File(good, "r") as f:
-        attrs = cache._read_attrs(f)
+        attrs = cache.read_attrs(f)
     damaged_path = str(tmp_path / "damaged.h5")
     flags = [f if f != str(lab_dir["root"] / "m") else str(tmp_path / "d") for f in lab_dir["flags"]]
     failures = []
@@ -210,3 +210,47 @@ def test_a_logit_caches_attributes_damaged_in_any_field(lab_dir, capsys, tmp_pat
             if problem:
                 failures.append(f"{what} -> {reader}: {problem}")
     assert not failures, "\n".join(failures[:20])
+
+
+def test_damaged_and_odd_inputs_are_named_in_one_line(small_cache, tmp_path, capsys, monkeypatch):
+    import shutil
+    import zipfile
+
+    from PIL import Image
+
+    from kdfast import distill, import_weights, lab
+
+    from .test_runs import one_line_error
+
+    root = os.path.dirname(small_cache["h5"])
+    tiny, teacher = os.path.join(root, "tiny"), os.path.join(root, "m", "teacher.pth")
+    flags = ["--cache-dir", str(tmp_path / "cache"), "--epochs", "1", "--batch-size", "6", "--precision", "fp32",
+             "--no-progress", "--out-dir", str(tmp_path / "m")]
+
+    def folder(name, change):
+        path = tmp_path / name
+        shutil.copytree(tiny, path)
+        change(path)
+        return str(path)
+
+    empty = folder("empty", lambda p: (p / "train" / "cat" / "0000.png").write_bytes(b""))
+    latin = folder("latin", lambda p: [os.rename(p / s / "cat", os.path.join(os.fsencode(p / s), b"caf\xe9"))
+                                       for s in ("train", "test")])
+    with zipfile.ZipFile(tmp_path / "zip.tar.gz", "w") as z:
+        z.writestr("a", "b")
+    (tmp_path / "dir.h5").mkdir()
+    cases = [
+        (train.main, ["--data", empty, *flags], "0000.png: not a readable image (an empty file)"),
+        (train.main, ["--data", latin, *flags], "has a name that is not UTF-8 text"),
+        (train.main, ["--data", str(tmp_path / "zip.tar.gz"), *flags], "not a readable .tar.gz archive"),
+        (distill.main, ["--teacher-cache", str(tmp_path / "dir.h5"), *flags], "a folder, not a logit cache file"),
+        (import_weights.main, [teacher.replace(".pth", ".safetensors"), "--model", "resnet20", "--classes", "cat",
+                               "dog", "frog", "--out-dir", str(tmp_path / "i")], "Missing key(s) in state_dict"),
+        (lab.main, ["--preset", "nope"], "--preset 'nope': not a preset; choose one of smoke"),
+    ]
+    for main, argv, said in cases:
+        err = one_line_error(capsys, main, argv)
+        assert said in err and len(err.splitlines()) == 1, err
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # a 32x32 image is then a "decompression bomb"
+    err = one_line_error(capsys, train.main, ["--data", folder("bomb", lambda p: None), *flags])
+    assert "Pillow refuses images this large" in err, err

@@ -10,12 +10,14 @@ import time
 
 import pytest
 
-from kdfast import sweep, train
-from kdfast.cache import BuildConfig, build
+from kdfast import cache as cache_mod
+from kdfast import engine, sweep, train
+from kdfast.cache import BuildConfig, LogitCache
 from kdfast.config import SweepConfig, TrainConfig
+from kdfast.errors import Interrupted
 from kdfast.report import lab_report
 
-from .conftest import write_image_folder
+from .conftest import common, sweep_cfg, teacher_and_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,12 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    data = write_image_folder(str(root / "tiny"))
-    common = dict(data=data, cache_dir=str(root / "c"), batch_size=6, eval_batch_size=5, precision="fp32",
-                  progress=False)
-    train.run(TrainConfig(model="resnet8", name="teacher", epochs=2, out_dir=str(root / "m"), **common))
-    return build(BuildConfig(teacher=str(root / "m" / "teacher.pth"), out=str(root / "t.h5"), slots=2, data=data,
-                             cache_dir=str(root / "c"), batch_size=7, precision="fp32", progress=False)), common
+    return teacher_and_cache(root, teacher_epochs=2, data=str(root / "tiny"), batch_size=7)
 
 
 def sweep_args(cache_path, common, out):
@@ -104,3 +101,57 @@ def test_sweep_refuses_feature_methods_and_bad_grids(cache, tmp_path):
         sweep.run(SweepConfig(teacher_cache=cache_path, method="fitnets", out_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="--alphas"):
         sweep.run(SweepConfig(teacher_cache=cache_path, alphas=(1.5,), out_dir=str(tmp_path)))
+
+
+def test_the_sweep_chooses_its_best_point_on_validation_and_reports_its_test_accuracy():
+    rows = [{"kind": "kd", "alpha": a, "tau": 4.0, "slots": 0, "seed": s, "val_accuracy": v, "test_accuracy": t}
+            for a, v, t in ((0.1, 0.6, 0.5), (0.9, 0.5, 0.7)) for s in (0, 1)]
+    summary = sweep.summarize(rows, None)
+    assert summary["chosen_on"] == "validation" and summary["best"]["alpha"] == 0.1  # not the test set's 0.9
+    assert summary["best"]["mean"] == 0.5
+    without = sweep.summarize([{k: v for k, v in r.items() if k != "val_accuracy"} for r in rows], None)
+    assert without["chosen_on"] == "test" and without["best"]["alpha"] == 0.9
+
+
+def test_a_sweep_from_a_cache_with_a_validation_split_uses_it(tiny_data, tmp_path):
+    teacher = train.run(TrainConfig(model="resnet8", name="teacher", epochs=1, val_per_class=3, train_per_class=6,
+                                    **common(tiny_data, tmp_path / "m")))
+    assert teacher["data"]["train_size"] == 18
+    h5 = cache_mod.build(BuildConfig(teacher=str(tmp_path / "m" / "teacher.pth"), out=str(tmp_path / "t.h5"),
+                                     slots=1, cache_dir=tiny_data["cache_dir"], precision="fp32",
+                                     progress=False))  # no data flags
+    attrs = LogitCache(h5).attrs
+    assert (attrs["train_size"], attrs["val_per_class"], attrs["train_per_class"]) == (18, 3, 6)
+    checked = cache_mod.verify(cache_mod.VerifyConfig(file=h5, teacher=str(tmp_path / "m" / "teacher.pth"),
+                                                      samples=8, cache_dir=tiny_data["cache_dir"]))  # as built
+    assert checked["argmax_agreement"] == 1.0
+    result = sweep.run(SweepConfig(teacher_cache=h5, model="resnet8", alphas=(0.3, 0.7), taus=(2.0,), seeds=1,
+                                   epochs=1, batch_size=6, eval_batch_size=5, precision="fp32", progress=False,
+                                   out_dir=str(tmp_path / "sweep"), cache_dir=tiny_data["cache_dir"]))
+    assert result["summary"]["chosen_on"] == "validation"
+    assert all("val_accuracy" in r for r in result["runs"])
+    assert "chosen on validation accuracy" in open(tmp_path / "sweep" / "sweep.md").read()
+
+
+def test_an_interrupted_sweep_is_continued_by_the_advice_it_prints(small_cache, tmp_path, monkeypatch):
+    original = engine.loop.train_step
+
+    def step_with_signal(tr, batch, global_step):
+        loss = original(tr, batch, global_step)
+        if tr.cfg.run_name.startswith("kd") and global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(engine.loop, "train_step", step_with_signal)
+    with pytest.raises(Interrupted) as stopped:
+        sweep.run(sweep_cfg(small_cache, tmp_path))
+    assert "Run the same command again to continue." in str(stopped.value) and "--resume" not in str(stopped.value)
+    monkeypatch.setattr(engine.loop, "train_step", original)
+    result = sweep.run(sweep_cfg(small_cache, tmp_path))  # the advice: the same command, nothing added
+    assert len(result["runs"]) == 2 and not (tmp_path / ".state").exists()
+
+
+def test_cache_slots_beyond_the_cache_are_refused(small_cache, tmp_path):
+    with pytest.raises(ValueError, match="--cache-slots must be at most the 2 slots"):
+        sweep.run(sweep_cfg(small_cache, tmp_path, cache_slots=(1, 3)))
+    assert not (tmp_path / "sweep.md").exists()

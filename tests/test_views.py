@@ -114,6 +114,17 @@ def test_spec_saved_form_keeps_the_cifar_keys_and_round_trips():
                                                                 mean=rrc.mean, std=rrc.std)
 
 
+def random_boxes(g: torch.Generator, batch: int, side: int, out: int):
+    """Random uint8 images (batch, 3, H, W) of sides < `side`, a box in each, and an output size < `out`."""
+    H, W = (int(v) for v in torch.randint(2, side, (2,), generator=g))
+    x = torch.randint(0, 256, (batch, 3, H, W), dtype=torch.uint8, generator=g)
+    h, w = torch.randint(1, H + 1, (batch,), generator=g), torch.randint(1, W + 1, (batch,), generator=g)
+    top = (torch.rand(batch, generator=g) * (H - h + 1)).floor().long()
+    left = (torch.rand(batch, generator=g) * (W - w + 1)).floor().long()
+    out_h, out_w = (int(v) for v in torch.randint(1, out, (2,), generator=g))
+    return x, top, left, h, w, out_h, out_w
+
+
 def test_torch_and_pillow_paths_are_pillows_crop_then_resize_bitwise():
     """The batched torch path (what a GPU runs) equals Pillow's C code pixel for pixel, both pass orders, any sizes;
     both equal torchvision's resized_crop of a PIL image (RandomResizedCrop's pixels)."""
@@ -123,14 +134,8 @@ def test_torch_and_pillow_paths_are_pillows_crop_then_resize_bitwise():
 
     g = torch.Generator().manual_seed(0)
     for _ in range(25):
-        B = 6
-        H, W = (int(v) for v in torch.randint(2, 200, (2,), generator=g))
-        x = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g)
-        h, w = torch.randint(1, H + 1, (B,), generator=g), torch.randint(1, W + 1, (B,), generator=g)
-        top = (torch.rand(B, generator=g) * (H - h + 1)).floor().long()
-        left = (torch.rand(B, generator=g) * (W - w + 1)).floor().long()
-        out_h, out_w = (int(v) for v in torch.randint(1, 160, (2,), generator=g))
-        flip = torch.rand(B, generator=g) < 0.5
+        x, top, left, h, w, out_h, out_w = random_boxes(g, 6, 200, 160)
+        flip = torch.rand(6, generator=g) < 0.5
         pillow = crop_resize(x, top, left, h, w, out_h, out_w, flip, backend="pillow")
         assert torch.equal(pillow, crop_resize(x, top, left, h, w, out_h, out_w, flip, backend="torch"))
         img = Image.fromarray(x[0].permute(1, 2, 0).numpy().copy())
@@ -138,3 +143,41 @@ def test_torch_and_pillow_paths_are_pillows_crop_then_resize_bitwise():
                               TF.InterpolationMode.BILINEAR)
         ref = torch.from_numpy(np.asarray(TF.hflip(ref) if flip[0] else ref).copy()).permute(2, 0, 1)
         assert torch.equal(pillow[0], ref)
+
+
+def test_bicubic_resize_is_pillows_bitwise_and_the_flag_reaches_every_view():
+    """--augment.interpolation bicubic: the torch path equals Pillow's BICUBIC (negative weights rounded as Pillow
+    does, overshoot clipped) and torchvision's; the views use it, the spec saves it only when it is not bilinear (older
+    runs and caches still match), and the flag exists wherever the views are configured."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from kdfast import distill, train
+    from kdfast.cache import BuildConfig
+    from kdfast.config import LabConfig
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        x, top, left, h, w, out_h, out_w = random_boxes(g, 4, 120, 100)
+        pillow = crop_resize(x, top, left, h, w, out_h, out_w, backend="pillow", interpolation="bicubic")
+        assert torch.equal(pillow, crop_resize(x, top, left, h, w, out_h, out_w, backend="torch",
+                                               interpolation="bicubic"))
+        img = Image.fromarray(x[0].permute(1, 2, 0).numpy().copy())
+        ref = TF.resized_crop(img, int(top[0]), int(left[0]), int(h[0]), int(w[0]), [out_h, out_w],
+                              TF.InterpolationMode.BICUBIC)
+        assert torch.equal(pillow[0], torch.from_numpy(np.asarray(ref).copy()).permute(2, 0, 1))
+    x = smooth_images()
+    idx = torch.arange(len(x))
+    bicubic = AugmentSpec(view="rrc", crop_size=24, interpolation="bicubic")
+    assert not torch.equal(augment(x, idx, 3, bicubic), augment(x, idx, 3, AugmentSpec(view="rrc", crop_size=24)))
+    assert bicubic.to_dict()["interpolation"] == "bicubic" and "(bicubic)" in bicubic.describe()
+    assert "interpolation" not in AugmentSpec(view="rrc", crop_size=24).to_dict()
+    assert AugmentSpec.from_dict(bicubic.to_dict()).interpolation == "bicubic"
+    flags = ["--augment.view", "rrc", "--augment.interpolation", "bicubic"]
+    for parse in (train.parse, distill.parse):
+        assert parse(flags).augment.interpolation == "bicubic"
+    assert BuildConfig(augment=AugmentSpec(interpolation="bicubic")).augment.interpolation == "bicubic"
+    assert LabConfig(augment=AugmentSpec(interpolation="bicubic")).augment.interpolation == "bicubic"
+    with pytest.raises(ValueError, match="--augment.interpolation must be bilinear or bicubic"):
+        AugmentSpec(interpolation="nearest").check()

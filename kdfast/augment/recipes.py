@@ -1,12 +1,12 @@
 """Named augmentation recipes: the policies and label smoothing of published recipes, by name (--aug-recipe).
 
-A recipe fills the augmentation fields (and label smoothing) that the command line left at their defaults; an
-explicit flag wins. The policies are torchvision's RandAugment / TrivialAugmentWide (policy.py), so a recipe
+A recipe fills the augmentation fields (and label smoothing) that the command line did not give; an explicit flag
+wins, even one equal to its default. The policies are torchvision's RandAugment / TrivialAugmentWide (policy.py), so a recipe
 whose source used timm's `rand-m9-mstd0.5-inc1` gets torchvision's RandAugment at magnitude 9 instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from .spec import AugmentSpec
 
@@ -42,8 +42,7 @@ def recipe_names() -> list[str]:
 
 
 def apply_recipe(spec: AugmentSpec, name: str) -> AugmentSpec:
-    """The spec with the recipe's fields where the spec still has the default value."""
-    default = AugmentSpec()
-    recipe = RECIPES[name]
-    keep = {f.name for f in fields(AugmentSpec) if getattr(spec, f.name) != getattr(default, f.name)}
-    return replace(spec, **{k: v for k, v in recipe.augment.items() if k not in keep})
+    """The spec with the recipe's fields where the spec did not give them (an explicit value is kept, even one equal
+    to its default)."""
+    given = spec.given_values()
+    return replace(spec.filled(), **{k: v for k, v in RECIPES[name].augment.items() if k not in given})

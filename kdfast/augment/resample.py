@@ -1,12 +1,12 @@
 """Crop-and-resize of a box per sample, exactly as Pillow computes it: on the CPU by Pillow itself, one image at a
 time (its C code is several times faster than tensor gathers there), batch-wise in torch on a GPU.
 
-The torch path is Pillow's algorithm (libImaging/Resample.c, crop then resize): per output pixel the triangle-filter
-weights of the bilinear filter, widened by the scale factor when downscaling (its antialiasing), normalized and
-quantized to 22 fractional bits; two passes (horizontal first unless the height shrinks by more than twice the width), each accumulated in integers from a half
+The torch path is Pillow's algorithm (libImaging/Resample.c, crop then resize): per output pixel the weights of the
+filter (bilinear: the triangle; bicubic: Keys' cubic with a = -0.5, support 2), widened by the scale factor when
+downscaling (its antialiasing), normalized and quantized to 22 fractional bits (rounded away from zero); two passes (horizontal first unless the height shrinks by more than twice the width), each accumulated in integers from a half
 and clipped to 0..255, in Pillow's order of the passes. Integer arithmetic is exact, so the result does not depend on summation order, batch size,
 batch composition or device, and equals Pillow's `img.crop(box).resize(size, Image.BILINEAR)` pixel for pixel
-(torchvision's RandomResizedCrop on a PIL image), which the tests check.
+(torchvision's RandomResizedCrop on a PIL image), and `Image.BICUBIC` likewise, which the tests check.
 """
 from __future__ import annotations
 
@@ -16,26 +16,42 @@ import numpy as np
 import torch
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's, for 8-bit images
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
-def _coefficients(in_size: torch.Tensor, out: int):
+def _bilinear(x: torch.Tensor) -> torch.Tensor:
+    return (1.0 - x.abs()).clamp(min=0.0)
+
+
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    a, x = -0.5, x.abs()  # Pillow's bicubic_filter
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+FILTERS = {"bilinear": (_bilinear, 1.0), "bicubic": (_bicubic, 2.0)}  # (filter, support)
+
+
+def _coefficients(in_size: torch.Tensor, out: int, interpolation: str = "bilinear"):
     """Pillow's precompute_coeffs for boxes [0, in_size) (B,) -> out: first input pixel (B, out) int64, count of
     taps (B, out) int64 and integer weights (B, out, K) int32, K the widest filter of the batch."""
+    kernel, kernel_support = FILTERS[interpolation]
     size = in_size.to(torch.float64)
     scale = size / out  # (B,)
     filterscale = scale.clamp(min=1.0)
-    support = filterscale  # the bilinear filter's support is 1, widened by the filter scale
+    support = kernel_support * filterscale  # the filter's support, widened by the filter scale
     ksize = int(math.ceil(float(support.max()))) * 2 + 1
     center = (torch.arange(out, dtype=torch.float64) + 0.5)[None, :] * scale[:, None]  # (B, out)
     xmin = torch.trunc(center - support[:, None] + 0.5).clamp(min=0)  # C's (int) truncates toward zero
     xmax = torch.minimum(torch.trunc(center + support[:, None] + 0.5), size[:, None]) - xmin
     x = torch.arange(ksize, dtype=torch.float64)
     arg = ((x[None, None, :] + xmin[:, :, None] - center[:, :, None] + 0.5) * (1.0 / filterscale)[:, None, None])
-    w = (1.0 - arg.abs()).clamp(min=0.0)
+    w = kernel(arg)
     w = torch.where(x[None, None, :] < xmax[:, :, None], w, torch.zeros_like(w))
     total = w.sum(-1, keepdim=True)
     w = torch.where(total != 0, w / total, w)
-    q = torch.trunc(0.5 + w * (1 << PRECISION_BITS))  # weights are >= 0: Pillow's (int)(0.5 + w * 2^22)
+    q = torch.trunc(w * (1 << PRECISION_BITS) + torch.where(w < 0, -0.5, 0.5))  # Pillow's (int)(±0.5 + w * 2^22)
     return xmin.long(), xmax.long(), q.to(torch.int32)
 
 
@@ -52,7 +68,8 @@ def _pass(x: torch.Tensor, offset: torch.Tensor, first: torch.Tensor, weights: t
     return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
-def _torch_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: int, flip) -> torch.Tensor:
+def _torch_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: int, flip,
+                       interpolation: str = "bilinear") -> torch.Tensor:
     device = images_u8.device
     B, C = images_u8.shape[:2]
     # Pillow's pass order: vertical first when the height shrinks by more than twice what the width does
@@ -63,8 +80,8 @@ def _torch_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: i
         if len(group) == 0:
             continue
         t, l, h, w = top[group], left[group], height[group], width[group]
-        cols = [c.to(device) for c in _coefficients(w, out_w)]
-        rows = [r.to(device) for r in _coefficients(h, out_h)]
+        cols = [c.to(device) for c in _coefficients(w, out_w, interpolation)]
+        rows = [r.to(device) for r in _coefficients(h, out_h, interpolation)]
         x = images_u8[group.to(device)][:, :, :int((t + h).max()), :int((l + w).max())]
         if order:  # horizontal (B, C, H, out_w), then vertical on the transposed rows
             y = _pass(x, l.to(device), cols[0], cols[2])
@@ -94,25 +111,28 @@ def _map(fn, n: int):
         return list(pool.map(fn, range(n)))
 
 
-def pillow_crop_resize(images: list, top, left, height, width, out_h: int, out_w: int, flip=None) -> torch.Tensor:
-    """Pillow RGB images -> (B, 3, out_h, out_w) uint8: each `img.crop(box).resize(size, BILINEAR)`, mirrored where
-    flip is set. (What the streamed tier's workers run on images they have just decoded.)"""
+def pillow_crop_resize(images: list, top, left, height, width, out_h: int, out_w: int, flip=None,
+                       interpolation: str = "bilinear") -> torch.Tensor:
+    """Pillow RGB images -> (B, 3, out_h, out_w) uint8: each `img.crop(box).resize(size, BILINEAR or BICUBIC)`,
+    mirrored where flip is set. (What the streamed tier's workers run on images they have just decoded.)"""
     from PIL import Image
 
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
     out = np.empty((len(images), 3, out_h, out_w), dtype=np.uint8)
     flips = [False] * len(images) if flip is None else flip.tolist()
     boxes = list(zip(top.tolist(), left.tolist(), height.tolist(), width.tolist()))
 
     def one(i):
         t, l, h, w = boxes[i]
-        img = images[i].crop((l, t, l + w, t + h)).resize((out_w, out_h), Image.BILINEAR)
+        img = images[i].crop((l, t, l + w, t + h)).resize((out_w, out_h), resample)
         out[i] = np.asarray(img.transpose(Image.FLIP_LEFT_RIGHT) if flips[i] else img).transpose(2, 0, 1)
 
     _map(one, len(images))
     return torch.from_numpy(out)
 
 
-def _pillow_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: int, flip) -> torch.Tensor:
+def _pillow_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: int, flip,
+                        interpolation: str = "bilinear") -> torch.Tensor:
     from PIL import Image
 
     planes = images_u8.numpy()  # (B, C, H, W)
@@ -123,17 +143,17 @@ def _pillow_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: 
         return Image.fromarray(np.stack([p[t:t + h, l:l + w] for p in planes[i]], -1))
 
     zero = torch.zeros(len(boxes), dtype=torch.long)
-    return pillow_crop_resize(_map(crop, len(boxes)), zero, zero, height, width, out_h, out_w, flip)
+    return pillow_crop_resize(_map(crop, len(boxes)), zero, zero, height, width, out_h, out_w, flip, interpolation)
 
 
 def crop_resize(images_u8: torch.Tensor, top, left, height, width, out_h: int, out_w: int,
-                flip: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                flip: torch.Tensor | None = None, backend: str = "auto", interpolation: str = "bilinear") -> torch.Tensor:
     """Each sample's box (top, left, height, width: (B,) whole pixels inside its image) of (B, C, H, W) uint8 images,
-    resized to out_h x out_w (antialiased bilinear) and optionally mirrored; uint8 (B, C, out_h, out_w).
+    resized to out_h x out_w (antialiased bilinear or bicubic) and optionally mirrored; uint8 (B, C, out_h, out_w).
 
     backend: auto (Pillow for 3-channel images on the CPU, torch elsewhere), pillow or torch: the same pixels."""
     if backend == "auto":
         backend = "pillow" if images_u8.device.type == "cpu" and images_u8.shape[1] == 3 else "torch"
     fn = _pillow_crop_resize if backend == "pillow" else _torch_crop_resize
     return fn(images_u8, top.cpu(), left.cpu(), height.cpu(), width.cpu(), out_h, out_w,
-              None if flip is None else flip.cpu() if backend == "pillow" else flip)
+              None if flip is None else flip.cpu() if backend == "pillow" else flip, interpolation)

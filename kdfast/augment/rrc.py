@@ -58,22 +58,25 @@ def rrc_view(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, spec: Au
              sizes: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) uint8 stored images (true sizes (B, 2)) -> (B, C, crop, crop) uint8 training views."""
     top, left, height, width, flip = rrc_boxes(seed, indices, sizes, spec)
-    return crop_resize(images_u8, top, left, height, width, spec.crop_size, spec.crop_size, flip)
+    return crop_resize(images_u8, top, left, height, width, spec.crop_size, spec.crop_size, flip,
+                       interpolation=spec.interpolation)
 
 
 def center_view(images_u8: torch.Tensor, spec: AugmentSpec, sizes: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) uint8 stored images -> (B, C, eval, eval) uint8 evaluation views."""
     size = spec.eval_resolution
     top, left, height, width = center_boxes(sizes, spec.crop_fraction)
-    return crop_resize(images_u8, top, left, height, width, size, size)
+    return crop_resize(images_u8, top, left, height, width, size, size, interpolation=spec.interpolation)
 
 
 def rrc_view_pil(images: list, indices: torch.Tensor, seed: int, spec: AugmentSpec, sizes: torch.Tensor) -> torch.Tensor:
     """rrc_view of stored images given as Pillow images (a worker that has just decoded them): the same pixels."""
     top, left, height, width, flip = rrc_boxes(seed, indices, sizes, spec)
-    return pillow_crop_resize(images, top, left, height, width, spec.crop_size, spec.crop_size, flip)
+    return pillow_crop_resize(images, top, left, height, width, spec.crop_size, spec.crop_size, flip,
+                              spec.interpolation)
 
 
 def center_view_pil(images: list, spec: AugmentSpec, sizes: torch.Tensor) -> torch.Tensor:
     size = spec.eval_resolution
-    return pillow_crop_resize(images, *center_boxes(sizes, spec.crop_fraction), size, size)
+    return pillow_crop_resize(images, *center_boxes(sizes, spec.crop_fraction), size, size,
+                              interpolation=spec.interpolation)

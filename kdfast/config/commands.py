@@ -1,0 +1,207 @@
+"""The entry points' configs: each embeds the sections it uses (their fields are its flags) and adds its own.
+
+A section field an entry point has no use for is hidden from its flags (`explained(hide=...)`) and refused if set. The
+base order is the reverse of the --help order: the last base's flags come first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal, Optional
+
+import tyro
+
+from ..augment.recipes import RECIPES as AUG_RECIPES
+from ..flags import explained
+from .checks import check, check_grid, check_int
+from .data import DataConfig, SourceConfig, resolved_store_size
+from .evaluation import EvalConfig
+from .kd import KDConfig, TeacherCacheConfig, TeacherConfig
+from .optim import OptimConfig
+from .run import OutputConfig, RunConfig, RuntimeConfig
+from .section import Section
+from .training import ModelConfig, TrainingConfig
+from .view import ViewConfig
+
+DEFAULT_TEACHER = "models_saved/cnn_teacher.pth"
+PAIR_DEFAULTS = {"cnn": ("resnet8", "cache/cnn_teacher.h5"), "vit": ("vit_student", "cache/vit_teacher.h5")}
+
+
+@explained
+@dataclass
+class TrainConfig(RunConfig, RuntimeConfig, EvalConfig, TrainingConfig, OptimConfig, ViewConfig, DataConfig,
+                  OutputConfig, ModelConfig):
+    """Train one model with cross-entropy on CIFAR-style data: a teacher, or a student without KD."""
+
+    def __post_init__(self):
+        # settled at once, needing nothing recorded: the recipe's views (a cache may still fill what was not given)
+        # and its label smoothing
+        self.augment = self.settled_views()
+        recipe_smoothing = AUG_RECIPES[self.aug_recipe].label_smoothing
+        if self.label_smoothing is None and recipe_smoothing is not None:
+            self.label_smoothing = recipe_smoothing
+
+    @property
+    def stored_size(self) -> int:
+        return resolved_store_size(self.augment, self.store_size or 0)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.value("model").replace(":", "-").replace("@", "-")
+
+
+@explained
+@dataclass
+class DistillConfig(KDConfig, TeacherCacheConfig, TeacherConfig, TrainConfig):
+    """Train a student with knowledge distillation from a trained teacher: online, or from a teacher-logit cache."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, value in self.method_defaults().items():
+            setattr(self, name, value)
+
+    def check(self) -> None:
+        if not self.teacher and not self.teacher_cache:
+            raise ValueError("distillation needs a teacher: --teacher CKPT (run online) or --teacher-cache FILE "
+                             "(kdfast cache build)")
+
+
+@explained(hide=("eval_every", "eval_batch_size", "train_per_class", "val_per_class", "val_seed"))
+@dataclass(kw_only=True)
+class EvaluateConfig(RuntimeConfig, EvalConfig, DataConfig):
+    """Evaluate a saved checkpoint on the test set, as its run did: every flag not given is the checkpoint's."""
+
+    checkpoint: str
+    """A .pth or .safetensors checkpoint with its .json beside it."""
+    batch_size: Optional[int] = None
+    """Images per evaluation batch. Default: the eval batch size recorded in the checkpoint's .json."""
+
+    def check(self) -> None:
+        check_int(self, "batch_size", 1)
+
+
+@explained(hide=("teacher_cache", "cache_slots"))
+@dataclass
+class BuildConfig(RuntimeConfig, ViewConfig, DataConfig, TeacherCacheConfig, TeacherConfig):
+    """Precompute a teacher's logits for each augmentation seed into an HDF5 file (no teacher pass at KD time).
+    The data flags not given are the teacher's run's (its .json); the views are the students'."""
+
+    out: Optional[str] = None
+    """Output file; default: cache/<teacher name>.h5 (in --cache-dir)."""
+    slots: int = 16
+    """Number of slots, one augmentation seed each: epoch e of a student trains on slot e mod SLOTS. One per student
+    epoch makes cached KD equal online KD."""
+    batch_size: int = 1000
+    """Images per teacher forward pass."""
+    topk: int = -1
+    """Store only the k largest logits per sample (+ one logit standing for the rest); 0: dense; -1: auto (dense up
+    to 100 classes, top-AUTO_TOPK above: a 1,000-class slot of 1.28 M images is then 51 MiB, not 2.4 GiB)."""
+    overwrite: bool = False
+    """Replace an existing cache (or partial build) made with other settings."""
+
+    def __post_init__(self):
+        self.augment = self.settled_views()
+
+    def check(self) -> None:
+        for name in ("slots", "batch_size"):
+            check_int(self, name, 1)
+        check_int(self, "topk", -1)
+
+
+@explained
+@dataclass(kw_only=True)
+class InfoConfig(Section):
+    """Summarise a logit cache: teacher, data, seeds, completeness, teacher test accuracy."""
+
+    file: Annotated[str, tyro.conf.Positional]
+    """The cache (.h5)."""
+
+
+@explained(hide=("teacher_cache", "cache_slots"))
+@dataclass(kw_only=True)
+class VerifyConfig(RuntimeConfig, DataConfig, TeacherCacheConfig, TeacherConfig, InfoConfig):
+    """Recompute random cache entries with the teacher online and report the largest difference. The data flags not
+    given are the cache's."""
+
+    samples: int = 64
+    """How many random (slot, sample) entries to recompute."""
+    seed: int = 0
+    """Seed of the random choice of entries."""
+
+    def check(self) -> None:
+        check_int(self, "samples", 1)
+
+
+@explained(hide=("name", "resume", "auto_resume", "alpha", "tau"))
+@dataclass
+class SweepConfig(RunConfig, RuntimeConfig, EvalConfig, TrainingConfig, OptimConfig, DataConfig, OutputConfig, KDConfig,
+                  TeacherCacheConfig, TeacherConfig, ModelConfig):
+    """An alpha x tau grid of KD students from one teacher-logit cache, each point with several seeds, plus the no-KD
+    baseline per seed. Finished points are kept: run the same command again to continue an interrupted sweep. The data
+    flags not given are the cache's; the other flags apply to every run."""
+
+    pair: Literal["cnn", "vit"] = "cnn"
+    """Picks the defaults of --model (resnet8 / vit_student) and --teacher-cache (cache/<pair>_teacher.h5, the lab's)."""
+    alphas: tuple[float, ...] = (0.1, 0.5, 0.9)
+    """Weights of the hard-label CE to try."""
+    taus: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    """Temperatures to try."""
+    seeds: int = 2
+    """Seeds 0..N-1 at every point (initialisation and batch order; the views and teacher logits come from the cache)."""
+    cache_slots: tuple[int, ...] = (0,)
+    """Cache slots to train every point with (0: all): several values add sweep_slots.png, accuracy against slots."""
+    together: Literal["auto", "on", "off"] = "auto"
+    """Train the KD points of one seed together in one pass (kdfast.group; same batches, each its own loss, metrics
+    and checkpoint). auto: on a GPU; off on a CPU, where it was measured slower for both students (README)."""
+    group_size: int = 0
+    """At most this many students per pass (0: all the points of a seed)."""
+
+    def check(self) -> None:
+        check_int(self, "group_size", 0)
+        check("cache_slots", self.cache_slots, len(self.cache_slots) > 0 and all(
+            isinstance(s, int) and s >= 0 for s in self.cache_slots), "one or more whole numbers >= 0 (0: all)")
+        check_int(self, "seeds", 1)
+        check_grid(self.alphas, self.taus)
+        for name in ("alphas", "taus", "cache_slots"):  # a repeated value would be counted as more seeds
+            values = getattr(self, name)
+            check(name, values, len(set(values)) == len(values), "given without repeats")
+
+    def cache_path(self) -> str:
+        return self.teacher_cache or PAIR_DEFAULTS[self.pair][1]
+
+    def resolve(self, recorded: dict) -> dict:
+        defaults = {"model": PAIR_DEFAULTS[self.pair][0], "teacher_cache": self.cache_path(), "out_dir": "runs/sweep",
+                    "eval_every": 0}
+        return {k: v for k, v in defaults.items() if getattr(self, k) is None}
+
+
+@explained(hide=("pretrained", "teacher", "teacher_weights"))
+@dataclass
+class ImportConfig(OutputConfig, SourceConfig, TeacherConfig, ModelConfig):
+    """Turn a plain state dict (or a library's pretrained weights) into a kdfast checkpoint with its .json."""
+
+    weights: Annotated[Optional[str], tyro.conf.Positional] = None
+    """The weights: a plain state dict in a .pth (torch.save; nested under "state_dict" / "model" and DDP's "module."
+    prefix are unwrapped) or a .safetensors file. Default: none (then --teacher-pretrained)."""
+    classes: tuple[str, ...] = ()
+    """The class names, in the order of the model's outputs. Default: the classes of --data (sorted folder names)."""
+    overwrite: bool = False
+    """Replace a checkpoint of the same name."""
+
+
+@explained
+@dataclass
+class LabReportConfig(Section):
+    """The lab's report file."""
+
+    report: str = "report.json"
+    """The report; report.md and its figures go beside it. Labs of other pairs merge theirs into the same file."""
+
+
+@explained(hide=("name",), positional=("out_dir",))
+@dataclass
+class ReportConfig(LabReportConfig, OutputConfig):
+    """Rebuild report.json and report.md (table of the runs, accuracy curves, sweep) from a lab's saved runs."""
+
+    sweep: Optional[str] = None
+    """A sweep's --out-dir whose sweep.md and heatmap are included (a lab's own sweeps, OUT_DIR/sweep_<pair>, always
+    are). Default: none."""

@@ -1,0 +1,41 @@
+"""A run's dataset in the tier its flags ask for, within its memory budget."""
+from __future__ import annotations
+
+from ..config import DataConfig, ViewConfig, resolved_store_size
+from ..data import DataError, Dataset, default_budget, load_dataset
+from .runtime import Runtime, on_main
+
+
+def data_budget(cfg: DataConfig, runtime: Runtime) -> int:
+    """--data-budget-gb in bytes, else half the device's free memory (shared by the processes of a CPU host), as the
+    main process sees it: every process then chooses the same tier."""
+    if cfg.data_budget_gb:
+        return int(cfg.data_budget_gb * 2**30)
+    acc = runtime.accelerator
+    share = acc.num_processes if runtime.device.type == "cpu" else 1
+    return on_main(acc, lambda: default_budget(runtime.device) // share)
+
+
+def load_data(cfg: DataConfig, runtime: Runtime, batch_size: int = 0) -> Dataset:
+    """The dataset of a resolved config with a DataConfig (its source, subsets, split, stored size and tier); the main
+    process decodes (or indexes) and caches it first, the others then read the cache. batch_size: the global batch,
+    checked against --data-budget-gb."""
+    budget = data_budget(cfg, runtime)
+    acc = runtime.accelerator
+    with acc.main_process_first():
+        data = load_dataset(cfg.data, cfg.cache_dir, cfg.download, cfg.train_per_class, cfg.test_per_class,
+                            log=runtime.print, dataset=cfg.dataset, store_size=stored_size(cfg), tier=cfg.data_tier,
+                            budget=budget, progress=cfg.progress and acc.is_main_process,
+                            val_per_class=cfg.val_per_class, val_seed=cfg.val_seed)
+    one_batch = batch_size * 3 * data.train.box[0] * data.train.box[1]
+    if cfg.data_budget_gb and one_batch > budget:
+        raise DataError(f"--data-budget-gb {cfg.data_budget_gb:g} is smaller than one batch: {batch_size} images of "
+                        f"up to {data.train.box[0]}x{data.train.box[1]} px take {one_batch / 2**20:,.0f} MB decoded. "
+                        "Raise --data-budget-gb, lower --batch-size or --store-size.")
+    return data
+
+
+def stored_size(cfg: DataConfig) -> int:
+    """The longest side images are stored at: --store-size, else the views' automatic size (a command without views,
+    evaluate or cache verify, stores them as recorded)."""
+    return resolved_store_size(cfg.augment, cfg.store_size) if isinstance(cfg, ViewConfig) else cfg.store_size

@@ -1,0 +1,116 @@
+"""The processes and the precision: this process's place in the job, an Accelerator per run, main-process-only work."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs,
+                              broadcast_object_list, parse_flag_from_env)
+
+from .. import cluster
+from ..config import DIST_TIMEOUT_S
+from ..errors import USER_ERRORS, KdfastError, user_message
+from ..machine import accelerate_mixed_precision, launcher_precision, resolve_precision
+
+
+@dataclass
+class Runtime:
+    accelerator: Accelerator
+    precision: str
+    precision_reason: str
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def print(self, *args):
+        say(self.accelerator, *args)
+
+
+def say(state: Accelerator | PartialState, *args) -> None:
+    """print on the main process of the whole job only (Accelerate's print is per node: once on every node)."""
+    if state.is_main_process:
+        print(*args, flush=True)
+
+
+def _use_cpu() -> bool:
+    # without cpu=True, torchrun on a machine with no GPU gives N independent single-process jobs
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def process_state(dist_timeout: float | None = None) -> PartialState:
+    """This process's place in the (possibly distributed) job; set up once per process: the first call's
+    dist_timeout (seconds a collective waits for the others; default torch's) is the process group's."""
+    if PartialState._shared_state:  # set up already
+        return PartialState()
+    timeout = timedelta(seconds=DIST_TIMEOUT_S if dist_timeout is None else dist_timeout)
+    return PartialState(cpu=_use_cpu(), timeout=timeout, **cluster.process_group_store(timeout))
+
+
+def decide_precision(precision: str, device_type: str) -> tuple[str, str]:
+    """(precision used, what decided it): --precision when given; with auto, a precision `accelerate launch` was
+    told (its --mixed_precision or config file) wins over kdfast's own choice."""
+    launched = launcher_precision() if precision == "auto" else None
+    if launched is None:
+        return resolve_precision(precision, device_type)
+    used, reason = resolve_precision(launched[0], device_type)
+    return used, f"{launched[1]}, over --precision auto" + ("" if reason == "requested" else f"; {reason}")
+
+
+def make_runtime(precision: str = "auto", find_unused_parameters: bool = False, log_with: str = "none",
+                 logging_dir: str | None = None, accumulate: int = 1,
+                 dist_timeout: float = DIST_TIMEOUT_S) -> Runtime:
+    """An Accelerator with the precision that is really fast here (see decide_precision).
+
+    find_unused_parameters: for losses that leave some parameters without a gradient in some steps
+    (FitNets' stages), which DDP must then be told about. log_with: Accelerate's experiment trackers
+    ("none", "tensorboard", "wandb", "mlflow", "aim", "all"), writing under logging_dir where they write files.
+    accumulate: micro-batches per optimizer step (Accelerate's gradient accumulation). dist_timeout: seconds a
+    collective waits for the other processes (Accelerate's InitProcessGroupKwargs), then the job stops (kdfast.cluster).
+    """
+    device_type = process_state(dist_timeout).device.type
+    used, reason = decide_precision(precision, device_type)
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    AcceleratorState._reset_state()  # lets one process run several runs (the lab, tests) in turn
+    GradientState._reset_state()
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))]
+    handlers += [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    trackers = {} if log_with == "none" else {"log_with": log_with, "project_dir": logging_dir}
+    accelerator = Accelerator(cpu=_use_cpu(), mixed_precision=accelerate_mixed_precision(used),
+                              gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulate),
+                              kwargs_handlers=handlers, **trackers)
+    return Runtime(accelerator, used, reason)
+
+
+def run_runtime(cfg, find_unused_parameters: bool = False) -> Runtime:
+    """The Runtime of a training run's config (its precision, trackers, accumulation and timeout)."""
+    return make_runtime(cfg.precision, find_unused_parameters, cfg.log_with, logging_dir(cfg), cfg.grad_accum,
+                        cfg.dist_timeout)
+
+
+def logging_dir(cfg) -> str:
+    """Where file-writing trackers (tensorboard, aim, mlflow's local store) put a run: OUT_DIR/logs/NAME."""
+    return os.path.join(cfg.out_dir, "logs")
+
+
+def on_main(acc: Accelerator | PartialState, fn):
+    """fn() on the main process only; its (picklable) result, or the user error it raised, reaches every
+    process, so that a refusal on the main process never leaves the others waiting in a collective."""
+    result, error = None, None
+    if acc.is_main_process:
+        try:
+            result = fn()
+        except USER_ERRORS + (OSError,) as e:
+            if acc.num_processes == 1:
+                raise
+            error = user_message(e)
+    if acc.num_processes > 1:
+        result, error = broadcast_object_list([result, error])
+    if error:
+        raise KdfastError(error)
+    return result
