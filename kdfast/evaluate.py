@@ -16,11 +16,10 @@ from .engine import evaluate_model, load_data, make_runtime
 from .errors import user_errors_exit
 
 
-def recorded_run(meta: dict) -> dict:
+def recorded_run(meta: dict, spec: AugmentSpec) -> dict:
     """What the checkpoint's run recorded that an evaluation takes when not given: its data source, dataset, test
-    subset, stored size, precision and TTA."""
+    subset, stored size (by its views, spec), precision and TTA."""
     config = meta.get("config", {})
-    spec = AugmentSpec.from_dict(config.get("augment", {}))
     return {"data": meta.get("data", {}).get("source"), "dataset": config.get("dataset", "cifar10"),
             "test_per_class": config.get("test_per_class", 0),
             "store_size": resolved_store_size(spec, config.get("store_size", 0)),
@@ -30,7 +29,8 @@ def recorded_run(meta: dict) -> dict:
 def run(cfg: EvaluateConfig) -> dict:
     cfg.validate()
     meta = read_meta(cfg.checkpoint)
-    recorded = recorded_run(meta)
+    spec = AugmentSpec.from_dict(meta.get("config", {}).get("augment", {}))
+    recorded = recorded_run(meta, spec)
     cfg = cfg.resolved(recorded)
     runtime = make_runtime(cfg.precision, dist_timeout=cfg.dist_timeout)
     model, meta = load_checkpoint(cfg.checkpoint, runtime.device)
@@ -42,7 +42,6 @@ def run(cfg: EvaluateConfig) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     batch_size = cfg.batch_size or meta.get("eval_batch_size", 500)
-    spec = AugmentSpec.from_dict(meta.get("config", {}).get("augment", {}))
     result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last, cfg.data_workers, cfg.tta)
     result.update(checkpoint=cfg.checkpoint, model=meta["model"], precision=runtime.precision, tta=cfg.tta,
                   recorded_accuracy=meta.get("test_accuracy"))

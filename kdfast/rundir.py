@@ -19,6 +19,7 @@ import shutil
 
 from . import schemas
 from .checkpoint import checkpoint_paths
+from .config import DistillConfig
 from .errors import KdfastError
 from .files import FileLock, atomic_write, ensure_dir, finite_json, read_json, write_json
 from .runstate import ResumableState, StateError, describe_progress
@@ -30,17 +31,10 @@ NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit,
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-def _fields_rules() -> tuple[tuple[str, ...], dict]:
-    """(fields that do not change what a run computes, the value each compared field had before it existed), as the
-    config sections declare them: a setting() is not compared (where files are, how a run is watched; --out-dir and
-    --cache-dir are the same folder however they are spelled), and a field added later reads, in an older config, as
-    what a run that does not give it resolves to. A group's members are compared too."""
-    from .config import DistillConfig
-
-    return DistillConfig.not_compared(), DistillConfig.as_older_runs_had()
-
-
-NOT_COMPARED, OLDER_RUNS_HAD = _fields_rules()
+# as the config sections declare them: a setting() is not compared (where files are, how a run is watched; --out-dir
+# and --cache-dir are the same folder however they are spelled), and a field an older config lacks reads as what a run
+# that does not give it resolves to
+NOT_COMPARED, OLDER_RUNS_HAD = DistillConfig.not_compared(), DistillConfig.as_older_runs_had()
 
 
 def check_name(name: str, flag: str = "--name") -> str:

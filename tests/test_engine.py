@@ -14,6 +14,7 @@ from kdfast import engine, train
 from kdfast.config import TrainConfig
 from kdfast.engine import decide_precision, make_runtime
 from kdfast.errors import Interrupted
+from kdfast.rundir import RunDir
 
 from .conftest import common
 
@@ -60,7 +61,7 @@ def tiny_trainer(tiny_data, tmp_path, model, loss_shape=(), clip=None, **kw):
                                              reduction="none")
         return losses.reshape(logits.shape[:-1]).mean(-1), logits
 
-    run_dir = engine.claim.RunDir(cfg.out_dir, cfg.run_name)
+    run_dir = RunDir(cfg.out_dir, cfg.run_name)
     run_dir.prepare()
     extra = {"clip": clip} if clip else {}
     return engine.make_trainer(model, loss_step, data, cfg, runtime, run_dir, loss_shape=loss_shape, **extra), data

@@ -1,7 +1,7 @@
 """The view spec: what a training view and an evaluation view are. Data, saved with every run and every cache."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Annotated, Literal, Optional
 
 import tyro
@@ -106,6 +106,10 @@ class AugmentSpec:
         names = self.given if self.given is not None else [n for n in VIEW_FIELDS if getattr(self, n) is not None]
         return {n: getattr(self, n) for n in names}
 
+    def values(self) -> dict:
+        """Every view field and its value (not `given`)."""
+        return {n: getattr(self, n) for n in VIEW_FIELDS}
+
     def filled(self) -> "AugmentSpec":
         """This spec with every field set (a not_given() spec: its given fields, the defaults elsewhere)."""
         return self if self.given is not None else AugmentSpec(**self.given_values())
@@ -115,9 +119,11 @@ class AugmentSpec:
         check_spec(self)
 
     def for_dataset(self, dataset: str) -> "AugmentSpec":
-        """The normalization of the view and dataset where mean and std were not given: the dataset's (cifar view) or
-        ImageNet's (rrc view)."""
-        return resolve_views(self, dataset=dataset)
+        """This spec with the normalization of the view and dataset where mean and std were not given: the dataset's
+        (cifar view) or ImageNet's (rrc view)."""
+        mean, std = normalization(self.view, dataset)
+        given = self.given_values()
+        return replace(self.filled(), mean=given.get("mean", mean), std=given.get("std", std))
 
     def describe(self) -> str:
         """One line for the log: the view and whose normalization it uses."""
@@ -192,8 +198,7 @@ def resolve_views(spec: AugmentSpec, recipe: dict | None = None, dataset: str = 
 
     pin: the result counts as given whole (a run's views once resolved: resolving them again keeps them)."""
     given = spec.given_values()
-    values = dict(recorded) if isinstance(recorded, dict) else \
-        {n: getattr(recorded, n) for n in VIEW_FIELDS} if recorded is not None else {}
+    values = recorded.values() if isinstance(recorded, AugmentSpec) else dict(recorded or {})
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in VIEW_FIELDS}
     values.update(recipe or {})
     values.update(given)

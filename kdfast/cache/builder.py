@@ -21,7 +21,7 @@ from ..augment import epoch_seed
 from ..checkpoint import load_teacher, read_meta, weights_sha256
 from ..config import DEFAULT_TEACHER, BuildConfig, DataConfig, pick
 from ..engine import Preemption, Runtime, load_data, make_runtime, on_main, predict
-from ..engine.dataset import stored_size
+from ..config.view import stored_size
 from ..errors import KdfastError, io_errno, io_error_line
 from ..files import FileLock, check_file_target, remove_quietly
 from ..models import model_entry

@@ -13,14 +13,14 @@ import tyro
 from ..augment.recipes import RECIPES as AUG_RECIPES
 from ..flags import explained
 from .checks import check, check_grid, check_int
-from .data import DataConfig, SourceConfig, resolved_store_size
+from .data import DataConfig, SourceConfig
 from .evaluation import EvalConfig
 from .kd import KDConfig, TeacherCacheConfig, TeacherConfig
 from .optim import OptimConfig
 from .run import OutputConfig, RunConfig, RuntimeConfig
 from .section import Section
 from .training import ModelConfig, TrainingConfig
-from .view import ViewConfig
+from .view import ViewConfig, stored_size
 
 DEFAULT_TEACHER = "models_saved/cnn_teacher.pth"
 PAIR_DEFAULTS = {"cnn": ("resnet8", "cache/cnn_teacher.h5"), "vit": ("vit_student", "cache/vit_teacher.h5")}
@@ -42,7 +42,7 @@ class TrainConfig(RunConfig, RuntimeConfig, EvalConfig, TrainingConfig, OptimCon
 
     @property
     def stored_size(self) -> int:
-        return resolved_store_size(self.augment, self.store_size or 0)
+        return stored_size(self)
 
     @property
     def run_name(self) -> str:

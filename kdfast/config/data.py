@@ -65,12 +65,6 @@ class DataConfig(SourceConfig):
         check("data_tier", self.data_tier, self.data_tier in ("auto", "device", "stream"), "auto, device or stream")
         check_float(self, "data_budget_gb", 0.0)
 
-    @property
-    def subsets(self) -> dict:
-        """The subsets and split as load_dataset takes them."""
-        return {"train_per_class": self.train_per_class, "test_per_class": self.test_per_class,
-                "val_per_class": self.val_per_class, "val_seed": self.val_seed}
-
 
 def resolved_store_size(spec, store_size: int) -> int:
     """The longest side images are stored at: the flag, else for the rrc view the resize-then-crop size of the

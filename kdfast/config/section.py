@@ -72,8 +72,11 @@ class Section:
         for f in fields(self):
             if getattr(self, f.name) is None and f.name not in changes and "fallback" in f.metadata:
                 value = recorded.get(f.name)
-                changes[f.name] = fallback_of(f) if value is None else value
-        return replace(self, **changes) if changes else self
+                value = fallback_of(f) if value is None else value
+                if value is not None:  # a fallback of None (the data source's: $KDFAST_DATA, ./data) stays None
+                    changes[f.name] = value
+        changes = {k: v for k, v in changes.items() if v is not getattr(self, k)}
+        return replace(self, **changes) if changes else self  # a resolved config resolves to itself
 
     def to_dict(self) -> dict:
         """The resolved config as it is saved: flat, nested specs as their own to_dict()."""

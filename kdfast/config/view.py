@@ -10,6 +10,7 @@ from ..augment.recipes import RECIPES as AUG_RECIPES
 from ..augment.spec import VIEW_FIELDS, resolve_views
 from ..flags import explained
 from .checks import check_int
+from .data import resolved_store_size
 from .section import Section
 
 
@@ -45,12 +46,17 @@ class ViewConfig(Section):
         normalization follows the dataset where no flag set it: the recorded spec's, unless the run gives another
         dataset than the recorded one (then that dataset's)."""
         given_dataset, spec = getattr(self, "dataset", None), recorded.get("augment")
+        if self.augment.given == VIEW_FIELDS and spec is None:
+            return {}  # resolved already
         dataset = given_dataset or recorded.get("dataset") or "cifar10"
         if spec is not None and given_dataset and given_dataset != recorded.get("dataset", given_dataset):
-            spec = {k: v for k, v in _as_dict(spec).items() if k not in ("mean", "std")}
+            values = spec.values() if isinstance(spec, AugmentSpec) else spec
+            spec = {k: v for k, v in values.items() if k not in ("mean", "std")}
         views = resolve_views(self.augment, AUG_RECIPES[self.aug_recipe].augment, dataset, spec, pin=True)
         return {"augment": views}
 
 
-def _as_dict(spec) -> dict:
-    return {k: getattr(spec, k) for k in VIEW_FIELDS} if isinstance(spec, AugmentSpec) else dict(spec)
+def stored_size(cfg) -> int:
+    """The longest side a config's images are stored at: --store-size, else its views' automatic size (a command
+    without views, evaluate or cache verify, stores them as recorded)."""
+    return resolved_store_size(cfg.augment, cfg.store_size or 0) if isinstance(cfg, ViewConfig) else cfg.store_size

@@ -1,7 +1,8 @@
 """A run's dataset in the tier its flags ask for, within its memory budget."""
 from __future__ import annotations
 
-from ..config import DataConfig, ViewConfig, resolved_store_size
+from ..config import DataConfig
+from ..config.view import stored_size
 from ..data import DataError, Dataset, default_budget, load_dataset
 from .runtime import Runtime, on_main
 
@@ -34,8 +35,3 @@ def load_data(cfg: DataConfig, runtime: Runtime, batch_size: int = 0) -> Dataset
                         "Raise --data-budget-gb, lower --batch-size or --store-size.")
     return data
 
-
-def stored_size(cfg: DataConfig) -> int:
-    """The longest side images are stored at: --store-size, else the views' automatic size (a command without views,
-    evaluate or cache verify, stores them as recorded)."""
-    return resolved_store_size(cfg.augment, cfg.store_size) if isinstance(cfg, ViewConfig) else cfg.store_size
