@@ -1,51 +1,105 @@
 #!/bin/bash
-# The GPU checks of issues #6, #7 (and #8's K-students benchmark, #14's loader, #15's policies) in one device call (prepared, not yet run: no GPU was lent).
-# Carry the data and an old tree for the overhead comparison, e.g. in .gpu/ (git-ignored):
-#   cp ../shared/data/cifar10-jpeg.tar.gz .gpu/; git archive 971d078 kdfast | tar -x -C .gpu/old
-# and tyro's wheels in .whl/ (see the device README). TINY=1 runs it at toy size (a dry run on a CPU).
+# Every GPU check of kdfast in one device call of at most 8 minutes (issue #26), in priority order, each step under its
+# own timeout, at most 8 files under $OUT, each written as the step goes (a cut run still returns what it measured):
+#   env.txt       the machine, versions, what is missing
+#   sync.txt      syncs per training step (torch's sync debug mode), kernels per step and the GPU's busy time
+#   speed.txt     bare step and full engine img/s: models x batch 512/2048 x fp32/bf16 x compiled or not
+#   smoke.txt     every GPU-only path: the launch configs' precision, fp16 + accumulation + EMA + TTA + validation and
+#                 evaluate in a new process, the streamed tier's GPU branch, rrc + deit, cache build / verify, DKD,
+#                 one NCCL rank with --sync-bn --compile, a --deterministic resume bit for bit
+#   tests.txt     the CUDA tests (views, policies, rrc on the GPU = the CPU's)
+#   together.txt  K students in one pass, K = 1, 4, 16
+#   policies.txt  the policies' cost on the GPU
+# It needs no dataset (synthetic images made here). SHORT=1 (the default where there is no GPU) runs every step at toy
+# size on a CPU: the plumbing, tested in CI (tests/test_benchmarks.py), so that the script cannot rot between loans.
+# Whatever the GPU machine lacks (tyro, ...) travels as wheels in .whl/ (the device README) or is named in env.txt.
 set -u
 cd "$(dirname "$0")/.."  # the repository root
-ROOT=$PWD; O=${OUT:-/tmp/out}; mkdir -p $O
-if [ -d .whl ] && ! python3 -c "import tyro" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
-  export PYTHONPATH=/tmp/site
-fi
+ROOT=$PWD; O=${OUT:-/tmp/gpu_checks_out}; mkdir -p "$O"
 PY=${PY:-python3}
-export KDFAST_DATA=$ROOT/.gpu/cifar10-jpeg.tar.gz
-C=/tmp/kdcache; R=/tmp/kdruns; mkdir -p $C $R
-T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
-if [ -n "${TINY:-}" ]; then SUB="--train-per-class 60 --test-per-class 20"; E=(1 2 1 2 2); BS=100; else SUB=""; E=(30 30 25 15 6); BS=512; fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch,accelerate,timm,sys;print(sys.version.split()[0],torch.__version__,accelerate.__version__,timm.__version__,torch.cuda.is_available() and torch.cuda.get_device_name())"; nproc; } > $O/env.txt 2>&1
-$PY -c "from kdfast.data import load_dataset; load_dataset(None, '$C')" >> $O/env.txt 2>&1; el "data decoded" >> $O/env.txt
-# 1) the engine's per-step work (#6: NaN tracking, per-step RNG seed, stop checks): old vs new, ResNet-8 fp32 (launch-bound)
-for round in 1 2; do for v in old new; do
-  d=$ROOT; [ $v = old ] && d=$ROOT/.gpu/old
-  (cd $d && PYTHONPATH=$d:${PYTHONPATH:-} $PY -m kdfast.train --model resnet8 --name r8 --epochs ${E[4]} --batch-size $BS --eval-every 0 --precision fp32 --no-progress --cache-dir $C --out-dir $R/bench-$v$round $SUB > $R/bench-$v$round.log 2>&1)
-  $PY -c "import json,statistics as s;r=[json.loads(l)['img_per_s'] for l in open('$R/bench-$v$round/r8.metrics.jsonl')][1:];print('$v round $round resnet8 fp32 img/s, epochs 2..: median',round(s.median(r)),r)" >> $O/bench.txt 2>&1
-done; done
-el "bench done" >> $O/bench.txt
-# 1b) #8: K students in one fused pass against one at a time, img/s per student (alone on the GPU, before the rest)
-timeout 120 $PY benchmarks/together.py --ks 1 2 4 8 16 --steps 8 > $O/together.txt 2>&1; el "together done" >> $O/bench.txt
-# 1c) #14: the loader at 224 px (streamed tier, device tier's batched resize on the GPU, nvjpeg) and the rrc views
-# on the GPU against the CPU's Pillow (tests/test_views.py's CUDA test)
-$PY benchmarks/make_images.py --data $KDFAST_DATA --out /tmp/photos --train-per-class 200 --test-per-class 10 > $O/loader.txt 2>&1
-timeout 180 $PY benchmarks/loader.py --data /tmp/photos --size 224 --workers 8 --steps 20 --batch-size 256 >> $O/loader.txt 2>&1
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_views.py tests/test_images.py >> $O/loader.txt 2>&1
-el "loader done" >> $O/bench.txt
-# 1d) #15: the policies' cost on the GPU against timm's CPU pipeline, and their views on CUDA = the CPU's
-timeout 150 $PY benchmarks/policies.py --steps 10 > $O/policies.txt 2>&1
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_policies.py >> $O/policies.txt 2>&1
-el "policies done" >> $O/bench.txt
-# 2) #6 and #7 tests on the GPU (beside the teachers)
-( timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_runs.py -k "sigterm_mid_epoch or vit_resumes or nan_loss or payload_planted or refuses_another or disk_full" tests/test_augment.py > $O/tests.txt 2>&1
-  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_methods.py -k "resumes or no_hook or two_stage_trains or vit_tokens or from_the_cache" >> $O/tests.txt 2>&1 ) &
-# 3) preemption of a real teacher run on the GPU (SIGTERM after 20 s), then the method tables resume it
-TFLAGS="--model resnet18 --name teacher --epochs ${E[0]} --batch-size $BS --out-dir $R/cnn --resume --data $KDFAST_DATA --cache-dir $C --precision auto --no-progress $SUB"
-timeout -s TERM 20 $PY -m kdfast.train $TFLAGS > $R/preempt.log 2>&1; echo "teacher run after SIGTERM: exit $?" >> $R/preempt.log
-el "preempt done" >> $R/preempt.log
-timeout 420 $PY benchmarks/methods_table.py --pair cnn --data $KDFAST_DATA --cache-dir $C --out $R/cnn --teacher-epochs ${E[0]} --student-epochs ${E[1]} --seeds 0 1 --batch-size $BS --parallel 6 -- $SUB > $O/cnn.log 2>&1 &
-timeout 420 $PY benchmarks/methods_table.py --pair vit --data $KDFAST_DATA --cache-dir $C --out $R/vit --teacher-epochs ${E[2]} --student-epochs ${E[3]} --seeds 0 1 --batch-size $BS --parallel 5 --methods "no KD" KD DKD "KD + logit std" "FitNets joint" -- $SUB > $O/vit.log 2>&1 &
-wait
-el "all done" >> $O/env.txt
-cat $R/preempt.log >> $O/env.txt
-(cd $R && tar czf $O/runs.tar.gz $(find . -name "*.json" -o -name "*.jsonl" -o -name "*.md" -o -name "*.log" | grep -v "/bench-.*/"))
+if [ -d .whl ] && ! $PY -c "import tyro" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$ROOT:${PYTHONPATH:-}
+GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+SHORT=${SHORT:-$([ "$GPU" = 1 ] && echo 0 || echo 1)}
+W=$(mktemp -d); T0=$(date +%s)
+el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+if [ "$SHORT" = 1 ]; then  # toy sizes: the plumbing in about a minute on 2 CPU cores
+  B=16; STEPS=4; SPEED="--models resnet8 vit_student --batches 16 --precisions fp32 --compiled no --steps 2 --engine-images 96"
+  COMPILED="--models resnet8 --batches 16 --precisions fp32 --compiled yes --steps 2 --engine-images 96"; KS="1 2"; N=24
+  export KDFAST_TEST_COMPILE=aot_eager  # torch.compile without a C compiler, quick; SYNCBN: gloo has no SyncBatchNorm
+  SYNCBN=""
+else
+  B=512; STEPS=12; SPEED="--batches 512 2048 --compiled no --budget-s 100"
+  COMPILED="--batches 512 --precisions bf16 --compiled yes --engine-images 0 --budget-s 50"; KS="1 4 16"; N=700
+  SYNCBN="--sync-bn"
+fi
+RUN="$PY -m tests.stop_at -1"  # kdfast's entry points (KDFAST_TEST_COMPILE picks a compile backend in SHORT mode)
+COMMON="--data $W/tiny --cache-dir $W/cache --no-progress --batch-size $B --eval-batch-size $B"
+
+# 1) the machine, the versions, what is missing
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
+  $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+  torch.cuda.is_available() and torch.cuda.get_device_name())"
+  for m in accelerate timm tyro h5py safetensors tqdm PIL; do $PY -c "import $m; print('$m', getattr($m, '__version__', ''))" 2>/dev/null || echo "MISSING $m"; done
+  $PY -c "from kdfast.machine import describe; print(describe())"; nproc; echo "SHORT=$SHORT"
+  $PY -c "from tests.conftest import write_image_folder as w; w('$W/tiny', n_train=$N)" && el "data: $((3 * N)) images made"
+} > "$O/env.txt" 2>&1
+if grep -q MISSING "$O/env.txt"; then el "stopped: a package is missing (see above); carry its wheels in .whl/" >> "$O/env.txt"; exit 1; fi
+
+# 2) does the step wait for the GPU? syncs per step, kernels per step, busy time
+timeout 90 $PY benchmarks/gpu_sync.py --batch-size $B --steps $STEPS > "$O/sync.txt" 2>&1; el "sync: exit $?" >> "$O/sync.txt"
+
+# 3) speed: bare step against the full engine (uncompiled, then compiled)
+{ timeout 110 $PY benchmarks/gpu_speed.py $SPEED; el "speed: exit $?"
+  timeout 60 $PY benchmarks/gpu_speed.py $COMPILED; el "compiled: exit $?"; } > "$O/speed.txt" 2>&1
+
+# 4) every GPU-only path once, each line "OK name" or "FAILED name" with its output's tail
+smoke() {  # smoke NAME SECONDS COMMAND...: runs COMMAND, says how it ended
+  local name=$1 limit=$2; shift 2
+  if timeout "$limit" "$@" > "$W/smoke.log" 2>&1; then el "OK $name"; else el "FAILED $name (exit $?)"; tail -5 "$W/smoke.log"; fi
+}
+{
+  launcher=($PY -m accelerate.commands.launch --config_file launch/single_gpu.yaml); [ "$GPU" = 1 ] || launcher+=(--cpu)
+  smoke "launch/single_gpu.yaml: kdfast's precision" 60 bash -c "${launcher[*]} -m kdfast.train --model resnet8 --epochs 1 \
+    $COMMON --out-dir $W/launch | grep -E 'bf16|fp32 \(auto'"
+  grep -hE " on (cuda|cpu)" "$W/smoke.log" | head -1
+  smoke "fp16 + grad-accum 2 + EMA + TTA + validation" 60 $RUN kdfast.train --model resnet8 --epochs 2 $COMMON \
+    --precision fp16 --grad-accum 2 --ema 0.9 --tta flip --val-per-class 8 --out-dir $W/t --name teacher
+  smoke "evaluate in a new process = the run's accuracy" 40 $PY -c "
+import json, subprocess, sys
+meta = json.load(open('$W/t/teacher.json'))
+out = subprocess.run([sys.executable, '-m', 'kdfast.evaluate', '--checkpoint', '$W/t/teacher.pth', '--no-progress'], capture_output=True, text=True)
+print(out.stdout[-300:], out.stderr[-300:])
+assert f\"{meta['test_accuracy']:.4f}\" in out.stdout, meta['test_accuracy']"
+  smoke "streamed tier (views on the GPU)" 60 $RUN kdfast.train --model resnet8 --epochs 1 $COMMON --data-tier stream \
+    --aug-recipe cct --out-dir $W/stream
+  smoke "rrc + deit recipe, ViT student" 60 $RUN kdfast.train --model vit_student --epochs 1 $COMMON --aug-recipe deit \
+    --augment.crop-size 32 --out-dir $W/deit
+  smoke "cache build + verify" 60 bash -c "$PY -m kdfast.cache build --teacher $W/t/teacher.pth --out $W/t.h5 --slots 2 \
+    --cache-dir $W/cache --no-progress && $PY -m kdfast.cache verify $W/t.h5 --teacher $W/t/teacher.pth --no-progress"
+  smoke "DKD from the cache" 60 $RUN kdfast.distill --teacher-cache $W/t.h5 --model resnet8 --method dkd --epochs 2 \
+    $COMMON --out-dir $W/dkd
+  smoke "one NCCL rank (gloo on a CPU): --sync-bn --compile" 120 $PY -m torch.distributed.run --nproc_per_node 1 \
+    -m tests.stop_at -1 kdfast.train --model resnet8 --epochs 1 $COMMON $SYNCBN --compile --out-dir $W/nccl
+  smoke "--deterministic: a run stopped and resumed = the run whole, bit for bit" 120 bash -c "
+    $RUN kdfast.train --model resnet8 --epochs 2 $COMMON --deterministic --out-dir $W/whole > /dev/null &&
+    { $PY -m tests.stop_at 3 kdfast.train --model resnet8 --epochs 2 $COMMON --deterministic --out-dir $W/cut; true; } &&
+    $RUN kdfast.train --model resnet8 --epochs 2 $COMMON --deterministic --out-dir $W/cut --resume > /dev/null &&
+    $PY -c \"import torch; a, b = (torch.load(f'$W/{d}/resnet8.pth', weights_only=True) for d in ('whole', 'cut'));
+assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]\""
+} > "$O/smoke.txt" 2>&1
+
+# 5) the CUDA tests (they skip on a CPU)
+timeout 60 $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_augment.py tests/test_views.py \
+  tests/test_policies.py > "$O/tests.txt" 2>&1; el "tests: exit $?" >> "$O/tests.txt"
+
+# 6) K students in one pass, 7) the policies' cost
+timeout 40 $PY benchmarks/together.py --ks $KS --vit-ks $KS --steps $([ "$SHORT" = 1 ] && echo 1 || echo 8) --out "$W/results" \
+  > "$O/together.txt" 2>&1; el "together: exit $?" >> "$O/together.txt"
+if [ "$SHORT" = 1 ]; then P="--steps 1 --images 200 --model-steps 1 --warmup 1 --batch-size 32"; else P="--steps 10"; fi
+timeout 40 $PY benchmarks/policies.py $P --out "$W/results" > "$O/policies.txt" 2>&1; el "policies: exit $?" >> "$O/policies.txt"
+el "all done" >> "$O/env.txt"
+rm -rf "$W"

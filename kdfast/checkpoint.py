@@ -100,12 +100,16 @@ def _is_model_name(name: str) -> bool:
 
 
 def _unwrap_state(state):
-    """A state dict nested the usual ways ({"state_dict": ...}, {"model": ...}, DDP's "module." prefix) as a plain one."""
+    """A state dict nested the usual ways ({"state_dict": ...}, {"model": ...}, the "module." prefix of DDP, the
+    "_orig_mod." prefix of torch.compile, in either order) as a plain one."""
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict) and not isinstance(state.get(key), torch.Tensor):
             state = state[key]
-    if isinstance(state, dict) and state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    while isinstance(state, dict) and state:
+        prefix = next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 

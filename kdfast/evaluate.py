@@ -32,7 +32,7 @@ def run(cfg: EvaluateConfig) -> dict:
     spec = AugmentSpec.from_dict(meta.get("config", {}).get("augment", {}))
     recorded = recorded_run(meta, spec)
     cfg = cfg.resolved(recorded)
-    runtime = make_runtime(cfg.precision, dist_timeout=cfg.dist_timeout)
+    runtime = make_runtime(cfg.precision, dist_timeout=cfg.dist_timeout, deterministic=cfg.deterministic)
     model, meta = load_checkpoint(cfg.checkpoint, runtime.device)
     data = load_data(cfg, runtime)
     if data.classes != meta["classes"]:

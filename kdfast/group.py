@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from accelerate.utils import set_seed
 
+from . import collectives
 from .checkpoint import save_checkpoint
 from .config import DistillConfig, KDConfig, names
 from .data import Dataset
@@ -188,7 +189,7 @@ class GroupReporter:
             tr.runtime.print(f"[{tr.cfg.run_name}] saved {len(self.members)} students: " + ", ".join(
                 f"{m.run_name} {meta['test_accuracy']:.4f}" for m, meta in zip(self.members, metas)))
             tr.run_dir.state.clear()
-        acc.wait_for_everyone()
+        collectives.barrier()
         return metas
 
     def save_member(self, tr: Trainer, data: Dataset, i: int, wall: float) -> dict:

@@ -93,9 +93,10 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     non-target classes renormalized. Identity (their Eq. 4): KL(p_t ‖ p_s) = TCKD + (1 − p_t[target])·NCKD.
     """
     s, t = student_logits.float() / tau, teacher_logits.detach().float() / tau
-    target = F.one_hot(labels, s.shape[-1]).bool()
-    p_s_target = F.softmax(s, dim=-1)[target]
-    p_t_target = F.softmax(t, dim=-1)[target]
+    target = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, labels[..., None], True)  # one_hot checks on the host
+    own = labels[..., None]  # a gather, not a boolean mask (which a GPU answers with a sync)
+    p_s_target = F.softmax(s, dim=-1).gather(-1, own).squeeze(-1)
+    p_t_target = F.softmax(t, dim=-1).gather(-1, own).squeeze(-1)
     tckd = _binary_kl(p_t_target, p_s_target)
     masked = torch.finfo(torch.float32).min / 4  # drops the target class from the softmax
     log_q_s = F.log_softmax(s.masked_fill(target, masked), dim=-1)

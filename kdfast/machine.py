@@ -140,3 +140,31 @@ def launcher_accumulation(environ=os.environ) -> int:
         return max(1, int(environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")))
     except ValueError:
         return 1
+
+
+def decide_precision(precision: str, device_type: str, environ=os.environ, command: list[str] | None = None,
+                     flags: set[str] | None = None) -> tuple[str, str]:
+    """(precision used, what decided it): --precision when given; with auto, a precision `accelerate launch` was
+    told (its --mixed_precision or config file) wins over kdfast's own choice (resolve_precision)."""
+    launched = launcher_precision(environ, command) if precision == "auto" else None
+    if launched is None:
+        return resolve_precision(precision, device_type, flags)
+    used, reason = resolve_precision(launched[0], device_type, flags)
+    return used, f"{launched[1]}, over --precision auto" + ("" if reason == "requested" else f"; {reason}")
+
+
+HEAP_KEEP = 1 << 30  # bytes: allocations below this come from the heap, and this much freed heap is kept
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve allocations under HEAP_KEEP from the heap and keep freed heap memory, instead of mapping each large
+    tensor anew (glibc's default above 128 kB at first) and faulting its pages in again at every step: a CPU training
+    step of ResNet-8 at batch 256 ran about 10% faster (benchmarks/engine_overhead.py). False where not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, HEAP_KEEP) and libc.mallopt(-1, HEAP_KEEP))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models import plain_module
 from .models.resnet import CifarResNet
 
 
@@ -149,7 +150,7 @@ def together(models: list[nn.Module]) -> nn.Module:
 def clip_students(acc, model: nn.Module, max_norm: float) -> torch.Tensor:
     """The gradient clip of K students trained together (engine.Trainer's clip): each on its own slice."""
     acc.unscale_gradients()  # fp16: clip the true gradients, as clip_grad_norm_ does
-    return clip_per_student(acc.unwrap_model(model), max_norm)
+    return clip_per_student(plain_module(model), max_norm)
 
 
 def clip_per_student(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -120,14 +120,14 @@ def common(data, out, **kw):
                 precision="fp32", progress=False, **kw)
 
 
-def teacher_and_cache(root, teacher_epochs: int = 1, **build) -> tuple[str, dict]:
+def teacher_and_cache(root, teacher_epochs: int = 1, n_train: int = 8, **build) -> tuple[str, dict]:
     """A tiny teacher trained on a tiny folder (ROOT/tiny -> ROOT/m/teacher.pth) and its 2-slot logit cache
     (ROOT/t.h5, built with `build`'s flags); returns the cache and the runs' flags."""
     from kdfast import cache, train
     from kdfast.cache import BuildConfig
     from kdfast.config import TrainConfig
 
-    data = write_image_folder(str(root / "tiny"))
+    data = write_image_folder(str(root / "tiny"), n_train=n_train)
     flags = dict(data=data, cache_dir=str(root / "cache"), batch_size=6, eval_batch_size=5, precision="fp32",
                  progress=False)
     train.run(TrainConfig(model="resnet8", name="teacher", epochs=teacher_epochs, out_dir=str(root / "m"), **flags))

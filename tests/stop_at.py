@@ -8,6 +8,9 @@ Environment, for the cluster tests:
                                    process stuck in a collective does), on the job's first start only
     KDFAST_TEST_RECORD=PATH        every process appends "global_step rank index index ..." for each micro-batch
     KDFAST_TEST_SEQUENCE=1         ARGS is several entry points separated by "--then": MODULE ARGS --then MODULE ...
+    KDFAST_TEST_MEMORY=PATH        every process reads all its training images at step 2 and appends, at step 4, "rank
+                                   mapping-file rss-kB pss-kB" of the memory holding them (/proc/self/smaps)
+    KDFAST_TEST_COMPILE=BACKEND    --compile uses that torch.compile backend (aot_eager: no C compiler, quick)
     KDFAST_TEST_WRITES=PATH        every process appends "rank path" for each file it puts in place (os.replace, the
                                    way kdfast writes every file) or opens as HDF5 to write
 """
@@ -52,6 +55,24 @@ def _log_writes(path: str) -> None:
     os.replace, h5py.File.__init__ = logged_replace, logged_h5
 
 
+def _memory_of(t, path: str) -> None:
+    """rank, the file mapped where t's data is (or "anonymous"), that mapping's Rss and Pss in kB."""
+    address, found, sizes = t.data_ptr(), None, {}
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if found is not None:
+                    break
+                if lo <= address < hi:
+                    found = fields[5] if len(fields) > 5 else "anonymous"
+            elif found is not None and fields[0] in ("Rss:", "Pss:"):
+                sizes[fields[0]] = fields[1]
+    with open(path, "a") as f:
+        f.write(f"{os.environ.get('RANK', '0')} {found} {sizes.get('Rss:')} {sizes.get('Pss:')}\n")
+
+
 def main() -> None:
     step, args = int(sys.argv[1]), sys.argv[2:]
     original, record = engine.loop.train_step, os.environ.get("KDFAST_TEST_RECORD")
@@ -59,6 +80,11 @@ def main() -> None:
     def step_with_fault(tr, micro_batches, global_step):
         if global_step == step:
             _fault(step)
+        memory = os.environ.get("KDFAST_TEST_MEMORY")
+        if memory and global_step == 2:
+            tr.loader.images.sum()  # every page of the training images read
+        if memory and global_step == 4:  # every process has passed step 2 (DDP steps together)
+            _memory_of(tr.loader.images, memory)
         if record:
             with open(record, "a") as f:
                 for batch in micro_batches:
@@ -67,6 +93,12 @@ def main() -> None:
         return original(tr, micro_batches, global_step)
 
     engine.loop.train_step = step_with_fault
+    if os.environ.get("KDFAST_TEST_COMPILE"):
+        import functools
+
+        import torch
+
+        torch.compile = functools.partial(torch.compile, backend=os.environ["KDFAST_TEST_COMPILE"])
     if os.environ.get("KDFAST_TEST_WRITES"):
         _log_writes(os.environ["KDFAST_TEST_WRITES"])
     commands = [args]

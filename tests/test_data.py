@@ -67,6 +67,8 @@ def test_second_load_comes_from_the_cache(tmp_path, archive, monkeypatch):
 
 def test_damaged_cache_is_rebuilt(tmp_path, archive):
     first = load_dataset(archive, str(tmp_path / "cache"))
+    for split in (first.train, first.test):  # mapped from the file: copied before the file is damaged in place
+        split.images, split.labels, split.sizes = split.images.clone(), split.labels.clone(), split.sizes.clone()
     (cache_file,) = (tmp_path / "cache" / "datasets").iterdir()
     cache_file.write_bytes(b"garbage")
     same(first, load_dataset(archive, str(tmp_path / "cache")))
@@ -232,3 +234,31 @@ def test_an_archive_cut_between_two_members_is_refused_and_counts_per_class_are_
     assert "test 12 images, 4 in each of 3 classes" in out
     train.main(["--data", whole, *flags, "--name", "whole"])
     assert "data: train 24 images, 8 in each of 3 classes" in capsys.readouterr().out
+
+
+def test_the_processes_of_a_node_share_one_copy_of_the_decoded_data(tmp_path):
+    """Two gloo processes training from the device tier map the one decoded file (the main process decodes it, writes
+    it and maps it too): each holds every page of the training images (Rss), their proportional shares (Pss) add up
+    to one copy, not two."""
+    import subprocess
+    import sys
+
+    from .conftest import write_image_folder
+
+    data = write_image_folder(str(tmp_path / "tiny"), n_train=150, size=64)
+    record = tmp_path / "memory.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "KDFAST_TEST_MEMORY": str(record)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29567", "-m",
+           "tests.stop_at", "-1", "kdfast.train", "--model", "resnet8", "--data", data, "--cache-dir",
+           str(tmp_path / "cache"), "--epochs", "1", "--batch-size", "32", "--precision", "fp32", "--no-progress",
+           "--out-dir", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in record.read_text().splitlines()]
+    assert sorted(r[0] for r in rows) == ["0", "1"]
+    images_kb = 450 * 3 * 64 * 64 / 1024
+    for _, mapped, rss, _ in rows:
+        assert mapped.endswith(".safetensors") and "datasets" in mapped, rows  # the cache file, not a private copy
+        assert int(rss) >= 0.95 * images_kb, rows
+    assert sum(int(r[3]) for r in rows) <= 1.1 * max(int(r[2]) for r in rows), rows  # one copy between them

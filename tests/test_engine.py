@@ -9,14 +9,16 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import tyro
 
 from kdfast import engine, train
 from kdfast.config import TrainConfig
-from kdfast.engine import decide_precision, make_runtime
+from kdfast.engine import make_runtime
+from kdfast.machine import decide_precision
 from kdfast.errors import Interrupted
 from kdfast.rundir import RunDir
 
-from .conftest import common
+from .conftest import common, write_image_folder
 
 
 class Recorder:
@@ -192,3 +194,64 @@ def test_sigterm_delivered_twice_still_saves_and_a_second_ctrl_c_stops_at_once(s
     monkeypatch.setattr(engine.loop, "train_step", step_with([signal.SIGINT, signal.SIGINT]))
     with pytest.raises(KeyboardInterrupt):
         train.run(TrainConfig(**{**cfg.__dict__, "fresh": True}))
+
+
+def test_compile_under_ddp_saves_plain_keys_that_every_loader_reads(tmp_path):
+    """--compile --ema with two gloo processes (torch.compile around DDP; the aot_eager backend: no C compiler) stops
+    mid-run; its state resumes on one process, and the checkpoints hold plain keys that evaluate and distill --teacher
+    load. Before the fix the state and checkpoints carried "_orig_mod." keys and the resume failed."""
+    from safetensors.torch import load_file
+
+    from kdfast import distill, evaluate
+    from kdfast.config import DistillConfig, EvaluateConfig
+
+    data = write_image_folder(str(tmp_path / "tiny"), n_train=24)
+    out = tmp_path / "run"
+    flags = ["kdfast.train", "--model", "resnet8", "--data", data, "--cache-dir", str(tmp_path / "cache"), "--epochs",
+             "2", "--batch-size", "12", "--eval-batch-size", "40", "--precision", "fp32", "--no-progress", "--name",
+             "run", "--out-dir", str(out), "--compile", "--ema", "0.9"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "KDFAST_TEST_COMPILE": "aot_eager"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29563", "-m", "tests.stop_at", "3", *flags], capture_output=True, text=True, timeout=600,
+                         env=env, cwd=root)
+    assert two.returncode != 0 and "SIGTERM: stopped after" in two.stderr, two.stdout + two.stderr
+    one = subprocess.run([sys.executable, "-m", "tests.stop_at", "-1", *flags, "--resume"], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=root)
+    assert one.returncode == 0 and "resuming" in one.stdout, one.stdout + one.stderr
+    saved = load_file(str(out / "run.safetensors"))
+    pth = torch.load(out / "run.pth", weights_only=True)
+    for keys in (saved.keys(), pth.keys()):
+        assert keys and not [k for k in keys if k.startswith(("_orig_mod.", "module.")) or "._orig_mod." in k]
+    assert "conv1.weight" in saved  # the model's own names
+    acc = evaluate.run(EvaluateConfig(checkpoint=str(out / "run.pth"), data=data,
+                                      cache_dir=str(tmp_path / "cache"), progress=False))
+    assert 0.0 <= acc["accuracy"] <= 1.0
+    student = distill.run(tyro.cli(DistillConfig, args=[
+        "--teacher", str(out / "run.pth"), "--model", "resnet8", "--data", data, "--cache-dir",
+        str(tmp_path / "cache"), "--epochs", "1", "--batch-size", "12", "--eval-batch-size", "40", "--precision",
+        "fp32", "--no-progress", "--out-dir", str(tmp_path / "student")]))
+    assert student["epochs"] == 1
+
+
+def test_deterministic_sets_every_switch_and_trains(tiny_data, tmp_path, monkeypatch):
+    """--deterministic: deterministic algorithms, no cuDNN autotuning, no TF32 (set as on a GPU), a cuBLAS workspace;
+    a run with it trains (no op of a CPU step lacks a deterministic kernel); a run without it turns them back."""
+    from kdfast.engine.runtime import set_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        set_determinism(True, "cuda")
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        set_determinism(False, "cuda")
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        set_determinism(False, "cpu")
+        torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    out = train.run(TrainConfig(model="resnet8", epochs=1, deterministic=True, aug_recipe="cct",
+                                **common(tiny_data, tmp_path)))
+    assert out["config"]["deterministic"] and torch.are_deterministic_algorithms_enabled()
+    set_determinism(False, "cpu")

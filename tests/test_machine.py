@@ -1,6 +1,9 @@
-import pytest
+from pathlib import Path
 
-from kdfast.machine import launcher_precision, resolve_precision
+import pytest
+import torch
+
+from kdfast.machine import decide_precision, launcher_precision, resolve_precision
 
 AMX = {"avx512f", "amx_bf16", "amx_tile"}
 AVX512 = {"avx512f", "avx512bw"}
@@ -34,3 +37,22 @@ def test_accelerate_launch_precision_wins_over_auto_and_says_so(tmp_path):
     assert launcher_precision({"ACCELERATE_MIXED_PRECISION": "bf16"}, ["accelerate", "launch"])[0] == "bf16"
     assert launcher_precision(env, ["accelerate", "launch", "--config_file", "/nonexistent.yaml"]) is None  # not said
     assert launcher_precision({}, ["python"]) is None
+
+
+LAUNCH_CONFIGS = sorted((Path(__file__).parent.parent / "launch").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", LAUNCH_CONFIGS, ids=lambda p: p.name)
+def test_shipped_launch_configs_keep_kdfasts_precision(config, monkeypatch, tmp_path):
+    """`accelerate launch --config_file launch/X.yaml` exports ACCELERATE_MIXED_PRECISION=no; the real decision then
+    gives bf16 on a GPU that has it and the CPU's own precision on a CPU, not the fp32 an explicit "no" means."""
+    assert LAUNCH_CONFIGS, "no launch configs found"
+    env = {"ACCELERATE_MIXED_PRECISION": "no"}
+    command = ["accelerate", "launch", "--config_file", str(config), "-m", "kdfast.lab"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert decide_precision("auto", "cuda", env, command)[0] == "bf16"
+    assert decide_precision("auto", "cpu", env, command, AMX)[0] == "bf16"
+    assert decide_precision("auto", "cpu", env, command, AVX512)[0] == "fp32"
+    said = tmp_path / config.name  # the same file with the line the shipped ones used to have: fp32
+    said.write_text(config.read_text() + 'mixed_precision: "no"\n')
+    assert decide_precision("auto", "cuda", env, ["accelerate", "launch", "--config_file", str(said)])[0] == "fp32"

@@ -79,7 +79,14 @@ def test_views_on_cuda_equal_the_cpus(name):
     spec, sp = SPECS[name], split()
     idx = torch.arange(256)
     cpu, gpu = views(sp, idx, spec, 3, 256), views(sp, idx, spec, 3, 64, "cuda")
-    assert all(torch.equal(a, b) for a, b in zip(cpu, gpu))
+    assert all(torch.equal(a, b) for a, b in zip(cpu[1:], gpu[1:]))  # the mixing: partners and λ
+    if spec.policy == "none" and not spec.mixes:
+        assert torch.equal(cpu[0], gpu[0])
+    else:  # what the README states: Color / Contrast blends (a GPU's fused multiply-add) and the mix in float32 may
+        # differ by one level in a few pixels
+        level = 1 / (255 * min(spec.std)) + 1e-5
+        differ = (cpu[0] - gpu[0]).abs()
+        assert differ.max() <= level and (differ > 1e-6).float().mean() < 1e-3
 
 
 def test_every_op_follows_torchvision_per_image_and_identity_keeps_pixels():

@@ -17,6 +17,7 @@ made the same way under its own index).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .cifar import cifar_view, crop_flip_params
@@ -43,13 +44,15 @@ def augment(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, spec: Aug
     uint8 out.
 
     images_u8: (B, C, H, W) stored images; sizes: (B, 2) their true (h, w) inside that box (None: the whole box);
-    cpu_indices: the same indices on the CPU when `indices` are on a GPU (the policy draws there, with no sync).
+    cpu_indices: the same indices on the CPU when `indices` are on a GPU (the rrc boxes and the policy are drawn
+    there: no sync).
     """
+    host = indices if cpu_indices is None else cpu_indices
     if spec.view == "rrc":
-        views = rrc_view(images_u8, indices, seed, spec, _full_sizes(images_u8) if sizes is None else sizes)
+        views = rrc_view(images_u8, host, seed, spec, _full_sizes(images_u8) if sizes is None else sizes)
     else:
         views = cifar_view(images_u8, indices.to(images_u8.device), seed, spec)
-    return with_policy(views, indices if cpu_indices is None else cpu_indices, seed, spec)
+    return with_policy(views, host, seed, spec)
 
 
 def with_policy(views_u8: torch.Tensor, indices: torch.Tensor, seed: int, spec: AugmentSpec) -> torch.Tensor:
@@ -88,7 +91,8 @@ def views_of_pil(images: list, indices: torch.Tensor, seed: int | None, spec: Au
 
 def normalize(images_u8: torch.Tensor, spec: AugmentSpec, channels_last: bool = False) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 normalized with the spec's mean and std."""
-    shift = torch.tensor(spec.mean, device=images_u8.device).view(1, -1, 1, 1) * 255
-    scale = 1 / (torch.tensor(spec.std, device=images_u8.device).view(1, -1, 1, 1) * 255)
-    out = images_u8.float().sub_(shift).mul_(scale)
+    out = images_u8.float()
+    for c, (mean, std) in enumerate(zip(spec.mean, spec.std)):  # Python scalars: nothing to copy to the device
+        shift = np.float32(mean) * np.float32(255)  # float32 arithmetic, as on float32 tensors
+        out[:, c].sub_(float(shift)).mul_(float(np.float32(1) / (np.float32(std) * np.float32(255))))
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()

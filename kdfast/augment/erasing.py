@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..transfer import upload_one
 from .keyed import uniforms
 
 STREAM = 300
@@ -40,8 +41,7 @@ def erase_boxes(seed: int, indices: torch.Tensor, h: int, w: int, p: float, area
 
 
 def box_mask(boxes: torch.Tensor, h: int, w: int, device) -> torch.Tensor:
-    """(B, 1, h, w) bool: inside each sample's box (top, bottom, left, right), bottom/right exclusive."""
-    boxes = boxes.to(device)
+    """(B, 1, h, w) bool: inside each sample's box (top, bottom, left, right; on `device`), bottom/right exclusive."""
     rows = torch.arange(h, device=device)[None, :]
     cols = torch.arange(w, device=device)[None, :]
     in_rows = (rows >= boxes[:, :1]) & (rows < boxes[:, 1:2])
@@ -50,5 +50,5 @@ def box_mask(boxes: torch.Tensor, h: int, w: int, device) -> torch.Tensor:
 
 
 def erase(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Zero each sample's box in normalized views (B, C, H, W)."""
-    return images.masked_fill(box_mask(boxes, *images.shape[-2:], images.device), 0.0)
+    """Zero each sample's box (boxes: (B, 4) on the host) in normalized views (B, C, H, W)."""
+    return images.masked_fill(box_mask(upload_one(boxes, images.device), *images.shape[-2:], images.device), 0.0)

@@ -32,16 +32,24 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ shr(x, 31)
 
 
+def splitmix64_int(x: int) -> int:
+    """splitmix64 of one Python int, as the int64 with the bits splitmix64 gives on a tensor (no tensor is made, so
+    nothing is copied to a device)."""
+    mask = (1 << 64) - 1
+    x = (x + _GOLDEN) & mask
+    x = ((x ^ (x >> 30)) * (_MIX1 & mask)) & mask
+    x = ((x ^ (x >> 27)) * (_MIX2 & mask)) & mask
+    return _u64(x ^ (x >> 31))
+
+
 def sample_hash(seed: int, indices: torch.Tensor) -> torch.Tensor:
     """A 64-bit hash of (seed, index) for each index; int64 [B]. (The CIFAR crop + flip reads its bits.)"""
-    seed_key = splitmix64(torch.tensor([seed], dtype=torch.int64, device=indices.device))
-    return splitmix64(seed_key ^ indices.to(torch.int64))
+    return splitmix64(indices.to(torch.int64) ^ splitmix64_int(seed))
 
 
 def stream_hash(seed: int, indices: torch.Tensor, stream: int) -> torch.Tensor:
     """An independent 64-bit hash per (seed, index, stream): one stream per random decision of a view."""
-    key = splitmix64(torch.tensor([stream * 0x10001 + 1], dtype=torch.int64, device=indices.device))
-    return splitmix64(sample_hash(seed, indices) ^ key)
+    return splitmix64(sample_hash(seed, indices) ^ splitmix64_int(stream * 0x10001 + 1))
 
 
 def uniform(seed: int, indices: torch.Tensor, stream: int) -> torch.Tensor:

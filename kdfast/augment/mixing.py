@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..transfer import upload
 from .erasing import box_mask
 from .keyed import uniforms
 
@@ -31,7 +32,7 @@ class MixParams:
 
     def to(self, device) -> "MixParams":
         """The same parameters on `device` (drawn on the CPU, copied once per batch)."""
-        return MixParams(*(t.to(device, non_blocking=True) for t in (self.partner, self.lam, self.cut, self.box)))
+        return MixParams(*upload(self.partner, self.lam, self.cut, self.box, device=device))
 
 
 def keyed_gamma(seed: int, idx: torch.Tensor, stream: int, a: float) -> torch.Tensor:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from .keyed import uniforms
-from .ops import apply_op_batch
+from ..transfer import Parcel
+from .ops import plan_op_batch, run_op_batch
 
 BINS = 31  # torchvision's num_magnitude_bins
 STREAM = 100  # the policy's keyed streams: STREAM + 3 * slot + (op, sign, magnitude)
@@ -86,19 +87,25 @@ def apply_policy(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, poli
     space = SPACES[policy]
     h, w = images_u8.shape[-2:]
     op, level, negative = policy_params(seed, indices, policy, ops, magnitude)
-    out = images_u8
-    for s in range(op.shape[1]):
-        present = torch.unique(op[:, s]).tolist()
-        if present == [0]:  # Identity for all
-            continue
-        result = out.clone()
-        for o in present:
+    parcel, slots = Parcel(images_u8.device), []
+    for s in range(op.shape[1]):  # the host plans every op slot, then sends it all in one copy
+        groups = []
+        for o in torch.unique(op[:, s]).tolist():
             name = OPS[o]
             if name == "Identity":
                 continue
             members = (op[:, s] == o).nonzero().squeeze(1)
             m = magnitudes_of(space, name, level[members, s], negative[members, s], h, w)
-            on_device = members.to(out.device)
-            result[on_device] = apply_op_batch(out[on_device], name, m)
+            groups.append((name, parcel.add(members), plan_op_batch(name, m, h, w, parcel)))
+        slots.append(groups)
+    parcel.send()
+    out = images_u8
+    for groups in slots:
+        if not groups:  # Identity for all
+            continue
+        result = out.clone()
+        for name, members, plan in groups:
+            on_device = parcel[members]
+            result[on_device] = run_op_batch(out[on_device], name, plan, parcel)
         out = result
     return out

@@ -15,8 +15,11 @@ import math
 import numpy as np
 import torch
 
+from ..transfer import Parcel
+
 PRECISION_BITS = 32 - 8 - 2  # Pillow's, for 8-bit images
 INTERPOLATIONS = ("bilinear", "bicubic")
+CPU_BACKEND = "pillow"  # what crop_resize runs on a CPU (faster there; the same pixels as "torch", a GPU's)
 
 
 def _bilinear(x: torch.Tensor) -> torch.Tensor:
@@ -74,24 +77,30 @@ def _torch_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: i
     B, C = images_u8.shape[:2]
     # Pillow's pass order: vertical first when the height shrinks by more than twice what the width does
     horizontal_first = ~(((height - out_h) > 0) & ((height - out_h) > (width - out_w) * 2))
-    out = torch.empty(B, C, out_h, out_w, dtype=torch.uint8, device=device)
-    for order in (True, False):
+    parcel, passes = Parcel(device), []
+    for order in (True, False):  # the host plans both pass orders, then sends them in one copy
         group = torch.nonzero(horizontal_first == order).flatten()
         if len(group) == 0:
             continue
         t, l, h, w = top[group], left[group], height[group], width[group]
-        cols = [c.to(device) for c in _coefficients(w, out_w, interpolation)]
-        rows = [r.to(device) for r in _coefficients(h, out_h, interpolation)]
-        x = images_u8[group.to(device)][:, :, :int((t + h).max()), :int((l + w).max())]
+        cols, rows = _coefficients(w, out_w, interpolation), _coefficients(h, out_h, interpolation)
+        crop = (int((t + h).max()), int((l + w).max()))
+        passes.append((order, crop, [parcel.add(x) for x in (group, t, l, cols[0], cols[2], rows[0], rows[2])]))
+    flipped = None if flip is None else parcel.add(flip)
+    parcel.send()
+    out = torch.empty(B, C, out_h, out_w, dtype=torch.uint8, device=device)
+    for order, (bottom, right), handles in passes:
+        group, t, l, col_first, col_weights, row_first, row_weights = (parcel[k] for k in handles)
+        x = images_u8[group][:, :, :bottom, :right]
         if order:  # horizontal (B, C, H, out_w), then vertical on the transposed rows
-            y = _pass(x, l.to(device), cols[0], cols[2])
-            z = _pass(y.transpose(2, 3).contiguous(), t.to(device), rows[0], rows[2]).transpose(2, 3)
+            y = _pass(x, l, col_first, col_weights)
+            z = _pass(y.transpose(2, 3).contiguous(), t, row_first, row_weights).transpose(2, 3)
         else:  # vertical (B, C, out_h, W), then horizontal
-            y = _pass(x.transpose(2, 3).contiguous(), t.to(device), rows[0], rows[2]).transpose(2, 3).contiguous()
-            z = _pass(y, l.to(device), cols[0], cols[2])
-        out[group.to(device)] = z
-    if flip is not None:
-        out = torch.where(flip.to(device)[:, None, None, None], out.flip(-1), out)
+            y = _pass(x.transpose(2, 3).contiguous(), t, row_first, row_weights).transpose(2, 3).contiguous()
+            z = _pass(y, l, col_first, col_weights)
+        out[group] = z
+    if flipped is not None:
+        out = torch.where(parcel[flipped][:, None, None, None], out.flip(-1), out)
     return out
 
 
@@ -153,7 +162,6 @@ def crop_resize(images_u8: torch.Tensor, top, left, height, width, out_h: int, o
 
     backend: auto (Pillow for 3-channel images on the CPU, torch elsewhere), pillow or torch: the same pixels."""
     if backend == "auto":
-        backend = "pillow" if images_u8.device.type == "cpu" and images_u8.shape[1] == 3 else "torch"
+        backend = CPU_BACKEND if images_u8.device.type == "cpu" and images_u8.shape[1] == 3 else "torch"
     fn = _pillow_crop_resize if backend == "pillow" else _torch_crop_resize
-    return fn(images_u8, top.cpu(), left.cpu(), height.cpu(), width.cpu(), out_h, out_w,
-              None if flip is None else flip.cpu() if backend == "pillow" else flip, interpolation)
+    return fn(images_u8, top, left, height, width, out_h, out_w, flip, interpolation)

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 import torch
 from tqdm.auto import tqdm
 
+from .. import collectives
 from .. import __version__
 from ..augment import epoch_seed
 from ..checkpoint import load_teacher, read_meta, weights_sha256
@@ -41,7 +42,8 @@ def build(cfg: BuildConfig, runtime: Runtime | None = None) -> str:
     """
     cfg.validate()
     cfg = replace(cfg, teacher=cfg.teacher or DEFAULT_TEACHER)  # the data not given: the teacher's (below)
-    runtime = runtime or make_runtime(cfg.value("precision"), dist_timeout=cfg.dist_timeout)
+    runtime = runtime or make_runtime(cfg.value("precision"), dist_timeout=cfg.dist_timeout,
+                                      deterministic=cfg.deterministic)
     path = cfg.out or default_cache_path(cfg.teacher, cfg.cache_dir)
     held = []
 
@@ -157,7 +159,7 @@ class TeacherPass:
             if acc.is_main_process:
                 mark_complete(self.f, slot)
             self.runtime.print(f"[cache] slot {slot + 1}/{self.cfg.slots} complete (seed {seeds[slot]})")
-            acc.wait_for_everyone()
+            collectives.barrier()
         bar.close()
         self.finish(todo, path, time.perf_counter() - t0)
         return path
@@ -180,7 +182,7 @@ class TeacherPass:
             self.runtime.print(f"[cache] wrote {path}: {len(self.attrs['seeds'])} slots x {len(data.train)} samples "
                                f"({images / max(elapsed, 1e-9):,.0f} img/s teacher inference, "
                                f"{self.runtime.precision}, {elapsed:.1f}s)")
-        acc.wait_for_everyone()
+        collectives.barrier()
 
 
 def write_rows(f, slot: int, start: int, logits: torch.Tensor, codec) -> None:

@@ -53,7 +53,7 @@ def verify(cfg: VerifyConfig) -> dict:
     cache = LogitCache(cfg.file)
     a = cache.attrs
     cfg = replace(cfg, teacher=cfg.teacher or DEFAULT_TEACHER).resolved(built_with(a))
-    runtime = make_runtime(cfg.precision, dist_timeout=cfg.dist_timeout)
+    runtime = make_runtime(cfg.precision, dist_timeout=cfg.dist_timeout, deterministic=cfg.deterministic)
     teacher, meta = load_teacher(cfg.teacher, a["classes"], runtime.device, cfg.teacher_weights, cfg.teacher_pretrained)
     if weights_sha256(teacher) != a["teacher_sha256"]:
         raise CacheError(f"{cfg.teacher}: not the teacher this cache was built from "

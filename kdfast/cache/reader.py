@@ -9,6 +9,7 @@ from .. import schemas
 from ..augment import AugmentSpec
 from ..data import Dataset
 from ..errors import KdfastError
+from ..transfer import upload
 from .format import (FORMAT, FORMAT_VERSION, MATCHED_ATTRS, CacheError, codec_for, differences, expected_attrs, h5py,
                      layout, read_attrs)
 
@@ -144,5 +145,5 @@ class CachedTeacher:
         slot = self.slot_of_seed[batch.aug_seed]
         if slot != self.slot:  # once per epoch: the slot to the device
             self.slot = slot
-            self.held = [t.to(self.device) for t in self.cache.slot_parts(slot)]
+            self.held = list(upload(*self.cache.slot_parts(slot), device=self.device))
         return self.cache.codec.decode(self.held, batch.indices)

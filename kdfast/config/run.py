@@ -12,7 +12,7 @@ from .section import Section
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Tracker = Literal["none", "tensorboard", "wandb", "mlflow", "aim", "all"]
-DIST_TIMEOUT_S = 1800.0  # torch's own default for gloo: long enough for any step the main process does alone
+DIST_TIMEOUT_S = 600.0  # a lost GPU peer idles the others this long; the longest wait kdfast bounds is a state save
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
                     "aim": ("aim",)}
 
@@ -27,10 +27,15 @@ class RuntimeConfig(Section):
     Default: as recorded by what the command reads (kdfast evaluate: the checkpoint's; cache verify: the cache's),
     else auto."""
     dist_timeout: float = setting(DIST_TIMEOUT_S)
-    """Several processes: seconds one waits in a collective for the others before the job stops, naming the rank
-    lost. Keep it above the longest step the main process does alone (decoding a large folder)."""
+    """Several processes: seconds one waits in kdfast's collectives for the others (under gloo and NCCL alike) before
+    the job stops, naming the rank lost. Keep it above the longest step and the longest state save; the first
+    decode of a folder is waited for as long as it takes."""
     progress: bool = setting(True)
     """Show progress bars (main process only)."""
+    deterministic: bool = setting(False)
+    """GPUs: deterministic kernels only (torch.use_deterministic_algorithms; no cuDNN autotuning, no TF32), so that a
+    run and its resume repeat bit for bit on one GPU model; slower, and an op with no deterministic kernel stops the
+    run. Without it a GPU run repeats within rounding only. CPUs are deterministic either way."""
 
     def check(self) -> None:
         check_float(self, "dist_timeout", 1.0)

@@ -12,6 +12,7 @@ an explicit source is downloaded into only with download=True.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -56,17 +57,21 @@ def _torchvision_dataset(source: str, dataset: str, cache_dir: str, download: bo
             return Dataset(train, test, meta["classes"], meta["fingerprint"], meta["source"])
     train, test, classes = read_torchvision(source, dataset, download, log)
     ds = Dataset(train, test, classes, fingerprint(train, test, classes), os.path.abspath(source))
-    _save(cache_path(cache_dir, source, source_key(source, "torchvision", dataset), 0), ds, cache_dir, log)
-    return ds
+    return _save(cache_path(cache_dir, source, source_key(source, "torchvision", dataset), 0), ds, cache_dir, log)
 
 
-def _save(path: str, ds: Dataset, cache_dir: str, log) -> None:
+def _save(path: str, ds: Dataset, cache_dir: str, log) -> Dataset:
+    """Write the decoded data to its cache file and return it read back memory-mapped, as the other processes of the
+    node read it: one copy of the pages for all of them (the decoded one in this process's memory is let go)."""
     try:
         save_decoded(path, ds.train, ds.test, {"classes": ds.classes, "fingerprint": ds.fingerprint,
                                                "source": ds.source, "store_size": ds.store_size})
         log(f"cached decoded data in {path}")
     except OSError as e:
         log(f"note: could not write the data cache under {cache_dir} ({e}); decoding again next time")
+        return ds
+    loaded = load_decoded(path, need_digests=ds.train.digests is not None)
+    return ds if loaded is None else dataclasses.replace(ds, train=loaded[0], test=loaded[1])
 
 
 def _choose_tier(tier: str, n: int, side: int, budget: int | None, log) -> str:
@@ -119,8 +124,7 @@ def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store
             train, test = (decode_split(listing, s, store_size, bar) for s in ("train", "test"))
         ds = Dataset(train, test, listing.classes, fingerprint(train, test, listing.classes, store_size), where,
                      "device", store_size)
-        _save(decoded_file, ds, cache_dir, log)
-        return ds
+        return _save(decoded_file, ds, cache_dir, log)
     splits = []
     for split, path in zip(("train", "test"), arrows):
         if not os.path.exists(path):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..augment import AugmentSpec, MixParams, augment, eval_view, mix, mixing_params, train_tensor, views_of_pil
+from ..transfer import to_device, upload
 from .types import DataError, Split
 
 
@@ -99,21 +100,23 @@ def _finish(views_u8, partner_views_u8, params: MixParams | None, on_device: Mix
 
 
 def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed: int | None, device,
-                 channels_last: bool = False, workers: int = 2, images_on_device: torch.Tensor | None = None):
+                 channels_last: bool = False, workers: int = 2, images_on_device: torch.Tensor | None = None,
+                 view_in_worker: bool | None = None):
     """(normalized views, labels, indices on the device, mix) of each chunk of sample indices (CPU, -1 = padding);
-    mix: (partner labels, λ) where the views are mixed, else None."""
+    mix: (partner labels, λ) where the views are mixed, else None. view_in_worker (streamed tier): the views are
+    computed by the workers (default on a CPU) or on the device (default on a GPU)."""
     device = torch.device(device)
     if not is_streamed(split):
-        images = split.images.to(device) if images_on_device is None else images_on_device
-        labels = split.labels.to(device)
+        images = to_device(split.images, device) if images_on_device is None else images_on_device
+        flat = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.int64)
+        flat, labels = upload(flat, split.labels, device=device)  # the pass's indices and the labels: one copy
+        chunks_on_device = flat.split([len(idx) for idx in chunks])
 
-        def views_of(safe: torch.Tensor, on_device: torch.Tensor):
-            index = safe if spec.view == "rrc" else on_device  # rrc boxes come from CPU indices: no sync
-            return _views(images[on_device], index, split.sizes[safe], spec, aug_seed, safe)
+        def views_of(safe: torch.Tensor, on_device: torch.Tensor):  # parameters drawn from the host's indices
+            return _views(images[on_device], on_device, split.sizes[safe], spec, aug_seed, safe)
 
-        for idx in chunks:
+        for idx, idx_on_device in zip(chunks, chunks_on_device):
             safe = idx.clamp(min=0)
-            idx_on_device = idx.to(device)  # the one host-to-device copy of a step
             on_device = idx_on_device.clamp(min=0)
             params = _mixing(spec, aug_seed, safe, len(split))
             mixing = None if params is None else params.to(device)
@@ -122,23 +125,24 @@ def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed:
                                  channels_last)
             yield out, labels[on_device], idx_on_device, mixed
         return
-    view_in_worker = device.type == "cpu"
+    view_in_worker = device.type == "cpu" if view_in_worker is None else view_in_worker
     loader = torch.utils.data.DataLoader(_StepViews(split, chunks, spec, aug_seed, view_in_worker), batch_size=None,
                                          shuffle=False, num_workers=workers, prefetch_factor=4 if workers else None,
                                          pin_memory=device.type == "cuda")
-    labels_all = split.labels.to(device)
+    labels_all = upload(split.labels, device=device)[0] if aug_seed is not None and spec.mixes else None  # partners' labels
     for images, labels, idx, sizes, partner in loader:
         safe = idx.clamp(min=0)
-        images = images.to(device, non_blocking=True)
         params = None if partner is None else MixParams(*partner[2:])
-        mixing = None if params is None else params.to(device)
-        partner_images = None if partner is None else partner[0].to(device, non_blocking=True)
+        sent = upload(images, labels, idx, *(() if partner is None else (partner[0], *partner[2:])), device=device)
+        images, labels, idx_on_device = sent[:3]
+        mixing = None if params is None else MixParams(*sent[4:])
+        partner_images = None if partner is None else sent[3]
         if not view_in_worker:
-            images = _views(images, safe, sizes, spec, aug_seed, safe)
+            images = _views(images, idx_on_device.clamp(min=0), sizes, spec, aug_seed, safe)
             if partner is not None:
-                partner_images = _views(partner_images, params.partner, partner[1], spec, aug_seed, params.partner)
+                partner_images = _views(partner_images, mixing.partner, partner[1], spec, aug_seed, params.partner)
         out, mixed = _finish(images, partner_images, params, mixing, safe, labels_all, spec, aug_seed, channels_last)
-        yield out, labels.to(device, non_blocking=True), idx.to(device), mixed
+        yield out, labels, idx_on_device, mixed
 
 
 def check_view(split, spec: AugmentSpec) -> None:
@@ -179,13 +183,14 @@ class TrainLoader:
             raise ValueError(f"batch_size {batch_size} is larger than the training set ({len(split)} samples); lower --batch-size")
         check_view(split, spec)
         self.split, self.labels = split, split.labels
-        self.images = None if is_streamed(split) else split.images.to(device)
+        self.images = None if is_streamed(split) else to_device(split.images, device)
         self.batch_size, self.seed, self.spec, self.device = batch_size, seed, spec, device
         self.rank, self.world = process_index, num_processes
         self.accumulate = accumulate
         self.local_batch = batch_size // pieces  # one micro-batch
         self.channels_last, self.workers = channels_last, workers
         self.decoded = 0  # streamed tier: training images this process (its workers) decoded
+        self.view_in_worker: bool | None = None  # streamed tier: where the views are made (None: by the device type)
 
     def __len__(self) -> int:
         return len(self.labels) // self.batch_size
@@ -205,7 +210,7 @@ class TrainLoader:
         """The epoch's batches from start_step on (a resumed epoch skips the steps already done)."""
         for images, labels, idx, mixed in view_batches(self.split, self.shares(epoch, start_step), self.spec,
                                                        aug_seed, self.device, self.channels_last, self.workers,
-                                                       self.images):
+                                                       self.images, self.view_in_worker):
             if is_streamed(self.split):
                 self.decoded += len(idx) * (2 if mixed is not None else 1)
             yield Batch(images, labels, idx, aug_seed, epoch, mixed)

@@ -74,14 +74,43 @@ def save_decoded(path: str, train: Split, test: Split, meta: dict) -> None:
     os.replace(tmp, path)
 
 
+SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                      "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                      "BOOL": torch.bool}
+
+
+def mapped_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a .safetensors file memory-mapped (copy-on-write), and its metadata: the processes of a node
+    that map one file share its pages (one copy in memory, however many processes), and pages are read when used."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    (size,) = struct.unpack("<Q", mapped[:8])
+    header = json.loads(mapped[8:8 + size])
+    meta = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + size + begin) if count else \
+            torch.empty(0, dtype=dtype)
+        tensors[name] = flat.view(info["shape"])
+    return tensors, meta
+
+
 def load_decoded(path: str, need_digests: bool) -> tuple[Split, Split, dict] | None:
-    """What save_decoded wrote, or None (a damaged or older cache is rebuilt, never trusted)."""
-    from safetensors import safe_open
+    """What save_decoded wrote, memory-mapped (mapped_safetensors), or None (a damaged or older cache is rebuilt,
+    never trusted)."""
+    import warnings
 
     try:
-        with safe_open(path, framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in f.metadata().items()}
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        with warnings.catch_warnings():  # torch.frombuffer on a copy-on-write map: writable, no warning needed
+            warnings.simplefilter("ignore")
+            t, raw = mapped_safetensors(path)
+        meta = {k: json.loads(v) for k, v in raw.items()}
         splits = []
         for name in ("train", "test"):
             digests = t.get(f"{name}_digests")

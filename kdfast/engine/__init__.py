@@ -10,6 +10,7 @@ together). One module a concern:
     loop        fit(): run the epoch, end it, save the progress, stop if asked; the step
     records     RunReporter: the start lines, the metrics per epoch, the checkpoint; trackers
     preemption  a signal saves and stops; a lost process ends the job naming it
+    stepaudit   a run's first steps counted by kdfast.audit: what each would make a GPU wait for (tests, benchmarks)
 """
 from . import claim, dataset, evaluation, loop, optimizer, preemption, records, runtime, trainer
 from .claim import check_sync_bn, open_run
@@ -19,12 +20,12 @@ from .loop import LOG_EVERY, NonFiniteLoss, Reporter, fit, step_seed, train_step
 from .optimizer import build_optimizer, lr_factor, make_ema
 from .preemption import Preemption, lost_processes, resume_advice
 from .records import RunReporter, checkpoint_meta, epoch_record, final_evaluations, tracking
-from .runtime import Runtime, decide_precision, logging_dir, make_runtime, on_main, process_state, run_runtime, say
+from .runtime import Runtime, logging_dir, make_runtime, on_main, process_state, run_runtime, say
 from .trainer import Trainer, clip_whole, make_trainer
 
 __all__ = ["LOG_EVERY", "NonFiniteLoss", "Preemption", "Reporter", "RunReporter", "Runtime", "Trainer",
            "accuracy_and_loss", "build_optimizer", "check_sync_bn", "checkpoint_meta", "claim", "clip_whole",
-           "data_budget", "dataset", "decide_precision", "epoch_record", "evaluate_model", "evaluation", "evaluations",
+           "data_budget", "dataset", "epoch_record", "evaluate_model", "evaluation", "evaluations",
            "final_evaluations", "fit", "load_data", "logging_dir", "loop", "lost_processes", "lr_factor",
            "make_ema", "make_runtime", "make_trainer", "on_main", "open_run", "optimizer", "predict", "preemption",
            "process_state", "records", "resume_advice", "run_runtime", "runtime", "say", "step_seed", "tracking",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import collectives
 from ..data import Dataset, Split, eval_batches
 from ..tta import tta_logits
 from .runtime import Runtime
@@ -27,7 +28,8 @@ def predict(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: 
         with acc.autocast():
             logits_all.append(tta_logits(model, batch.images, tta))
         indices_all.append(batch.indices)
-    logits, index = acc.gather(torch.cat(logits_all)), acc.gather(torch.cat(indices_all))
+    logits = collectives.all_gather(torch.cat(logits_all))
+    index = collectives.all_gather(torch.cat(indices_all))
     valid = index >= 0
     logits, index = logits[valid], index[valid]
     return logits[index.argsort()]  # indices lo..hi-1, each once

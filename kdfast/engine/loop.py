@@ -9,6 +9,7 @@ from typing import Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from .. import collectives
 from ..augment import epoch_seed
 from ..data import Batch, Dataset
 from ..errors import KdfastError
@@ -116,8 +117,7 @@ def grouped(batches, size: int):
 
 def check_finite(tr: Trainer) -> None:
     """Stop at the first non-finite loss (collective under several processes); a host-device sync."""
-    bad = tr.bad_step if tr.acc.num_processes == 1 else tr.acc.gather(tr.bad_step[None]).max()
-    bad = int(bad.item())
+    bad = int(collectives.all_reduce(tr.bad_step.clone(), "max").item())
     if bad < 0:
         return
     saved = tr.run_dir.state.saved()
@@ -136,7 +136,7 @@ def save_progress(tr: Trainer, epoch: int, step: int, epoch_time: float, wall: f
     if tr.acc.is_main_process:
         progress = {"epoch": epoch, "step": step, "sums": sums, "epoch_time_s": epoch_time, "wall_time_s": wall}
         tr.run_dir.state.save(tr.modules(), tr.optimizer, tr.scheduler, tr.acc.scaler, progress, tr.cfg.to_dict())
-    tr.acc.wait_for_everyone()
+    collectives.barrier()
 
 
 def run_epoch(tr: Trainer, epoch: int, progress: dict, aug_seed: int, stop: Preemption, wall) -> float:
@@ -146,11 +146,14 @@ def run_epoch(tr: Trainer, epoch: int, progress: dict, aug_seed: int, stop: Pree
     resumed = epoch == progress["epoch"] and progress.get("step", 0) > 0
     start_step, time_before = (progress["step"], progress.get("epoch_time_s", 0.0)) if resumed else (0, 0.0)
     tr.reset_sums(progress.get("sums") if resumed else None)
-    check_every = 1 if acc.num_processes == 1 else LOG_EVERY  # a stop request is shared at check points
-    finite_every = 1 if tr.runtime.device.type == "cpu" else LOG_EVERY  # .item() is a sync on a GPU
+    # what makes the host wait for the device (a GPU's) happens on logging steps only: a stop request shared by
+    # several processes, the finite-loss check, the bar's loss (read only when a bar shows it)
+    check_every = 1 if acc.num_processes == 1 else LOG_EVERY  # one process: a flag, no collective
+    finite_every = 1 if tr.runtime.device.type == "cpu" else LOG_EVERY  # .item() waits for a GPU
     show_every = max(1, min(LOG_EVERY, len(loader) // 10))  # the bar's loss: about 10 updates an epoch, or more
     bar = tqdm(total=len(loader), initial=start_step, desc=f"{cfg.run_name} {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
+    shows = not bar.disable
     tr.model.train()  # evaluation left it in eval mode
     t0 = time.perf_counter()
     for step, micro in enumerate(grouped(loader.epoch(epoch, aug_seed, start_step), loader.accumulate),
@@ -161,7 +164,7 @@ def run_epoch(tr: Trainer, epoch: int, progress: dict, aug_seed: int, stop: Pree
         done = step + 1
         if done % finite_every == 0:
             check_finite(tr)
-        if done % show_every == 0 or done == len(loader):
+        if shows and (done % show_every == 0 or done == len(loader)):
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{tr.scheduler.get_last_lr()[0]:.3g}")
         signum = stop.requested(acc) if done % check_every == 0 or done == len(loader) else 0
         if signum or (cfg.checkpoint_every and (global_step + 1) % cfg.checkpoint_every == 0 and done < len(loader)):

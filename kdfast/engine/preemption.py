@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from accelerate import Accelerator
 
-from .. import cluster
+from .. import cluster, collectives
 from ..errors import Interrupted, KdfastError
 from ..rundir import RunDir, describe_progress
 
@@ -52,7 +52,7 @@ class Preemption:
         """The signal number asked for on any process (0: none); collective when there are several."""
         if acc.num_processes == 1:
             return self.signum
-        return int(acc.gather(torch.tensor([self.signum], device=acc.device)).max().item())
+        return int(collectives.all_reduce(torch.full((), self.signum, device=acc.device), "max").item())
 
 
 @contextmanager

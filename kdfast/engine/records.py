@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from .. import collectives
 from ..checkpoint import save_checkpoint
 from ..data import Dataset
 from ..models import count_parameters, model_entry
@@ -71,7 +72,7 @@ class RunReporter:
                                                      else "") + f"test accuracy {evals['test']['accuracy']:.4f} | "
                              f"wall {wall:.1f}s | saved {tr.run_dir.paths['pth']}")
             tr.run_dir.state.clear()
-        acc.wait_for_everyone()
+        collectives.barrier()
         acc.free_memory()
         return meta
 
@@ -115,7 +116,7 @@ def checkpoint_meta(cfg, tr: Trainer, data: Dataset, evals: dict, params: int, t
     described = data.describe()
     if data.tier == "stream":  # collective: every process computes the metadata
         count = torch.tensor([tr.loader.decoded], device=runtime.device)
-        described["decoded_per_process"] = (acc.gather(count) if acc.num_processes > 1 else count).tolist()
+        described["decoded_per_process"] = collectives.all_gather(count).tolist()
     return {
         "model": cfg.model, "family": model_entry(cfg.model).family, "parameters": params, "classes": data.classes,
         "test_accuracy": evals["test"]["accuracy"], "test_samples": evals["test"]["samples"],

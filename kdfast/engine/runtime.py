@@ -9,12 +9,12 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs,
-                              broadcast_object_list, parse_flag_from_env)
+                              parse_flag_from_env)
 
-from .. import cluster
+from .. import cluster, collectives
 from ..config import DIST_TIMEOUT_S
 from ..errors import USER_ERRORS, KdfastError, user_message
-from ..machine import accelerate_mixed_precision, launcher_precision, resolve_precision
+from ..machine import accelerate_mixed_precision, decide_precision, keep_freed_memory
 
 
 @dataclass
@@ -47,23 +47,15 @@ def process_state(dist_timeout: float | None = None) -> PartialState:
     dist_timeout (seconds a collective waits for the others; default torch's) is the process group's."""
     if PartialState._shared_state:  # set up already
         return PartialState()
-    timeout = timedelta(seconds=DIST_TIMEOUT_S if dist_timeout is None else dist_timeout)
+    dist_timeout = DIST_TIMEOUT_S if dist_timeout is None else dist_timeout
+    collectives.configure(dist_timeout)  # kdfast's own waits; the group's timeout is longer (NCCL's watchdog)
+    timeout = collectives.group_timeout(dist_timeout, nccl=not _use_cpu())
     return PartialState(cpu=_use_cpu(), timeout=timeout, **cluster.process_group_store(timeout))
-
-
-def decide_precision(precision: str, device_type: str) -> tuple[str, str]:
-    """(precision used, what decided it): --precision when given; with auto, a precision `accelerate launch` was
-    told (its --mixed_precision or config file) wins over kdfast's own choice."""
-    launched = launcher_precision() if precision == "auto" else None
-    if launched is None:
-        return resolve_precision(precision, device_type)
-    used, reason = resolve_precision(launched[0], device_type)
-    return used, f"{launched[1]}, over --precision auto" + ("" if reason == "requested" else f"; {reason}")
 
 
 def make_runtime(precision: str = "auto", find_unused_parameters: bool = False, log_with: str = "none",
                  logging_dir: str | None = None, accumulate: int = 1,
-                 dist_timeout: float = DIST_TIMEOUT_S) -> Runtime:
+                 dist_timeout: float = DIST_TIMEOUT_S, deterministic: bool = False) -> Runtime:
     """An Accelerator with the precision that is really fast here (see decide_precision).
 
     find_unused_parameters: for losses that leave some parameters without a gradient in some steps
@@ -71,14 +63,16 @@ def make_runtime(precision: str = "auto", find_unused_parameters: bool = False, 
     ("none", "tensorboard", "wandb", "mlflow", "aim", "all"), writing under logging_dir where they write files.
     accumulate: micro-batches per optimizer step (Accelerate's gradient accumulation). dist_timeout: seconds a
     collective waits for the other processes (Accelerate's InitProcessGroupKwargs), then the job stops (kdfast.cluster).
+    deterministic: deterministic kernels only (set_determinism).
     """
     device_type = process_state(dist_timeout).device.type
     used, reason = decide_precision(precision, device_type)
-    if device_type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    set_determinism(deterministic, device_type)
+    if device_type == "cpu":
+        keep_freed_memory()
     AcceleratorState._reset_state()  # lets one process run several runs (the lab, tests) in turn
     GradientState._reset_state()
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))]
+    handlers = [InitProcessGroupKwargs(timeout=collectives.group_timeout(dist_timeout, nccl=not _use_cpu()))]
     handlers += [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     trackers = {} if log_with == "none" else {"log_with": log_with, "project_dir": logging_dir}
     accelerator = Accelerator(cpu=_use_cpu(), mixed_precision=accelerate_mixed_precision(used),
@@ -87,10 +81,23 @@ def make_runtime(precision: str = "auto", find_unused_parameters: bool = False, 
     return Runtime(accelerator, used, reason)
 
 
+def set_determinism(deterministic: bool, device_type: str) -> None:
+    """--deterministic: deterministic algorithms, cuDNN without autotuning and TF32 off, and cuBLAS's fixed workspace
+    (read when cuBLAS starts: set here, before the first matmul). Otherwise, on a GPU, cuDNN picks the fastest kernels
+    for the fixed input shapes (per process: results then differ in the last bits between runs)."""
+    torch.use_deterministic_algorithms(deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
+
+
 def run_runtime(cfg, find_unused_parameters: bool = False) -> Runtime:
-    """The Runtime of a training run's config (its precision, trackers, accumulation and timeout)."""
+    """The Runtime of a training run's config (its precision, trackers, accumulation, timeout and determinism)."""
     return make_runtime(cfg.precision, find_unused_parameters, cfg.log_with, logging_dir(cfg), cfg.grad_accum,
-                        cfg.dist_timeout)
+                        cfg.dist_timeout, cfg.deterministic)
 
 
 def logging_dir(cfg) -> str:
@@ -110,7 +117,7 @@ def on_main(acc: Accelerator | PartialState, fn):
                 raise
             error = user_message(e)
     if acc.num_processes > 1:
-        result, error = broadcast_object_list([result, error])
+        result, error = collectives.broadcast_object((result, error))
     if error:
         raise KdfastError(error)
     return result

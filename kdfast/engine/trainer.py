@@ -10,9 +10,10 @@ import torch.nn as nn
 from accelerate import Accelerator
 from torch.optim.swa_utils import AveragedModel
 
+from .. import collectives
 from ..config import Recipe
 from ..data import Batch, Dataset, TrainLoader
-from ..models import model_entry
+from ..models import model_entry, plain_module
 from ..rundir import RunDir
 from .optimizer import build_optimizer, make_ema, make_scheduler
 from .runtime import Runtime
@@ -53,13 +54,17 @@ class Trainer:
     def acc(self) -> Accelerator:
         return self.runtime.accelerator
 
+    def unwrapped(self) -> nn.Module:
+        """The trained module without DDP and compile wrappers (plain state-dict keys)."""
+        return plain_module(self.model)
+
     def modules(self) -> dict[str, nn.Module]:
-        modules = {"model": self.acc.unwrap_model(self.model, keep_torch_compile=False)}
+        modules = {"model": self.unwrapped()}
         return modules | ({"ema": self.ema} if self.ema is not None else {})
 
     def trained(self) -> nn.Module:
         """The trained model unwrapped, without helpers such as a hint regressor."""
-        return self.export(self.acc.unwrap_model(self.model, keep_torch_compile=False))
+        return self.export(self.unwrapped())
 
     def exported(self) -> nn.Module:
         """The model to evaluate and save: the trained one, or its moving average with --ema."""
@@ -79,7 +84,7 @@ class Trainer:
     def global_sums(self) -> dict:
         """The epoch's sums over every process: "loss" is the sum over its steps of each step's loss (the mean over
         the processes), so that it means the same whatever the number of processes; correct / seen are counts."""
-        reduced = {k: self.acc.reduce(v.clone(), "sum") for k, v in self.sums.items()}
+        reduced = {k: collectives.all_reduce(v.clone(), "sum") for k, v in self.sums.items()}
         return {"loss": reduced["loss"].tolist(), "correct": reduced["correct"].tolist(),
                 "seen": int(reduced["seen"].item()), "loss_is": STEP_LOSS_SUM}
 
@@ -111,9 +116,9 @@ def make_trainer(model: nn.Module, loss_step: LossStep, data: Dataset, cfg, runt
     scheduler = make_scheduler(optimizer, cfg.epochs * len(loader), recipe)
     if cfg.sync_bn and acc.num_processes > 1:  # one process: plain BatchNorm computes the same
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.compile:
-        model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand, once per optimizer step
-    ema = make_ema(export(acc.unwrap_model(model, keep_torch_compile=False)), cfg.ema) if cfg.ema else None
+    if cfg.compile:  # around DDP, as torch recommends (DDPOptimizer splits the graph at its buckets)
+        model = torch.compile(model)
+    ema = make_ema(export(plain_module(model)), cfg.ema) if cfg.ema else None
     return Trainer(model, optimizer, scheduler, loader, loss_step, recipe, runtime, run_dir, cfg, export, clip,
                    loss_shape, ema=ema)

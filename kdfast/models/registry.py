@@ -84,3 +84,15 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def plain_module(model: nn.Module) -> nn.Module:
+    """model without its DDP, DataParallel and torch.compile wrappers, whichever wraps which (Accelerate's unwrap
+    stops at a compiled module inside DDP): its state dict has the plain keys every loader reads."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
