@@ -20,22 +20,39 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..transfer import Parcel
 from .cifar import cifar_view, crop_flip_params
-from .erasing import erase, erase_boxes
+from .erasing import erase, erase_boxes, plan_erase
 from .mixing import MixParams, mix, mix_params
-from .policy import apply_policy
+from .policy import apply_policy, plan_policy
 from .keyed import epoch_seed, sample_hash, splitmix64, uniform
-from .rrc import center_view, center_view_pil, rrc_boxes, rrc_view, rrc_view_pil
+from .rrc import center_view, center_view_pil, plan_rrc_view, rrc_boxes, rrc_view, rrc_view_pil
 from .spec import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DATASET_STATS, IMAGENET_MEAN,
                    IMAGENET_STD, AugmentSpec)
 
-__all__ = ["AugmentSpec", "MixParams", "augment", "mix", "mixing_params", "train_tensor", "with_policy", "eval_view", "views_of_pil", "normalize", "epoch_seed", "crop_flip_params", "rrc_boxes",
+__all__ = ["AugmentSpec", "MixParams", "Parcel", "augment", "plan_augment", "plan_train_tensor", "mix", "mixing_params", "train_tensor", "with_policy", "eval_view", "views_of_pil", "normalize", "epoch_seed", "crop_flip_params", "rrc_boxes",
            "sample_hash", "splitmix64", "uniform", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
            "DATASET_STATS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 
 def _full_sizes(images_u8: torch.Tensor) -> torch.Tensor:
     return torch.tensor([images_u8.shape[-2:]], dtype=torch.int64).expand(len(images_u8), 2)
+
+
+def plan_augment(parcel: Parcel, indices: torch.Tensor, seed: int, spec: AugmentSpec, sizes: torch.Tensor,
+                 on_device: torch.Tensor | None = None, channels: int = 3):
+    """The host's draws for the training views of the samples `indices` (host; sizes (B, 2): their true (h, w)),
+    added to the parcel; returns the function of the stored images (B, C, H, W) uint8 that makes the views, the
+    policy applied, once the parcel is sent. on_device: the same indices on the images' device (the cifar view
+    hashes them there); a function returning them where they are sent with the parcel."""
+    if spec.view == "rrc":
+        view = plan_rrc_view(parcel, indices, seed, spec, sizes, channels)
+    else:
+        where = on_device if callable(on_device) else (lambda: indices if on_device is None else on_device)
+        view = lambda images: cifar_view(images, where().to(images.device), seed, spec)  # noqa: E731
+    policy = plan_policy(parcel, indices, seed, spec.policy, spec.policy_ops, spec.policy_magnitude, spec.crop_size,
+                         spec.crop_size)
+    return lambda images: policy(view(images))
 
 
 def augment(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, spec: AugmentSpec,
@@ -47,25 +64,32 @@ def augment(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, spec: Aug
     cpu_indices: the same indices on the CPU when `indices` are on a GPU (the rrc boxes and the policy are drawn
     there: no sync).
     """
-    host = indices if cpu_indices is None else cpu_indices
-    if spec.view == "rrc":
-        views = rrc_view(images_u8, host, seed, spec, _full_sizes(images_u8) if sizes is None else sizes)
-    else:
-        views = cifar_view(images_u8, indices.to(images_u8.device), seed, spec)
-    return with_policy(views, host, seed, spec)
+    parcel = Parcel(images_u8.device)
+    run = plan_augment(parcel, indices if cpu_indices is None else cpu_indices, seed, spec,
+                       _full_sizes(images_u8) if sizes is None else sizes, indices, images_u8.shape[1])
+    parcel.send()
+    return run(images_u8)
 
 
 def with_policy(views_u8: torch.Tensor, indices: torch.Tensor, seed: int, spec: AugmentSpec) -> torch.Tensor:
     return apply_policy(views_u8, indices, seed, spec.policy, spec.policy_ops, spec.policy_magnitude)
 
 
+def plan_train_tensor(parcel: Parcel, indices: torch.Tensor, seed: int | None, spec: AugmentSpec, h: int, w: int):
+    """The erasing boxes of the samples `indices` (host) on views of size (h, w), added to the parcel; returns the
+    function of the uint8 views that normalizes (and erases) them once the parcel is sent."""
+    if seed is None or not spec.erasing:
+        return lambda views_u8: normalize(views_u8, spec)
+    erased = plan_erase(parcel, erase_boxes(seed, indices, h, w, spec.erasing, spec.erasing_area, spec.erasing_ratio))
+    return lambda views_u8: erased(normalize(views_u8, spec))
+
+
 def train_tensor(views_u8: torch.Tensor, indices: torch.Tensor, seed: int | None, spec: AugmentSpec) -> torch.Tensor:
     """Normalized float views; random erasing on when training (seed given) and the spec asks for it."""
-    out = normalize(views_u8, spec)
-    if seed is None or not spec.erasing:
-        return out
-    h, w = views_u8.shape[-2:]
-    return erase(out, erase_boxes(seed, indices, h, w, spec.erasing, spec.erasing_area, spec.erasing_ratio))
+    parcel = Parcel(views_u8.device)
+    run = plan_train_tensor(parcel, indices, seed, spec, *views_u8.shape[-2:])
+    parcel.send()
+    return run(views_u8)
 
 
 def mixing_params(seed: int, indices: torch.Tensor, n: int, h: int, w: int, spec: AugmentSpec) -> MixParams:

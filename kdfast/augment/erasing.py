@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..transfer import upload_one
+from ..transfer import Parcel
 from .keyed import uniforms
 
 STREAM = 300
@@ -49,6 +49,16 @@ def box_mask(boxes: torch.Tensor, h: int, w: int, device) -> torch.Tensor:
     return in_rows[:, None, :, None] & in_cols[:, None, None, :]
 
 
+def plan_erase(parcel: Parcel, boxes: torch.Tensor):
+    """Each sample's box (boxes: (B, 4) on the host) added to the parcel; returns the function that zeroes them in
+    normalized views (B, C, H, W)."""
+    handle = parcel.add(boxes)
+    return lambda images: images.masked_fill(box_mask(parcel[handle], *images.shape[-2:], images.device), 0.0)
+
+
 def erase(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Zero each sample's box (boxes: (B, 4) on the host) in normalized views (B, C, H, W)."""
-    return images.masked_fill(box_mask(upload_one(boxes, images.device), *images.shape[-2:], images.device), 0.0)
+    parcel = Parcel(images.device)
+    run = plan_erase(parcel, boxes)
+    parcel.send()
+    return run(images)

@@ -76,19 +76,16 @@ def magnitudes_of(space: dict, op: str, level: torch.Tensor, negative: torch.Ten
     return torch.where(negative, -m, m) if signed else m
 
 
-def apply_policy(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, policy: str, ops: int = 2,
-                 magnitude: int = 9) -> torch.Tensor:
-    """The policy's ops on uint8 views (B, C, H, W) of the samples `indices` under seed `seed`; uint8 out.
-
-    Each op slot groups the batch by op and transforms each group with one magnitude per sample.
-    """
-    if policy == "none" or len(images_u8) == 0:
-        return images_u8
+def plan_policy(parcel: Parcel, indices: torch.Tensor, seed: int, policy: str, ops: int, magnitude: int, h: int,
+                w: int):
+    """The policy's draws for the samples `indices` (host) on views of size (h, w): each op slot's groups and their
+    op inputs, added to the parcel; returns the function of the uint8 views (B, C, h, w) that applies them."""
+    if policy == "none" or len(indices) == 0:
+        return lambda views: views
     space = SPACES[policy]
-    h, w = images_u8.shape[-2:]
     op, level, negative = policy_params(seed, indices, policy, ops, magnitude)
-    parcel, slots = Parcel(images_u8.device), []
-    for s in range(op.shape[1]):  # the host plans every op slot, then sends it all in one copy
+    slots = []
+    for s in range(op.shape[1]):
         groups = []
         for o in torch.unique(op[:, s]).tolist():
             name = OPS[o]
@@ -98,14 +95,29 @@ def apply_policy(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, poli
             m = magnitudes_of(space, name, level[members, s], negative[members, s], h, w)
             groups.append((name, parcel.add(members), plan_op_batch(name, m, h, w, parcel)))
         slots.append(groups)
+
+    def run(views: torch.Tensor) -> torch.Tensor:
+        out = views
+        for groups in slots:
+            if not groups:  # Identity for all
+                continue
+            result = out.clone()
+            for name, members, plan in groups:
+                on_device = parcel[members]
+                result[on_device] = run_op_batch(out[on_device], name, plan, parcel)
+            out = result
+        return out
+
+    return run
+
+
+def apply_policy(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, policy: str, ops: int = 2,
+                 magnitude: int = 9) -> torch.Tensor:
+    """The policy's ops on uint8 views (B, C, H, W) of the samples `indices` under seed `seed`; uint8 out.
+
+    Each op slot groups the batch by op and transforms each group with one magnitude per sample; the host plans
+    every slot first and sends it all in one copy."""
+    parcel = Parcel(images_u8.device)
+    run = plan_policy(parcel, indices, seed, policy, ops, magnitude, *images_u8.shape[-2:])
     parcel.send()
-    out = images_u8
-    for groups in slots:
-        if not groups:  # Identity for all
-            continue
-        result = out.clone()
-        for name, members, plan in groups:
-            on_device = parcel[members]
-            result[on_device] = run_op_batch(out[on_device], name, plan, parcel)
-        out = result
-    return out
+    return run(images_u8)

@@ -71,14 +71,13 @@ def _pass(x: torch.Tensor, offset: torch.Tensor, first: torch.Tensor, weights: t
     return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
-def _torch_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: int, flip,
-                       interpolation: str = "bilinear") -> torch.Tensor:
-    device = images_u8.device
-    B, C = images_u8.shape[:2]
+def _plan_torch(top, left, height, width, out_h: int, out_w: int, flip, interpolation: str, parcel: Parcel):
+    """The host's part of the torch resize (both pass orders' groups and filter tables, added to the parcel); returns
+    the device's part: images (B, C, H, W) uint8 -> (B, C, out_h, out_w) uint8, once the parcel is sent."""
     # Pillow's pass order: vertical first when the height shrinks by more than twice what the width does
     horizontal_first = ~(((height - out_h) > 0) & ((height - out_h) > (width - out_w) * 2))
-    parcel, passes = Parcel(device), []
-    for order in (True, False):  # the host plans both pass orders, then sends them in one copy
+    passes = []
+    for order in (True, False):
         group = torch.nonzero(horizontal_first == order).flatten()
         if len(group) == 0:
             continue
@@ -87,21 +86,33 @@ def _torch_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: i
         crop = (int((t + h).max()), int((l + w).max()))
         passes.append((order, crop, [parcel.add(x) for x in (group, t, l, cols[0], cols[2], rows[0], rows[2])]))
     flipped = None if flip is None else parcel.add(flip)
+
+    def run(images_u8: torch.Tensor) -> torch.Tensor:
+        B, C = images_u8.shape[:2]
+        out = torch.empty(B, C, out_h, out_w, dtype=torch.uint8, device=images_u8.device)
+        for order, (bottom, right), handles in passes:
+            group, t, l, col_first, col_weights, row_first, row_weights = (parcel[k] for k in handles)
+            x = images_u8[group][:, :, :bottom, :right]
+            if order:  # horizontal (B, C, H, out_w), then vertical on the transposed rows
+                y = _pass(x, l, col_first, col_weights)
+                z = _pass(y.transpose(2, 3).contiguous(), t, row_first, row_weights).transpose(2, 3)
+            else:  # vertical (B, C, out_h, W), then horizontal
+                y = _pass(x.transpose(2, 3).contiguous(), t, row_first, row_weights).transpose(2, 3).contiguous()
+                z = _pass(y, l, col_first, col_weights)
+            out[group] = z
+        if flipped is not None:
+            out = torch.where(parcel[flipped][:, None, None, None], out.flip(-1), out)
+        return out
+
+    return run
+
+
+def _torch_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: int, flip,
+                       interpolation: str = "bilinear") -> torch.Tensor:
+    parcel = Parcel(images_u8.device)
+    run = _plan_torch(top, left, height, width, out_h, out_w, flip, interpolation, parcel)
     parcel.send()
-    out = torch.empty(B, C, out_h, out_w, dtype=torch.uint8, device=device)
-    for order, (bottom, right), handles in passes:
-        group, t, l, col_first, col_weights, row_first, row_weights = (parcel[k] for k in handles)
-        x = images_u8[group][:, :, :bottom, :right]
-        if order:  # horizontal (B, C, H, out_w), then vertical on the transposed rows
-            y = _pass(x, l, col_first, col_weights)
-            z = _pass(y.transpose(2, 3).contiguous(), t, row_first, row_weights).transpose(2, 3)
-        else:  # vertical (B, C, out_h, W), then horizontal
-            y = _pass(x.transpose(2, 3).contiguous(), t, row_first, row_weights).transpose(2, 3).contiguous()
-            z = _pass(y, l, col_first, col_weights)
-        out[group] = z
-    if flipped is not None:
-        out = torch.where(parcel[flipped][:, None, None, None], out.flip(-1), out)
-    return out
+    return run(images_u8)
 
 
 def _threads(n: int) -> int:
@@ -155,13 +166,26 @@ def _pillow_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: 
     return pillow_crop_resize(_map(crop, len(boxes)), zero, zero, height, width, out_h, out_w, flip, interpolation)
 
 
+def plan_crop_resize(parcel: Parcel, channels: int, top, left, height, width, out_h: int, out_w: int,
+                     flip: torch.Tensor | None = None, backend: str = "auto", interpolation: str = "bilinear"):
+    """crop_resize in two parts: what the host computes now (added to the parcel, sent with the rest of a batch's
+    parameters), and the returned function of the images that runs once the parcel is sent."""
+    if backend == "auto":
+        backend = CPU_BACKEND if parcel.device.type == "cpu" and channels == 3 else "torch"
+    if backend == "pillow":
+        return lambda images_u8: _pillow_crop_resize(images_u8, top, left, height, width, out_h, out_w, flip,
+                                                     interpolation)
+    return _plan_torch(top, left, height, width, out_h, out_w, flip, interpolation, parcel)
+
+
 def crop_resize(images_u8: torch.Tensor, top, left, height, width, out_h: int, out_w: int,
                 flip: torch.Tensor | None = None, backend: str = "auto", interpolation: str = "bilinear") -> torch.Tensor:
     """Each sample's box (top, left, height, width: (B,) whole pixels inside its image) of (B, C, H, W) uint8 images,
     resized to out_h x out_w (antialiased bilinear or bicubic) and optionally mirrored; uint8 (B, C, out_h, out_w).
 
     backend: auto (Pillow for 3-channel images on the CPU, torch elsewhere), pillow or torch: the same pixels."""
-    if backend == "auto":
-        backend = CPU_BACKEND if images_u8.device.type == "cpu" and images_u8.shape[1] == 3 else "torch"
-    fn = _pillow_crop_resize if backend == "pillow" else _torch_crop_resize
-    return fn(images_u8, top, left, height, width, out_h, out_w, flip, interpolation)
+    parcel = Parcel(images_u8.device)
+    run = plan_crop_resize(parcel, images_u8.shape[1], top, left, height, width, out_h, out_w, flip, backend,
+                           interpolation)
+    parcel.send()
+    return run(images_u8)

@@ -13,7 +13,8 @@ import math
 import torch
 
 from .keyed import uniform
-from .resample import crop_resize, pillow_crop_resize
+from ..transfer import Parcel
+from .resample import crop_resize, pillow_crop_resize, plan_crop_resize
 from .spec import AugmentSpec
 
 ATTEMPTS = 10
@@ -54,12 +55,22 @@ def center_boxes(sizes: torch.Tensor, crop_fraction: float):
     return torch.floor((h - side) / 2).long(), torch.floor((w - side) / 2).long(), side.long(), side.long()
 
 
+def plan_rrc_view(parcel: Parcel, indices: torch.Tensor, seed: int, spec: AugmentSpec, sizes: torch.Tensor,
+                  channels: int = 3):
+    """The training views' boxes of the samples `indices` (host) with true sizes (B, 2), drawn now and added to the
+    parcel; returns the function of the stored images (B, C, H, W) uint8 -> (B, C, crop, crop) uint8 views."""
+    top, left, height, width, flip = rrc_boxes(seed, indices, sizes, spec)
+    return plan_crop_resize(parcel, channels, top, left, height, width, spec.crop_size, spec.crop_size, flip,
+                            interpolation=spec.interpolation)
+
+
 def rrc_view(images_u8: torch.Tensor, indices: torch.Tensor, seed: int, spec: AugmentSpec,
              sizes: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) uint8 stored images (true sizes (B, 2)) -> (B, C, crop, crop) uint8 training views."""
-    top, left, height, width, flip = rrc_boxes(seed, indices, sizes, spec)
-    return crop_resize(images_u8, top, left, height, width, spec.crop_size, spec.crop_size, flip,
-                       interpolation=spec.interpolation)
+    parcel = Parcel(images_u8.device)
+    run = plan_rrc_view(parcel, indices, seed, spec, sizes, images_u8.shape[1])
+    parcel.send()
+    return run(images_u8)
 
 
 def center_view(images_u8: torch.Tensor, spec: AugmentSpec, sizes: torch.Tensor) -> torch.Tensor:

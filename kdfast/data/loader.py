@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..augment import AugmentSpec, MixParams, augment, eval_view, mix, mixing_params, train_tensor, views_of_pil
+from ..augment import (AugmentSpec, MixParams, Parcel, augment, eval_view, mix, mixing_params, normalize, plan_augment,
+                       plan_train_tensor, views_of_pil)
 from ..transfer import to_device, upload
 from .types import DataError, Split
 
@@ -84,19 +85,41 @@ def is_streamed(split) -> bool:
     return not isinstance(split, Split)
 
 
-def _finish(views_u8, partner_views_u8, params: MixParams | None, on_device: MixParams | None, safe, labels, spec,
-            aug_seed, channels_last: bool):
-    """Normalized (erased, mixed) views on the device, and the batch's mix (partner labels, λ) or None.
+def _plan_batch(parcel: Parcel, spec: AugmentSpec, aug_seed: int, safe, sizes, params: MixParams | None,
+                partner_sizes, on_device, view: bool):
+    """Plan a batch on the host, every parameter added to the parcel (one copy for the step): the mixing parameters,
+    both sides' views (when view: made here from the stored images, else made by the workers) and erasing. Returns
+    the function that, once the parcel is sent, maps (images, partner images) on the device to (normalized views,
+    mix); partner images may be a function of the partners' indices on the device. on_device: the samples' indices
+    on the device (or a function giving them once sent); sizes, partner_sizes: the stored images' true sizes."""
+    handles = None if params is None else [parcel.add(t) for t in (params.partner, params.lam, params.cut, params.box)]
+    mixing = (lambda: None) if params is None else (lambda: MixParams(*(parcel[h] for h in handles)))
 
-    params: the mixing parameters on the CPU (erasing draws from their partner indices), on_device: the same on
-    the device (mixing and the targets read them)."""
-    out = train_tensor(views_u8, safe, aug_seed, spec)
-    mixed = None
-    if params is not None:
-        partner = train_tensor(partner_views_u8, params.partner, aug_seed, spec)
-        out = mix(out, partner, on_device)
-        mixed = (labels[on_device.partner], on_device.lam.to(torch.float32))
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous(), mixed
+    def side(indices, side_sizes, device_indices):
+        made = plan_augment(parcel, indices, aug_seed, spec, side_sizes, device_indices) if view else (lambda x: x)
+        normalized = plan_train_tensor(parcel, indices, aug_seed, spec, spec.crop_size, spec.crop_size)
+        return lambda images: normalized(made(images))
+
+    own = side(safe, sizes, on_device)
+    partner = None if params is None else side(params.partner, partner_sizes, lambda: parcel[handles[0]])
+
+    def run(images, partner_images, labels):
+        out, on_device_mix = own(images), mixing()
+        if on_device_mix is None:
+            return out, None
+        theirs = partner_images(on_device_mix.partner) if callable(partner_images) else partner_images
+        return mix(out, partner(theirs), on_device_mix), (labels[on_device_mix.partner],
+                                                         on_device_mix.lam.to(torch.float32))
+
+    return run
+
+
+def _layout(out: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
+
+
+def _eval_views(images_u8, sizes, spec: AugmentSpec, channels_last: bool) -> torch.Tensor:
+    return _layout(normalize(eval_view(images_u8, spec, sizes), spec), channels_last)
 
 
 def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed: int | None, device,
@@ -104,26 +127,27 @@ def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed:
                  view_in_worker: bool | None = None):
     """(normalized views, labels, indices on the device, mix) of each chunk of sample indices (CPU, -1 = padding);
     mix: (partner labels, λ) where the views are mixed, else None. view_in_worker (streamed tier): the views are
-    computed by the workers (default on a CPU) or on the device (default on a GPU)."""
+    computed by the workers (default on a CPU) or on the device (default on a GPU). A training step's parameters,
+    drawn on the host, go to the device in one non-blocking copy (kdfast.transfer)."""
     device = torch.device(device)
     if not is_streamed(split):
         images = to_device(split.images, device) if images_on_device is None else images_on_device
         flat = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.int64)
         flat, labels = upload(flat, split.labels, device=device)  # the pass's indices and the labels: one copy
-        chunks_on_device = flat.split([len(idx) for idx in chunks])
-
-        def views_of(safe: torch.Tensor, on_device: torch.Tensor):  # parameters drawn from the host's indices
-            return _views(images[on_device], on_device, split.sizes[safe], spec, aug_seed, safe)
-
-        for idx, idx_on_device in zip(chunks, chunks_on_device):
+        for idx, idx_on_device in zip(chunks, flat.split([len(idx) for idx in chunks])):
             safe = idx.clamp(min=0)
             on_device = idx_on_device.clamp(min=0)
+            if aug_seed is None:
+                yield _eval_views(images[on_device], split.sizes[safe], spec, channels_last), labels[on_device], \
+                    idx_on_device, None
+                continue
+            parcel = Parcel(device)
             params = _mixing(spec, aug_seed, safe, len(split))
-            mixing = None if params is None else params.to(device)
-            partner = None if params is None else views_of(params.partner, mixing.partner)
-            out, mixed = _finish(views_of(safe, on_device), partner, params, mixing, safe, labels, spec, aug_seed,
-                                 channels_last)
-            yield out, labels[on_device], idx_on_device, mixed
+            run = _plan_batch(parcel, spec, aug_seed, safe, split.sizes[safe], params,
+                              None if params is None else split.sizes[params.partner], on_device, view=True)
+            parcel.send()
+            out, mixed = run(images[on_device], lambda partners: images[partners], labels)
+            yield _layout(out, channels_last), labels[on_device], idx_on_device, mixed
         return
     view_in_worker = device.type == "cpu" if view_in_worker is None else view_in_worker
     loader = torch.utils.data.DataLoader(_StepViews(split, chunks, spec, aug_seed, view_in_worker), batch_size=None,
@@ -132,17 +156,27 @@ def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed:
     labels_all = upload(split.labels, device=device)[0] if aug_seed is not None and spec.mixes else None  # partners' labels
     for images, labels, idx, sizes, partner in loader:
         safe = idx.clamp(min=0)
+        parcel = Parcel(device)
+        sent = [parcel.add(t) for t in (labels, idx)]
+        if aug_seed is None:
+            images = upload(images, device=device)[0]
+            parcel.send()
+            out = _layout(normalize(images if view_in_worker else eval_view(images, spec, sizes), spec), channels_last)
+            yield out, parcel[sent[0]], parcel[sent[1]], None
+            continue
         params = None if partner is None else MixParams(*partner[2:])
-        sent = upload(images, labels, idx, *(() if partner is None else (partner[0], *partner[2:])), device=device)
-        images, labels, idx_on_device = sent[:3]
-        mixing = None if params is None else MixParams(*sent[4:])
-        partner_images = None if partner is None else sent[3]
-        if not view_in_worker:
-            images = _views(images, idx_on_device.clamp(min=0), sizes, spec, aug_seed, safe)
-            if partner is not None:
-                partner_images = _views(partner_images, mixing.partner, partner[1], spec, aug_seed, params.partner)
-        out, mixed = _finish(images, partner_images, params, mixing, safe, labels_all, spec, aug_seed, channels_last)
-        yield out, labels, idx_on_device, mixed
+        run = _plan_batch(parcel, spec, aug_seed, safe, sizes, params, None if partner is None else partner[1],
+                          lambda: parcel[sent[1]].clamp(min=0), view=not view_in_worker)
+        images, partner_images = _pinned(images, partner, device)
+        parcel.send()
+        out, mixed = run(images, partner_images, labels_all)
+        yield _layout(out, channels_last), parcel[sent[0]], parcel[sent[1]], mixed
+
+
+def _pinned(images, partner, device):
+    """The worker's batch (and the partners' images) on the device: pinned by the DataLoader, sent as they are."""
+    sent = upload(images, *(() if partner is None else (partner[0],)), device=device)
+    return sent[0], (sent[1] if partner is not None else None)
 
 
 def check_view(split, spec: AugmentSpec) -> None:
