@@ -238,5 +238,4 @@ class CudaSyncCount:
         for w in synced:
             self.sites[(str(w.message).splitlines()[0][:80], f"{w.filename.split('/kdfast/')[-1]}:{w.lineno}")] += 1
 
-    def report(self) -> str:
-        return "\n".join(f"{n:5d} x {what}: {site}" for (what, site), n in self.sites.most_common())
+    report = SyncAudit.report

@@ -42,10 +42,6 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t if device.type == "cpu" and t.device.type == "cpu" else t.to(device)
 
 
-def upload_one(t: torch.Tensor, device) -> torch.Tensor:
-    return upload(t, device=device)[0]
-
-
 class Parcel:
     """Host tensors gathered while the host plans a batch's work (add returns a handle), then sent by one upload;
     parcel[handle] is the tensor on the device."""

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..transfer import upload
 from .erasing import box_mask
 from .keyed import uniforms
 
@@ -30,9 +29,8 @@ class MixParams:
     cut: torch.Tensor  # (B,) bool: CutMix (else mixup, where lam < 1)
     box: torch.Tensor  # (B, 4) int64: CutMix (top, bottom, left, right), bottom/right exclusive
 
-    def to(self, device) -> "MixParams":
-        """The same parameters on `device` (drawn on the CPU, copied once per batch)."""
-        return MixParams(*upload(self.partner, self.lam, self.cut, self.box, device=device))
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.partner, self.lam, self.cut, self.box
 
 
 def keyed_gamma(seed: int, idx: torch.Tensor, stream: int, a: float) -> torch.Tensor:

@@ -107,14 +107,6 @@ def _plan_torch(top, left, height, width, out_h: int, out_w: int, flip, interpol
     return run
 
 
-def _torch_crop_resize(images_u8, top, left, height, width, out_h: int, out_w: int, flip,
-                       interpolation: str = "bilinear") -> torch.Tensor:
-    parcel = Parcel(images_u8.device)
-    run = _plan_torch(top, left, height, width, out_h, out_w, flip, interpolation, parcel)
-    parcel.send()
-    return run(images_u8)
-
-
 def _threads(n: int) -> int:
     """Threads for a batch of Pillow calls (Pillow releases the GIL while it resizes): torch's count, none in a
     DataLoader worker (torch sets 1 there) or for small batches."""

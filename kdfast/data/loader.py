@@ -92,7 +92,7 @@ def _plan_batch(parcel: Parcel, spec: AugmentSpec, aug_seed: int, safe, sizes, p
     the function that, once the parcel is sent, maps (images, partner images) on the device to (normalized views,
     mix); partner images may be a function of the partners' indices on the device. on_device: the samples' indices
     on the device (or a function giving them once sent); sizes, partner_sizes: the stored images' true sizes."""
-    handles = None if params is None else [parcel.add(t) for t in (params.partner, params.lam, params.cut, params.box)]
+    handles = None if params is None else [parcel.add(t) for t in params.tensors()]
     mixing = (lambda: None) if params is None else (lambda: MixParams(*(parcel[h] for h in handles)))
 
     def side(indices, side_sizes, device_indices):

@@ -44,7 +44,8 @@ def _use_cpu() -> bool:
 
 def process_state(dist_timeout: float | None = None) -> PartialState:
     """This process's place in the (possibly distributed) job; set up once per process: the first call's
-    dist_timeout (seconds a collective waits for the others; default torch's) is the process group's."""
+    dist_timeout (seconds kdfast's collectives wait for the others; default --dist-timeout's) bounds them, and the
+    process group's timeout follows from it (collectives.group_timeout)."""
     if PartialState._shared_state:  # set up already
         return PartialState()
     dist_timeout = DIST_TIMEOUT_S if dist_timeout is None else dist_timeout
