@@ -105,7 +105,7 @@ def _unwrap_state(state):
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict) and not isinstance(state.get(key), torch.Tensor):
             state = state[key]
-    while isinstance(state, dict) and state:
+    while isinstance(state, dict) and state and all(isinstance(k, str) for k in state):
         prefix = next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in state)), None)
         if prefix is None:
             return state
@@ -129,10 +129,23 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
         raise KdfastError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); the file is truncated, "
                           "damaged or not a kdfast checkpoint. Copy it again, or train the model again.") from None
     state = _unwrap_state(state)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise KdfastError(f"{path}: holds no state dict of tensors; not a kdfast checkpoint. Point at the .pth or "
-                          ".safetensors that kdfast train / distill wrote.")
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise KdfastError(f"{path}: holds {_described(state)}, not a state dict (parameter names to tensors, alone or "
+                          "under 'state_dict', 'model' or 'model_state_dict'). Point at a file of model weights: "
+                          "the .pth or .safetensors kdfast wrote, or torch.save(model.state_dict(), FILE).")
     return state
+
+
+def _described(obj) -> str:
+    """What a loaded file holds, in a few words."""
+    if isinstance(obj, dict):
+        if not obj:
+            return "an empty dict"
+        keys = ", ".join(repr(k) for k in list(obj)[:5]) + (" ..." if len(obj) > 5 else "")
+        kinds = sorted({type(v).__name__ for v in obj.values()})
+        return f"a dict of {len(obj)} entries ({keys}; values: {', '.join(kinds[:4])})"
+    return f"a {type(obj).__name__}"
 
 
 def load_checkpoint(path: str, device="cpu") -> tuple[nn.Module, dict]:

@@ -181,6 +181,18 @@ def _drop_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
+def _wait_for_unlock(path: str) -> None:
+    """Block until the holder of the lock file `path` lets it go (or dies)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # released and removed meanwhile
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
 class FileLock:
     """An exclusive lock on one output, held for a whole run: `path` (NAME.lock) with the holder's pid in it.
 
@@ -192,8 +204,10 @@ class FileLock:
     def __init__(self, path: str, what: str, fix: str = "choose another --name / --out-dir"):
         self.path, self.what, self.fd, self.fix = path, what, None, fix  # fix: the flag that names another output
 
-    def acquire(self, say=print) -> "FileLock":
+    def acquire(self, say=print, wait: bool = False) -> "FileLock":
+        """Take the lock; held by another live process: refused at once, or (wait) waited for, said once."""
         ensure_dir(os.path.dirname(os.path.abspath(self.path)), "lock folder")
+        waited = False
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -207,6 +221,12 @@ class FileLock:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise OutputError(f"{self.path}: cannot lock ({e.strerror}); is the folder on a file system "
                                       "without locks? Use a local --out-dir.") from None
+                if wait:
+                    if not waited:
+                        say(f"{self.path}: {self.what} is being written by another process ({holder}); waiting for it")
+                    waited = True
+                    _wait_for_unlock(self.path)
+                    continue
                 raise LockedError(f"{self.path}: {self.what} is being written by another process ({holder}). "
                                   f"Wait for it to finish, or {self.fix}.") from None
             try:  # the file may have been unlinked by its previous holder between our open and flock
@@ -217,7 +237,7 @@ class FileLock:
                 break
             os.close(fd)
         previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        if previous:
+        if previous and not waited:
             say(f"{self.path}: taking over the lock of {previous}, which is no longer running")
         try:
             os.ftruncate(fd, 0)

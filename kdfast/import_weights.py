@@ -29,7 +29,23 @@ def class_names(cfg: ImportConfig) -> list[str]:
     kind = source_kind(source)
     if kind == "torchvision":
         return load_dataset(source, cfg.cache_dir, cfg.download, dataset=cfg.dataset, log=lambda *a: None).classes
-    return list_source(source, kind).classes
+    return list_source(source, kind, cfg.cache_dir).classes
+
+
+def check_outputs(cfg: ImportConfig, paths: dict) -> None:
+    """Nothing is written over without --overwrite: not the input weights file, not another checkpoint."""
+    if cfg.overwrite:
+        return
+    written = [paths[k] for k in ("pth", "safetensors", "json")]
+    for path in written:
+        if cfg.weights and os.path.exists(path) and os.path.samefile(path, cfg.weights):
+            raise KdfastError(f"{path}: the import would write over the weights file it reads (whatever else it holds, "
+                              "an optimizer's state or an epoch, would be lost). Choose another --name or --out-dir, "
+                              "or pass --overwrite to replace it.")
+    existing = [p for p in written if os.path.exists(p)]
+    if existing:
+        raise KdfastError(f"{existing[0]}: a checkpoint of this name exists. Pass --overwrite to replace it, or "
+                          "choose another --name.")
 
 
 def run(cfg: ImportConfig) -> dict:
@@ -44,9 +60,7 @@ def run(cfg: ImportConfig) -> dict:
     name = check_name(cfg.name or (os.path.splitext(os.path.basename(cfg.weights))[0] if cfg.weights
                                    else cfg.model.replace(":", "-").replace("@", "-")))
     paths = checkpoint_paths(cfg.out_dir, name)
-    if os.path.exists(paths["json"]) and not cfg.overwrite:
-        raise KdfastError(f"{paths['json']}: a checkpoint of this name exists. Pass --overwrite to replace it, or "
-                          "choose another --name.")
+    check_outputs(cfg, paths)
     classes = class_names(cfg)
     model, meta = library_teacher(cfg.model, classes, cfg.weights, cfg.teacher_pretrained)
     meta.update(parameters=count_parameters(model), imported=True, config={})

@@ -20,6 +20,8 @@ from . import cache, distill, labreport, schemas, sweep, train
 from .augment import AugmentSpec
 from .cache import BuildConfig
 from .checkpoint import checkpoint_paths
+from .config.view import stored_size
+from .data import check_view, load_dataset
 from .config import (LAB_PRESETS, DataConfig, DistillConfig, EvalConfig, KDConfig, LabConfig, OutputConfig, RunConfig,
                      RuntimeConfig, SweepConfig, TrainConfig, TrainingConfig, ViewConfig, sections)
 from .engine import on_main, process_state, say as print_on_main
@@ -28,6 +30,8 @@ from .flags import hidden
 from .files import FileLock, LockedError, check_file_target, read_json, write_json
 from .machine import describe
 from .methods import method_entry
+from .models import create_model
+from .preflight import check_model_input, view_sizes
 from .report import format_table, lab_report
 from .rundir import RunDir, finished_run
 
@@ -166,8 +170,38 @@ def run(cfg: LabConfig) -> dict:
             lock.release()
 
 
+def preflight(cfg: LabConfig) -> int:
+    """What train and distill check at their start, for every run of the lab before the first one trains: the views
+    each pair's runs take on the data (check_view) and each model at the views' sizes (check_model_input), so that a
+    mistake in the second pair stops the lab before the first pair has trained. Returns the runs checked."""
+    loaded, checked = {}, 0
+    for name, module, run_cfg in plan(cfg):
+        if module is cache:
+            continue
+        run_cfg = run_cfg.resolved()
+        key = (run_cfg.data, run_cfg.dataset, stored_size(run_cfg), run_cfg.data_tier)
+        if key not in loaded:
+            budget = int(run_cfg.data_budget_gb * 2**30) if run_cfg.data_budget_gb else None
+            loaded[key] = load_dataset(run_cfg.data, run_cfg.cache_dir, run_cfg.download, log=lambda *a: None,
+                                       dataset=run_cfg.dataset, store_size=stored_size(run_cfg),
+                                       tier=run_cfg.data_tier, budget=budget)
+        data = loaded[key]
+        check_view(data.train, run_cfg.augment)
+        if run_cfg.batch_size > len(data.train):
+            pair = name.split("_")[0]
+            raise ValueError(f"--{pair}-batch-size {run_cfg.batch_size} is larger than the training set "
+                             f"({len(data.train)} samples); lower --{pair}-batch-size")
+        flag = "--" + "-".join(name.split("_")[:2])  # --cnn-teacher, --vit-student
+        model = create_model(run_cfg.model, num_classes=len(data.classes))
+        check_model_input(model, run_cfg.model, flag, view_sizes(run_cfg.augment, data), len(data.classes), "cpu")
+        checked += 1
+    return checked
+
+
 def _run_locked(cfg: LabConfig, state) -> dict:
     say = partial(print_on_main, state)  # main process only
+    checked = on_main(state, lambda: preflight(cfg))
+    say(f"[lab] start-up checks passed: the views and models of {checked} runs")
     machine = describe()
     extra = {"preset": cfg.preset, "preset_overrides": preset_overrides(cfg),
              "machine": machine.get("gpu") or machine["cpu"], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}

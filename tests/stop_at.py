@@ -6,6 +6,10 @@
 Environment, for the cluster tests:
     KDFAST_TEST_FAULT=stuck:RANK   instead of SIGTERM, that rank hangs before STEP (it still dies of SIGTERM, as a
                                    process stuck in a collective does), on the job's first start only
+    KDFAST_TEST_FAULT=group        SIGTERM to the whole process group (data workers included) instead
+    KDFAST_TEST_FAULT=group-from-worker   the data worker making micro-batch STEP of the first epoch sends SIGTERM to
+                                   the whole group (no fault in the trainer's steps)
+    KDFAST_TEST_FAULT=worker       SIGKILL to this process's data workers (the OOM killer) instead
     KDFAST_TEST_RECORD=PATH        every process appends "global_step rank index index ..." for each micro-batch
     KDFAST_TEST_SEQUENCE=1         ARGS is several entry points separated by "--then": MODULE ARGS --then MODULE ...
     KDFAST_TEST_MEMORY=PATH        every process reads all its training images at step 2 and appends, at step 4, "rank
@@ -30,8 +34,31 @@ def _fault(step: int):
         if rank == fault.split(":")[1] and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(3600)
+    elif fault == "group":  # what Slurm and a terminal do: the signal to every process of the group, workers too
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+    elif fault == "worker":  # the OOM killer taking the data workers
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
     elif rank == "0":
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _signal_from_worker(chunk: int) -> None:
+    """The data worker preparing micro-batch `chunk` of the first epoch sends SIGTERM to the whole process group:
+    the trainer gets it wherever it is (waiting for a batch, in a step), the workers at the same time."""
+    from kdfast.data import loader
+
+    item, sent = loader._StepViews.__getitem__, []
+
+    def item_with_signal(self, k):
+        if k == chunk and not sent and self.aug_seed is not None:
+            sent.append(True)
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        return item(self, k)
+
+    loader._StepViews.__getitem__ = item_with_signal
 
 
 def _log_writes(path: str) -> None:
@@ -93,6 +120,8 @@ def main() -> None:
         return original(tr, micro_batches, global_step)
 
     engine.loop.train_step = step_with_fault
+    if os.environ.get("KDFAST_TEST_FAULT") == "group-from-worker":
+        _signal_from_worker(step)
     if os.environ.get("KDFAST_TEST_COMPILE"):
         import functools
 

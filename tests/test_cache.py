@@ -15,7 +15,7 @@ from kdfast.augment import AugmentSpec, augment, normalize
 from kdfast.cache import BuildConfig, CachedTeacher, CacheError, LogitCache, build
 from kdfast.checkpoint import load_teacher
 from kdfast.config import DistillConfig, TrainConfig
-from kdfast.data import TrainLoader, load_dataset
+from kdfast.data import DataError, TrainLoader, load_dataset
 from kdfast.losses import kd_loss
 
 from .conftest import common, write_image_folder
@@ -275,3 +275,24 @@ def test_distill_takes_the_caches_subset_and_a_mismatch_names_the_flags(tiny_dat
     with pytest.raises(Exception, match=r"(?s)does not match this run.*--train-per-class 5"):
         distill.run(DistillConfig(model="resnet8", name="t", epochs=1, teacher_cache=h5, train_per_class=4,
                                   **common(tiny_data, tmp_path)))
+
+
+def test_a_build_follows_the_teachers_views_and_refuses_views_its_data_cannot_take(tmp_path, capsys):
+    """The views not given are the teacher's (as its data and subsets are); views that the data cannot take (the cifar
+    view on images of several sizes) are refused before the teacher runs, as train and distill refuse them."""
+    from .conftest import write_mixed_folder
+
+    data = write_mixed_folder(str(tmp_path / "mixed"))
+    flags = dict(data=data, cache_dir=str(tmp_path / "c"), batch_size=6, precision="fp32", progress=False)
+    train.run(TrainConfig(model="resnet8", name="t", epochs=1, out_dir=str(tmp_path / "m"), eval_batch_size=5,
+                          augment=AugmentSpec.not_given(view="rrc", crop_size=24), **flags))
+    teacher = str(tmp_path / "m" / "t.pth")
+    capsys.readouterr()
+    path = build(BuildConfig(teacher=teacher, out=str(tmp_path / "t.h5"), slots=1, **flags))
+    assert "--augment.view rrc --augment.crop-size 24" in capsys.readouterr().out
+    spec = AugmentSpec.from_dict(LogitCache(path).attrs["augment"])
+    assert (spec.view, spec.crop_size) == ("rrc", 24)
+    with pytest.raises(DataError, match=r"different sizes .*the cifar view .*needs one size"):
+        build(BuildConfig(teacher=teacher, out=str(tmp_path / "u.h5"), slots=1,
+                          augment=AugmentSpec.not_given(view="cifar"), **flags))
+    assert not os.path.exists(tmp_path / "u.h5.partial") and not os.path.exists(tmp_path / "u.h5")

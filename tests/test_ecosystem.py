@@ -272,6 +272,35 @@ def test_pretrained_timm_weights_offline_and_not_cached_say_so(tmp_path, monkeyp
     assert "--pretrained: could not get the weights of timm:test_vit" in err and "without --pretrained" in err
 
 
+def test_a_damaged_file_in_the_hub_caches_is_named_with_the_command_that_removes_it(tmp_path, monkeypatch):
+    """A download cut short stays in torch's or the Hugging Face cache: the error names that file, not "neither in the
+    local cache nor downloadable"."""
+    import huggingface_hub.constants as hub
+    from torchvision.models import ResNet18_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(ResNet18_Weights.DEFAULT.url)
+    os.makedirs(cached.parent)
+    cached.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match=rf"torchvision:resnet18 .*are in the local cache, but {cached} cannot be read"
+                                         rf".*damaged.*Remove it \(rm -f {cached}\)"):
+        create_model("torchvision:resnet18", num_classes=10, pretrained=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"), raising=False)
+    repo = tmp_path / "hf" / "models--timm--test_vit.r160_in1k"
+    os.makedirs(repo / "refs")
+    (repo / "refs" / "main").write_text("0" * 40)
+    os.makedirs(repo / "blobs")
+    (repo / "blobs" / "abc").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
+    os.makedirs(repo / "snapshots" / ("0" * 40))
+    link = repo / "snapshots" / ("0" * 40) / "model.safetensors"
+    os.symlink(os.path.join("..", "..", "blobs", "abc"), link)
+    with pytest.raises(ValueError, match=rf"timm:test_vit are in the local cache, but {link} cannot be read.*"
+                                         rf"rm -f {repo / 'blobs' / 'abc'} {link}"):
+        create_model("timm:test_vit", num_classes=10, pretrained=True)
+
+
 # ---------------------------------------------------------------- experiment trackers
 
 def test_tensorboard_gets_every_epoch_of_the_metrics_file(small, tmp_path):

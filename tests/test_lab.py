@@ -12,6 +12,8 @@ from kdfast.config import LAB_PRESETS, DistillConfig, EvaluateConfig, LabConfig,
 from kdfast.errors import KdfastError
 from kdfast.rundir import StateError
 
+from .test_runs import one_line_error
+
 NAMES = [f"{p}_{r}" for p in ("cnn", "vit") for r in ("teacher", "student_no_kd", "student_with_kd")]
 
 
@@ -214,3 +216,13 @@ def test_labs_of_two_pairs_merge_into_one_report(tmp_path):
 def test_report_with_a_sweep_folder_that_holds_none_is_refused(tmp_path):
     with pytest.raises(KdfastError, match="--sweep .*: no sweep here"):
         labreport.run(labreport.ReportConfig(out_dir=str(tmp_path), sweep=str(tmp_path / "typo")))
+
+
+def test_a_lab_checks_every_run_before_the_first_one_trains(tmp_path, image_folder, capsys):
+    """A mistake in the second pair (its batch larger than the data) stops the lab before the first pair trains."""
+    err = one_line_error(capsys, lab.main, ["--preset", "smoke", "--data", image_folder, "--cache-dir",
+                                            str(tmp_path / "c"), "--out-dir", str(tmp_path / "m"), "--report",
+                                            str(tmp_path / "report.json"), "--cnn-batch-size", "6", "--vit-batch-size",
+                                            "100", "--no-progress"])
+    assert "--vit-batch-size 100 is larger than the training set (24 samples)" in err
+    assert not os.path.exists(tmp_path / "m" / "cnn_teacher.pth")

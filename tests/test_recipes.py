@@ -230,3 +230,23 @@ def test_students_trained_together_with_every_policy_and_ema_end_where_each_alon
         wt = torch.load(tmp_path / "together" / f"{name}.pth", weights_only=True)
         for k in wa:
             torch.testing.assert_close(wt[k], wa[k], rtol=1e-3, atol=2e-4, msg=f"{name}: {k}")
+
+
+def test_a_recipe_never_overrides_a_flag_given_even_one_equal_to_its_default(data, tmp_path):
+    """--aug-recipe cct sets mixup 0.8; --augment.mixup 0 (the default's value, given) wins, in the run and in its
+    .json; the recipe fills what was not given (CutMix 1.0). The same for a cache build and a lab."""
+    import json
+
+    from kdfast import cache as cache_mod
+    from kdfast import lab
+
+    flags = ["--aug-recipe", "cct", "--augment.mixup", "0"]
+    train.main(["--model", "resnet8", "--name", "r", "--epochs", "1", "--data", data["data"], "--cache-dir",
+                data["cache_dir"], "--out-dir", str(tmp_path), "--batch-size", "6", "--precision", "fp32",
+                "--no-progress", *flags])
+    with open(tmp_path / "r.json") as f:
+        views = json.load(f)["config"]["augment"]
+    assert views["mixup"] == 0 and views["cutmix"] == 1.0 and views["policy"] == "randaugment"
+    assert distill.parse(flags).resolved({}).augment.mixup == 0
+    assert cache_mod.cli.parse(["build", *flags]).resolved({}).augment.mixup == 0
+    assert lab.parse(flags).augment.given_values() == {"mixup": 0.0}

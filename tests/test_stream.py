@@ -6,7 +6,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
+
+from kdfast.data import load_dataset
 
 from .conftest import CLASSES, make_images
 
@@ -114,3 +117,199 @@ def test_two_processes_each_decode_their_share_of_the_streamed_tier(tmp_path):
     assert (meta["num_processes"], meta["distributed_type"], meta["data"]["tier"]) == (2, "MULTI_CPU", "stream")
     assert meta["data"]["decoded_per_process"] == [24, 24]  # 6 of each step's 12, 2 steps, 2 epochs
     assert meta["test_samples"] == 6
+
+
+# ---------------------------------------------------------------- the workers are part of the run
+
+def fault_run(data, cache, out, fault: str, step: int, *extra):
+    """A 3-epoch streamed run (6 steps an epoch) under tests.stop_at with a fault before global step `step`, in its own
+    process group (as a Slurm job step is)."""
+    args = train_args(data, cache, out, "--data-tier", "stream", "--data-workers", "1", *extra, epochs=3)[2:]
+    return subprocess.run([sys.executable, "-m", "tests.stop_at", str(step), "kdfast.train", *args],
+                          capture_output=True, text=True, timeout=600, env={**ENV, "KDFAST_TEST_FAULT": fault},
+                          cwd=ROOT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def streamed_reference(tmp_path_factory):
+    """The data, its cache, and the weights of an uninterrupted 3-epoch streamed run."""
+    root = tmp_path_factory.mktemp("streamed")
+    data, cache = write_large_folder(str(root / "d"), 24, 6, 64), str(root / "c")  # 72 images: 6 steps of 12
+    whole = subprocess.run([sys.executable, *train_args(data, cache, str(root / "a"), "--data-tier", "stream",
+                                                        "--data-workers", "1", epochs=3)],
+                           capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    return data, cache, weights(root / "a" / "run.pth")
+
+
+def resumed_weights(data, cache, out):
+    resumed = subprocess.run([sys.executable, *train_args(data, cache, out, "--data-tier", "stream", "--data-workers",
+                                                          "1", "--resume", epochs=3)],
+                             capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return weights(os.path.join(out, "run.pth"))
+
+
+def saved_progress(out):
+    with open(os.path.join(out, ".state", "run", "state.json")) as f:
+        return json.load(f)["progress"]
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_the_process_group_mid_epoch_saves_that_step_and_resumes_equal(streamed_reference, tmp_path):
+    """Slurm's preemption: SIGTERM to the trainer and its data workers at once. The workers ignore it; the trainer
+    finishes the step, saves it and exits 143 with its resume line, as the device tier does."""
+    data, cache, reference = streamed_reference
+    out = str(tmp_path / "b")
+    stopped = fault_run(data, cache, out, "group", 8)  # before global step 8: step 3 of epoch 2 is the last done
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "SIGTERM: stopped after step 3 of epoch 2; the state is saved in" in stopped.stderr
+    assert "Traceback" not in stopped.stderr and "--resume" in stopped.stderr
+    assert (saved_progress(out)["epoch"], saved_progress(out)["step"]) == (1, 3)
+    assert_same(resumed_weights(data, cache, out), reference)
+
+
+def test_sigterm_to_the_group_while_the_workers_prepare_batches_saves_a_whole_step(streamed_reference, tmp_path):
+    """The same signal sent while the trainer waits for a batch or computes a step (here by a worker): whichever step
+    it arrives in is finished and saved, nothing raised in a worker."""
+    data, cache, reference = streamed_reference
+    out = str(tmp_path / "b")
+    stopped = fault_run(data, cache, out, "group-from-worker", 3)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    progress = saved_progress(out)
+    where = f"step {progress['step']} of epoch 1" if progress["step"] else f"epoch {progress['epoch']}"
+    assert f"SIGTERM: stopped after {where}; the state is saved in" in stopped.stderr, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert_same(resumed_weights(data, cache, out), reference)
+
+
+def test_a_data_worker_killed_mid_epoch_saves_the_last_whole_step_and_resumes_equal(streamed_reference, tmp_path):
+    """The OOM killer's SIGKILL to a worker: found while the trainer waits for the next batch (between two steps),
+    the steps done are saved, the line names the worker and the signal; exit 128 + 9."""
+    data, cache, reference = streamed_reference
+    out = str(tmp_path / "b")
+    killed = fault_run(data, cache, out, "worker", 6)  # at the start of epoch 2: its prefetched batches, then none
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    assert "a data worker (pid" in killed.stderr and "was killed by signal SIGKILL" in killed.stderr
+    assert "the state is saved in" in killed.stderr and "Traceback" not in killed.stderr
+    progress = saved_progress(out)
+    assert progress["epoch"] == 1 and 0 <= progress["step"] < 6  # saved mid-epoch 2, at a whole step
+    assert_same(resumed_weights(data, cache, out), reference)
+
+
+def test_a_damaged_image_is_named_before_the_first_step_in_the_streamed_tier(tmp_path):
+    data = write_large_folder(str(tmp_path / "d"), 8, 2, 48)
+    bad = os.path.join(data, "train", "dog", "0009.jpg")
+    with open(bad, "rb") as f:
+        blob = f.read()
+    with open(bad, "wb") as f:
+        f.write(blob[:len(blob) // 2])  # cut: the header reads, the pixels do not
+    out = subprocess.run([sys.executable, *train_args(data, str(tmp_path / "c"), str(tmp_path / "o"), "--data-tier",
+                                                      "stream", "--data-workers", "1")],
+                         capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"kdfast: error: {data}:train/dog/0009.jpg: not a readable image" in out.stderr
+    assert "Traceback" not in out.stderr and "epoch 1/" not in out.stdout  # before any training
+    assert not [f for f in os.listdir(tmp_path / "c" / "datasets") if f.endswith(".arrow") or ".tmp" in f]
+
+
+# ---------------------------------------------------------------- the prepared files, written like every kdfast file
+
+def test_two_runs_preparing_one_dataset_at_once_write_it_once(tmp_path, monkeypatch):
+    """The second waits on the lock (said), then reads the file the first wrote: one writer, whole files for both."""
+    import threading
+
+    from kdfast.data import stream
+    from kdfast import data as data_mod
+
+    folder = write_large_folder(str(tmp_path / "d"), 8, 2, 48)
+    writing, release, writes = threading.Event(), threading.Event(), []
+    write = stream.write_encoded
+
+    def slow_write(*args, **kwargs):
+        writes.append(args[1])
+        writing.set()
+        release.wait(60)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "write_encoded", slow_write)
+    results, said = {}, []
+    first = threading.Thread(target=lambda: results.setdefault("a", data_mod.load_dataset(
+        folder, str(tmp_path / "c"), tier="stream", log=said.append)))
+    first.start()
+    assert writing.wait(60)
+    second = threading.Thread(target=lambda: results.setdefault("b", data_mod.load_dataset(
+        folder, str(tmp_path / "c"), tier="stream", log=said.append)))
+    second.start()
+    t0 = time.time()
+    while not any("waiting for it" in s for s in said):
+        assert time.time() - t0 < 60, said
+        time.sleep(0.01)
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert writes == ["train", "test"]  # written once, by the first
+    assert results["a"].fingerprint == results["b"].fingerprint and len(results["b"].train) == 24
+    assert not [f for f in os.listdir(tmp_path / "c" / "datasets") if ".tmp" in f or f.endswith(".lock")]
+
+
+def test_a_damaged_arrow_file_is_written_again_or_named_with_the_users_file(tmp_path):
+    from kdfast.data import TrainLoader, load_dataset
+    from kdfast.data.types import DataError
+    from kdfast.augment import AugmentSpec
+
+    folder = write_large_folder(str(tmp_path / "d"), 8, 2, 48)
+    cache = str(tmp_path / "c")
+    ds = load_dataset(folder, cache, tier="stream")
+    train_file = ds.train.store.path
+    with open(train_file, "r+b") as f:  # cut short, as by a full disk or a killed copy
+        f.truncate(os.path.getsize(train_file) // 2)
+    said = []
+    again = load_dataset(folder, cache, tier="stream", log=said.append)
+    assert any(s.startswith(train_file) and "damaged" in s and "writing it again" in s for s in said), said
+    assert again.fingerprint == ds.fingerprint
+    row = 5
+    with open(train_file, "r+b") as f:  # an image's bytes overwritten in place: the file's structure intact
+        blob = f.read()
+        image = again.train.store.read(row)
+        at = blob.index(image)
+        f.seek(at + 200)
+        f.write(bytes(len(image) - 400))
+    loader = TrainLoader(again.train, 12, seed=0, spec=AugmentSpec(view="rrc", crop_size=32), device="cpu", workers=1)
+    name = again.train.store.cell(row, "name")
+    with pytest.raises(DataError, match=rf"^{name}: its copy in {train_file} \(row {row}\) cannot be decoded .*the "
+                                        "copy is damaged. Delete it"):
+        for _ in loader.epoch(0, 0):
+            pass
+
+
+def test_any_folder_name_the_device_tier_takes_streams(tmp_path):
+    """Names that pyarrow or a file system would not take as they are (not UTF-8, 250 bytes) make a portable cache
+    file name."""
+    for name in (b"caf\xe9-data", b"d" * 250):
+        folder = write_large_folder(os.path.join(os.fsencode(tmp_path), name).decode("utf-8", "surrogateescape"),
+                                    4, 1, 40)
+        ds = load_dataset(folder, str(tmp_path / "c"), tier="stream")
+        device = load_dataset(folder, str(tmp_path / "c"), tier="device")
+        assert ds.fingerprint == device.fingerprint
+
+
+def test_what_a_killed_preparation_left_is_removed_by_the_next_one(tmp_path):
+    from kdfast.data.store import cache_path
+    from kdfast.data.sources import source_key
+
+    folder = write_large_folder(str(tmp_path / "d"), 4, 1, 40)
+    decoded = cache_path(str(tmp_path / "c"), folder, source_key(folder, "folder", "cifar10"), 0)
+    left = decoded[:-len(".safetensors")] + "-train.arrow.tmp4242"  # a writer killed with -9 leaves its temporary
+    os.makedirs(os.path.dirname(left))
+    with open(left, "wb") as f:
+        f.write(bytes(1000))
+    other = decoded[:-len(".safetensors")] + "-s48-train.arrow.tmp4343"  # another product's: not ours to remove
+    open(other, "wb").close()
+    said = []
+    load_dataset(folder, str(tmp_path / "c"), tier="stream", log=said.append)
+    assert f"{left}: left by a preparation that was killed; removed" in said
+    assert not os.path.exists(left) and os.path.exists(other)

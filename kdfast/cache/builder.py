@@ -23,6 +23,7 @@ from ..checkpoint import load_teacher, read_meta, weights_sha256
 from ..config import DEFAULT_TEACHER, BuildConfig, DataConfig, pick
 from ..engine import Preemption, Runtime, load_data, make_runtime, on_main, predict
 from ..config.view import stored_size
+from ..data import check_view
 from ..errors import KdfastError, io_errno, io_error_line
 from ..files import FileLock, check_file_target, remove_quietly
 from ..models import model_entry
@@ -75,13 +76,18 @@ def build(cfg: BuildConfig, runtime: Runtime | None = None) -> str:
 
 
 def with_teacher_data(cfg: BuildConfig, meta: dict, say) -> BuildConfig:
-    """The data flags not given, taken from the teacher's .json (its run's config), said in the log; then the
-    defaults. The views are the students' (the flags and the recipe), normalized for the dataset resolved here."""
-    recorded = pick(meta.get("config", {}), DataConfig)
+    """The data and view flags not given, taken from the teacher's .json (its run's config), said in the log; then
+    the recipe's and the defaults. A flag given always wins."""
+    config = meta.get("config", {})
+    recorded = pick(config, DataConfig)
     recorded["data"] = recorded_source(recorded.get("data") or (meta.get("data") or {}).get("source"))
+    if isinstance(config.get("augment"), dict):
+        recorded["augment"] = config["augment"]
     plain, resolved = cfg.resolved(), cfg.resolved(recorded)
     taken = {k: getattr(resolved, k) for k in ("data", "dataset", "train_per_class", "test_per_class", "val_per_class",
                                                "val_seed", "store_size") if getattr(resolved, k) != getattr(plain, k)}
+    views = {k: v for k, v in resolved.augment.values().items() if v != getattr(plain.augment, k)}
+    taken.update({f"augment.{k}": " ".join(map(str, v)) if isinstance(v, tuple) else v for k, v in views.items()})
     if taken:
         say(f"[cache] as the teacher was trained ({cfg.teacher}): "
             + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items()))
@@ -92,6 +98,7 @@ def _build_locked(cfg: BuildConfig, runtime: Runtime, path: str, opened: list) -
     by_name = bool(cfg.teacher_weights or cfg.teacher_pretrained)
     cfg = with_teacher_data(cfg, {} if by_name else read_meta(cfg.teacher), runtime.print)
     data = load_data(cfg, runtime)
+    check_view(data.train, cfg.augment)  # what train and distill refuse, refused before the teacher pass
     teacher, meta = load_teacher(cfg.teacher, data.classes, runtime.device, cfg.teacher_weights, cfg.teacher_pretrained)
     check_model_input(teacher, cfg.teacher, "--teacher", view_sizes(cfg.augment, data), len(data.classes),
                       runtime.device)

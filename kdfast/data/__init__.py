@@ -13,17 +13,20 @@ an explicit source is downloaded into only with download=True.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 
 import torch
 from tqdm.auto import tqdm
+
+from ..files import FileLock, OutputError, remove_quietly
 
 from .decode import decode_image, image_size, stored_size
 from .loader import Batch, TrainLoader, check_view, eval_batches, is_streamed, view_batches
 from .sources import (DATA_ENV, DATASETS, DEFAULT_DATA, HUB_PREFIX, LOCAL_COPY, list_source, read_torchvision,
                       resolve_source, source_key, source_kind)
 from .store import cache_path, decode_split, load_decoded, save_decoded
-from .stream import StreamedSplit, write_encoded
+from .stream import StaleStore, StreamedSplit, write_encoded
 from .types import DataError, Dataset, Split, fingerprint, split_validation, subset_per_class
 
 __all__ = ["Batch", "DataError", "Dataset", "Split", "StreamedSplit", "TrainLoader", "DATA_ENV", "DATASETS",
@@ -96,8 +99,46 @@ def _listed_side(listing, store_size: int) -> int:
 
 def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store_size: int, tier: str,
                      budget: int | None, log, progress: bool) -> Dataset:
+    """The dataset of an image source in a tier: what was prepared before (validated), else prepared now by one
+    writer (a second run preparing the same data waits for the first, then reads what it wrote)."""
     key = source_key(source, kind, dataset)
     decoded_file = cache_path(cache_dir, source, key, store_size)
+    found = _prepared(source, decoded_file, store_size, tier, budget, log)
+    if found is not None:
+        return found
+    lock = FileLock(decoded_file.rsplit(".", 1)[0] + ".lock", f"the prepared data of {source}", "wait for it")
+    try:
+        lock.acquire(log, wait=True)
+    except OutputError as e:  # an unwritable cache folder: the device tier decodes anyway (it cannot save either)
+        if tier == "stream":
+            raise
+        log(f"note: {e}")
+    try:
+        if lock.fd is not None:
+            _remove_leftovers(decoded_file, log)
+        found = _prepared(source, decoded_file, store_size, tier, budget, log)  # written meanwhile by another run
+        return found if found is not None else _prepare(source, kind, decoded_file, store_size, tier, budget, log,
+                                                        progress, cache_dir)
+    finally:
+        lock.release()
+
+
+def _remove_leftovers(decoded_file: str, log) -> None:
+    """The temporary files of writers killed before they finished (SIGKILL, a lost node): with the lock held, no
+    one else writes them. Each can be as large as the dataset."""
+    for path in [p for f in [decoded_file, *_arrows(decoded_file)] for p in glob.glob(glob.escape(f) + ".tmp*")]:
+        log(f"{path}: left by a preparation that was killed; removed")
+        remove_quietly(path)
+
+
+def _arrows(decoded_file: str) -> list[str]:
+    stem = decoded_file[:-len(".safetensors")]
+    return [f"{stem}-{split}.arrow" for split in ("train", "test")]
+
+
+def _prepared(source: str, decoded_file: str, store_size: int, tier: str, budget: int | None, log) -> Dataset | None:
+    """The data as prepared before, or None: the decoded file (device tier), else the Arrow files (streamed tier; a
+    damaged, cut or older one is removed with a line, to be written again)."""
     where = source if source.startswith(HUB_PREFIX) else os.path.abspath(source)
     if tier in ("auto", "device") and os.path.exists(decoded_file) and \
             (tier == "device" or os.path.getsize(decoded_file) <= (budget or 4 << 30)):
@@ -105,15 +146,28 @@ def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store
         if loaded:
             train, test, meta = loaded
             return Dataset(train, test, meta["classes"], meta["fingerprint"], meta["source"], "device", store_size)
-    arrows = [cache_path(cache_dir, source, key, store_size, f"-{split}.arrow") for split in ("train", "test")]
-    if tier in ("auto", "stream") and all(map(os.path.exists, arrows)):  # indexed before: no listing, no reading
-        train, test = (StreamedSplit.open(path, store_size) for path in arrows)
-        side = max(max(train.box), max(test.box))
-        if _choose_tier(tier, len(train) + len(test), side, budget, log) == "stream":
-            return Dataset(train, test, train.classes, fingerprint(train, test, train.classes, store_size), where,
-                           "stream", store_size)
-        tier = "device"
-    listing = list_source(source, kind)
+    arrows = _arrows(decoded_file)
+    if tier not in ("auto", "stream") or not all(map(os.path.exists, arrows)):
+        return None
+    try:
+        train, test = (StreamedSplit.open(path, store_size) for path in arrows)  # indexed before: no listing
+    except StaleStore as e:
+        log(f"{str(e).rstrip('.')}: writing it again")
+        for path in arrows:
+            remove_quietly(path)
+        return None
+    side = max(max(train.box), max(test.box))
+    if tier == "auto" and _choose_tier(tier, len(train) + len(test), side, budget, log) == "device":
+        return None
+    return Dataset(train, test, train.classes, fingerprint(train, test, train.classes, store_size), where, "stream",
+                   store_size)
+
+
+def _prepare(source: str, kind: str, decoded_file: str, store_size: int, tier: str, budget: int | None, log,
+             progress: bool, cache_dir: str) -> Dataset:
+    """List the source, then decode it (device tier) or write its Arrow files (streamed tier)."""
+    where = source if source.startswith(HUB_PREFIX) else os.path.abspath(source)
+    listing = list_source(source, kind, cache_dir, log)
     total = sum(len(v) for v in listing.splits.values())
     if tier == "auto":
         tier = _choose_tier(tier, total, _listed_side(listing, store_size), budget, log)
@@ -126,9 +180,10 @@ def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store
                      "device", store_size)
         return _save(decoded_file, ds, cache_dir, log)
     splits = []
-    for split, path in zip(("train", "test"), arrows):
+    for split, path in zip(("train", "test"), _arrows(decoded_file)):
         if not os.path.exists(path):
-            log(f"writing the encoded {split} images of {source} into {path} (memory-mapped, read per batch) ...")
+            log(f"writing the encoded {split} images of {source} into {path} (each decoded once to check it; "
+                "memory-mapped, read per batch) ...")
             with tqdm(total=len(listing.splits[split]), unit="img", desc=f"index {split}", disable=not progress,
                       dynamic_ncols=True) as bar:
                 write_encoded(listing, split, path, store_size, bar)

@@ -81,22 +81,32 @@ STORE_QUALITY = 95
 
 def prepare(data: bytes, name: str, store_size: int) -> tuple[bytes, tuple[int, int]]:
     """The bytes a sample is kept as, and their (width, height): the file itself when it fits the store size, else
-    its reduced image as a JPEG of quality STORE_QUALITY."""
-    size = image_size(data, name)
-    target = stored_size(*size, store_size)
-    if target == size:
-        return data, size
+    its reduced image as a JPEG of quality STORE_QUALITY. The image is decoded either way, so a damaged file is named
+    when the data is prepared, in both tiers."""
+    kept, image = _kept(data, name, store_size, decoded=False)
+    return kept, image.size
+
+
+def _kept(data: bytes, name: str, store_size: int, decoded: bool = True):
+    """(the bytes kept, the image they decode to; decoded=False: the image they were made from, of the same size)."""
+    image = decode_pil(data, name, store_size)
+    if image.size == image_size(data, name):
+        return data, image
     out = io.BytesIO()
-    decode_pil(data, name, store_size).save(out, format="JPEG", quality=STORE_QUALITY)
-    return out.getvalue(), target
+    image.save(out, format="JPEG", quality=STORE_QUALITY)
+    kept = out.getvalue()
+    return kept, decode_pil(kept, name) if decoded else image
 
 
 def decode_stored(data: bytes, name: str, store_size: int) -> torch.Tensor:
     """The stored image (3, h, w) uint8 of a source file: what the streamed tier decodes from prepare's bytes."""
-    kept, _ = prepare(data, name, store_size)
-    return decode_image(kept, name)
+    return _tensor(_kept(data, name, store_size)[1])
 
 
 def decode_image(data: bytes, name: str, store_size: int = 0) -> torch.Tensor:
     """The stored image (3, h, w) uint8 of an encoded file."""
-    return torch.from_numpy(np.asarray(decode_pil(data, name, store_size)).copy()).permute(2, 0, 1)
+    return _tensor(decode_pil(data, name, store_size))
+
+
+def _tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)

@@ -16,6 +16,7 @@ from ..augment import (AugmentSpec, MixParams, Parcel, augment, eval_view, mix, 
                        plan_train_tensor, views_of_pil)
 from ..transfer import to_device, upload
 from .types import DataError, Split
+from .workers import WorkerFailure, batches, ignore_trainer_signals
 
 
 @dataclass
@@ -71,6 +72,12 @@ class _StepViews(torch.utils.data.Dataset):
         return images, sizes
 
     def __getitem__(self, k: int):
+        try:
+            return self._item(k)
+        except DataError as e:  # a user's error: returned, raised in the trainer as it is (workers.batches)
+            return WorkerFailure(str(e))
+
+    def _item(self, k: int):
         idx = self.chunks[k]
         safe = idx.clamp(min=0)
         images, sizes = self._images(safe)
@@ -152,9 +159,9 @@ def view_batches(split, chunks: list[torch.Tensor], spec: AugmentSpec, aug_seed:
     view_in_worker = device.type == "cpu" if view_in_worker is None else view_in_worker
     loader = torch.utils.data.DataLoader(_StepViews(split, chunks, spec, aug_seed, view_in_worker), batch_size=None,
                                          shuffle=False, num_workers=workers, prefetch_factor=4 if workers else None,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_trainer_signals)
     labels_all = upload(split.labels, device=device)[0] if aug_seed is not None and spec.mixes else None  # partners' labels
-    for images, labels, idx, sizes, partner in loader:
+    for images, labels, idx, sizes, partner in batches(loader):
         safe = idx.clamp(min=0)
         parcel = Parcel(device)
         sent = [parcel.add(t) for t in (labels, idx)]
@@ -177,6 +184,12 @@ def _pinned(images, partner, device):
     """The worker's batch (and the partners' images) on the device: pinned by the DataLoader, sent as they are."""
     sent = upload(images, *(() if partner is None else (partner[0],)), device=device)
     return sent[0], (sent[1] if partner is not None else None)
+
+
+def check_batch_size(split, batch_size: int) -> None:
+    if batch_size > len(split):
+        raise ValueError(f"--batch-size {batch_size} is larger than the training set ({len(split)} samples); lower "
+                         "--batch-size")
 
 
 def check_view(split, spec: AugmentSpec) -> None:
@@ -213,8 +226,7 @@ class TrainLoader:
         if batch_size % pieces:
             raise ValueError(f"--batch-size {batch_size} must be divisible by the number of processes "
                              f"({num_processes}) x --grad-accum ({accumulate}) = {pieces}")
-        if batch_size > len(split):
-            raise ValueError(f"batch_size {batch_size} is larger than the training set ({len(split)} samples); lower --batch-size")
+        check_batch_size(split, batch_size)
         check_view(split, spec)
         self.split, self.labels = split, split.labels
         self.images = None if is_streamed(split) else to_device(split.images, device)

@@ -60,13 +60,13 @@ def resolve_source(path: str | None) -> str:
 
 # ---------------------------------------------------------------- image folders and archives
 
-def _split_class_file(relpath: str):
-    """(split, class, filename) for a path like [prefix/]train/<class>/<file>, else None."""
+def _entry(relpath: str):
+    """(split, class, filename) for a path split/<class>/<file> relative to the data's root, else None. One rule for
+    every source kind: an image suffix (any case), nothing hidden (no part starting with "."), exactly that depth."""
     parts = [p for p in relpath.replace("\\", "/").split("/") if p and p != "."]
-    if len(parts) < 3 or not parts[-1].lower().endswith(IMAGE_SUFFIXES) or parts[-1].startswith("."):
+    if len(parts) != 3 or parts[0] not in ("train",) + EVAL_SPLITS or any(p.startswith(".") for p in parts):
         return None
-    split, cls = parts[-3], parts[-2]
-    return (split, cls, parts[-1]) if split in ("train",) + EVAL_SPLITS else None
+    return tuple(parts) if parts[2].lower().endswith(IMAGE_SUFFIXES) else None
 
 
 def _listing(source: str, files: dict, dirs: dict, read) -> Listing:
@@ -98,8 +98,10 @@ def _listing(source: str, files: dict, dirs: dict, read) -> Listing:
     return Listing(source, train_classes, splits, read, eval_split)
 
 
-def list_image_folder(root: str) -> Listing:
-    files, dirs = {}, {}
+def folder_entries(root: str):
+    """(split, class, name, path) of every image an image folder lists, and {split: class folders}: links followed
+    (a link to a missing file is refused), hidden files and folders skipped (_entry)."""
+    entries, dirs = [], {}
     for split in ("train",) + EVAL_SPLITS:
         split_dir = os.path.join(root, split)
         if not os.path.isdir(split_dir):
@@ -111,8 +113,21 @@ def list_image_folder(root: str) -> Listing:
             dirs.setdefault(split, set()).add(cls)
             for name in os.listdir(cls_dir):
                 path = os.path.join(cls_dir, name)
-                if _split_class_file(f"{split}/{cls}/{name}") and os.path.isfile(path):
-                    files.setdefault(split, {}).setdefault(cls, []).append((name, path))
+                if not _entry(f"{split}/{cls}/{name}"):
+                    continue
+                if os.path.islink(path) and not os.path.exists(path):
+                    raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist. Fix the link or "
+                                    "remove it.")
+                if os.path.isfile(path):
+                    entries.append((split, cls, name, path))
+    return entries, dirs
+
+
+def list_image_folder(root: str) -> Listing:
+    entries, dirs = folder_entries(root)
+    files = {}
+    for split, cls, name, path in entries:
+        files.setdefault(split, {}).setdefault(cls, []).append((name, path))
 
     def read(path):
         with open(path, "rb") as f:
@@ -121,22 +136,34 @@ def list_image_folder(root: str) -> Listing:
     return _listing(root, files, dirs, read)
 
 
-def list_archive(path: str) -> Listing:
-    """The archive is read once, its image bytes kept in memory (a large archive is better extracted first)."""
-    files, dirs, blobs = {}, {}, {}
+MAX_IMAGE_BYTES = 1 << 30  # an archive member declaring more is damaged or not an image (the largest photos: ~200 MB)
+
+
+def _archive_root(names: list[str], path: str) -> str:
+    """The folder inside an archive that holds its split folders (its top, or a folder below it): where its images
+    are, at split/<class>/<file>; several such folders are refused."""
+    roots = set()
+    for name in names:
+        parts = _norm(name).split("/")
+        if len(parts) >= 3 and _entry("/".join(parts[-3:])) and not any(p.startswith(".") for p in parts[:-3]):
+            roots.add("/".join(parts[:-3]))
+    if len(roots) > 1:
+        shown = ", ".join(sorted(r or "its top" for r in roots)[:4])
+        raise DataError(f"{path}: the archive has images in several places ({shown}). Keep one dataset (one folder "
+                        "with train/ and test/) per archive.")
+    return roots.pop() if roots else ""
+
+
+def list_archive(path: str, budget: int | None = None) -> Listing:
+    """The archive is read once, its image bytes kept in memory (up to `budget` bytes, default a quarter of the
+    available memory: a larger one is refused, to be extracted first). Links inside the archive are followed as a
+    folder's are; a link to outside it is refused."""
+    budget = budget if budget is not None else _memory_budget()
     try:
         with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                parts = [p for p in member.name.split("/") if p and p != "."]
-                if member.isdir() and len(parts) >= 2 and parts[-2] in ("train",) + EVAL_SPLITS:
-                    dirs.setdefault(parts[-2], set()).add(parts[-1])
-                if not member.isfile() or not (parsed := _split_class_file(member.name)):
-                    continue
-                split, cls, name = parsed
-                dirs.setdefault(split, set()).add(cls)
-                blobs[member.name] = tar.extractfile(member).read()
-                files.setdefault(split, {}).setdefault(cls, []).append((name, member.name))
-            whole = _ends_with_marker(tar)
+            members, whole = _members(tar, path), _ends_with_marker(tar)
+            root = _archive_root([m.name for m in members], path)
+            files, dirs, blobs = _read_members(tar, members, root, path, budget)
     except (tarfile.TarError, EOFError, OSError) as e:
         reason = str(e).splitlines()[0].rstrip(":") if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: not a readable .tar.gz archive ({reason}). Check the file, or download it "
@@ -146,6 +173,92 @@ def list_archive(path: str) -> Listing:
                         "images without tar's end-of-archive marker: it is incomplete (cut while being downloaded "
                         "or copied). Copy or download it again.")
     return _listing(path, files, dirs, blobs.__getitem__)
+
+
+def _members(tar: tarfile.TarFile, path: str) -> list:
+    """Every member's header (no data read), each declared size checked."""
+    members = []
+    for member in tar:
+        if member.size > MAX_IMAGE_BYTES or member.size < 0:
+            raise DataError(f"{path}: the member {member.name} declares {member.size:,} bytes, more than any image "
+                            f"({MAX_IMAGE_BYTES >> 20:,} MB): the archive is damaged. Download or copy it again.")
+        members.append(member)
+    return members
+
+
+def _read_members(tar: tarfile.TarFile, members: list, root: str, path: str, budget: int):
+    """files {split: {class: [(name, key)]}}, class folders {split: set}, and the image bytes by key, of the members
+    under root (links followed: a class folder that is a link lists its target's files, as a folder would)."""
+    by_name = {_norm(m.name): m for m in members}
+    files, dirs, blobs, total = {}, {}, {}, 0
+    for member in members:
+        rel = os.path.relpath(_norm(member.name), root or ".")
+        parts = [p for p in (rel or "").split("/") if p and p != "."]
+        if rel.startswith("..") or len(parts) < 2 or parts[0] not in ("train",) + EVAL_SPLITS:
+            continue
+        target = _link_target(member, by_name, path) if member.issym() or member.islnk() else member
+        if len(parts) == 2 and not parts[1].startswith(".") and target.isdir():
+            dirs.setdefault(parts[0], set()).add(parts[1])
+            if target is not member:  # a class folder that is a link: its target's files, under the link's name
+                inside = _norm(target.name)
+                for inner in members:
+                    if os.path.dirname(_norm(inner.name)) == inside:
+                        total += _add(tar, files, blobs, f"{rel}/{os.path.basename(_norm(inner.name))}", inner,
+                                      by_name, path)
+            continue
+        if target.isfile() and (parsed := _entry(rel)):
+            dirs.setdefault(parsed[0], set()).add(parsed[1])
+            total += _add(tar, files, blobs, rel, member, by_name, path)
+        if total > budget:
+            raise DataError(f"{path}: the archive's images take more than {budget >> 20:,} MB, a quarter of the "
+                            "available memory, which reading it in place needs. Extract it (tar xf) and point --data "
+                            "at the folder.")
+    return files, dirs, blobs
+
+
+def _add(tar, files, blobs, rel: str, member, by_name, path) -> int:
+    """Add one image member (a link: its target's bytes) as rel; returns the bytes read."""
+    parsed = _entry(rel)
+    if not parsed:
+        return 0
+    target = _link_target(member, by_name, path) if member.issym() or member.islnk() else member
+    if not target.isfile():
+        return 0
+    split, cls, name = parsed
+    blobs[rel] = tar.extractfile(target).read()
+    files.setdefault(split, {}).setdefault(cls, []).append((name, rel))
+    return len(blobs[rel])
+
+
+def _link_target(member, by_name: dict, path: str):
+    """The member a link member points to, inside the archive (links of links followed); refused when outside."""
+    seen = set()
+    while member.issym() or member.islnk():
+        if member.name in seen:
+            raise DataError(f"{path}: the link {member.name} is a loop. Fix the archive.")
+        seen.add(member.name)
+        base = os.path.dirname(_norm(member.name)) if member.issym() else ""
+        name = None if member.linkname.startswith("/") else _norm(os.path.join(base, member.linkname))
+        if name is None or name.startswith("..") or name not in by_name:
+            raise DataError(f"{path}: the link {member.name} points to {member.linkname}, outside the archive. "
+                            "Make the archive with tar -h (links replaced by their files), or point --data at the "
+                            "folder.")
+        member = by_name[name]
+    return member
+
+
+def _norm(name: str) -> str:
+    """A member's name without ./ parts or a trailing /."""
+    return os.path.normpath(name.rstrip("/") or ".")
+
+
+def _memory_budget() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable", info.get("MemFree", 16 << 30)) // 4
+    except (OSError, ValueError, IndexError):
+        return 4 << 30
 
 
 def _ends_with_marker(tar: tarfile.TarFile) -> bool:
@@ -158,21 +271,23 @@ def _ends_with_marker(tar: tarfile.TarFile) -> bool:
 
 # ---------------------------------------------------------------- Hugging Face datasets
 
-def _hf_splits(source: str):
-    """{split name: datasets.Dataset} of a save_to_disk folder, a folder of parquet files or hf:NAME."""
+def _hf_splits(source: str, cache_dir: str):
+    """{split name: datasets.Dataset} of a save_to_disk folder, a folder of parquet files or hf:NAME; what `datasets`
+    converts or downloads is kept under cache_dir/huggingface (not under HF_HOME)."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"{source}: reading Hugging Face datasets needs the `datasets` package: pip install datasets") from None
+    hf_cache = os.path.join(cache_dir, "huggingface")
     try:
         if source.startswith(HUB_PREFIX):
-            loaded = datasets.load_dataset(source[len(HUB_PREFIX):])
+            loaded = datasets.load_dataset(source[len(HUB_PREFIX):], cache_dir=hf_cache)
         elif glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True) and not _is_saved_dataset(source):
             data_files = {}
             for path in sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True)):
                 split = os.path.basename(path).split("-")[0].split(".")[0]
                 data_files.setdefault(split, []).append(path)
-            loaded = datasets.load_dataset("parquet", data_files=data_files)
+            loaded = datasets.load_dataset("parquet", data_files=data_files, cache_dir=hf_cache)
         else:
             loaded = datasets.load_from_disk(source)
     except DataError:
@@ -202,31 +317,53 @@ def _hf_columns(ds, source: str) -> tuple[str, str]:
     return image, label
 
 
-def list_hf(source: str) -> Listing:
+def _class_names(ds, label: str) -> list[str] | None:
     import datasets
 
-    splits = _hf_splits(source)
+    feature = ds.features[label]
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def _hf_labels(source: str, name: str, ds, label: str, classes: list[str], log) -> list[int]:
+    """A split's labels as indices into `classes` (train's): ClassLabel indices mapped by name when the split's own
+    class list differs in order (said), refused when it names other classes; plain labels mapped by value."""
+    index = {c: i for i, c in enumerate(classes)}
+    labels, own = ds[label], _class_names(ds, label)
+    if own is None:
+        missing = sorted({str(v) for v in labels} - set(index))
+        if missing:
+            raise DataError(f"{source}: the {name} split has labels {missing[:5]} that train does not have.")
+        return [index[str(v)] for v in labels]
+    if labels and (min(labels) < 0 or max(labels) >= len(own)):
+        raise DataError(f"{source}: the {name} split has labels outside 0..{len(own) - 1} (unlabelled rows?).")
+    if own == classes:
+        return labels
+    if sorted(own) != sorted(classes):
+        only_train, only_split = sorted(set(classes) - set(own)), sorted(set(own) - set(classes))
+        raise DataError(f"{source}: train and {name} have different class lists (only in train: {only_train[:5]}, "
+                        f"only in {name}: {only_split[:5]}); reading them index by index would mislabel. Give both "
+                        "splits the same ClassLabel names.")
+    log(f"data: {source}: the {name} split lists the classes in another order than train; its labels are mapped "
+        "to train's by class name")
+    mapped = [index[c] for c in own]
+    return [mapped[y] for y in labels]
+
+
+def list_hf(source: str, cache_dir: str = "cache", log=print) -> Listing:
+    import datasets
+
+    splits = _hf_splits(source, cache_dir)
     eval_split = next((s for s in EVAL_SPLITS if s in splits), None)
     if "train" not in splits or eval_split is None:
         raise DataError(f"{source}: needs a train split and a test (or validation) split; it has {sorted(splits)}.")
     image, label = _hf_columns(splits["train"], source)
-    feature = splits["train"].features[label]
-    if isinstance(feature, datasets.ClassLabel):
-        classes = list(feature.names)
-    else:
-        classes = [str(c) for c in sorted(set(splits["train"][label]))]
-    index = {c: i for i, c in enumerate(classes)}
+    classes = _class_names(splits["train"], label) or [str(c) for c in sorted(set(splits["train"][label]))]
     raw = {s: splits[s].cast_column(image, datasets.Image(decode=False)) for s in ("train", eval_split)}
     listed = {}
     for split, name in (("train", "train"), ("test", eval_split)):
-        labels = raw[name][label]
-        if not isinstance(feature, datasets.ClassLabel):
-            missing = sorted({str(v) for v in labels} - set(index))
-            if missing:
-                raise DataError(f"{source}: the {name} split has labels {missing[:5]} that train does not have.")
-            labels = [index[str(v)] for v in labels]
-        elif labels and (min(labels) < 0 or max(labels) >= len(classes)):
-            raise DataError(f"{source}: the {name} split has labels outside 0..{len(classes) - 1} (unlabelled rows?).")
+        if label not in raw[name].features:
+            raise DataError(f"{source}: the {name} split has no {label!r} column, which train has.")
+        labels = _hf_labels(source, name, raw[name], label, classes, log)
         listed[split] = [(int(y), f"{source}:{name}[{row}]", (name, row)) for row, y in enumerate(labels)]
 
     def read(key):
@@ -288,12 +425,18 @@ def source_kind(path: str) -> str:
     return "torchvision"
 
 
-def list_source(path: str, kind: str) -> Listing:
-    return {"folder": list_image_folder, "archive": list_archive, "hf": list_hf}[kind](path)
+def list_source(path: str, kind: str, cache_dir: str = "cache", log=print) -> Listing:
+    """The listing of an encoded source; Hugging Face's own caches go under cache_dir/huggingface."""
+    if kind == "hf":
+        return list_hf(path, cache_dir, log)
+    return {"folder": list_image_folder, "archive": list_archive}[kind](path)
 
 
 def source_key(path: str, kind: str, dataset: str) -> str:
-    """A cheap key for the data caches: file content for archives, names/sizes/mtimes for folders."""
+    """A cheap key for the data caches that changes whenever what would be read changes: file content for archives;
+    for image folders every listed file's name, link target, size, modification and change times and inode (an
+    edit that restores the modification time still changes the change time); names, sizes and times of every file
+    for other folders."""
     h = hashlib.sha256(f"{CACHE_FORMAT}:{kind}".encode())
     if kind == "hf" and path.startswith(HUB_PREFIX):
         h.update(path.encode())
@@ -305,6 +448,14 @@ def source_key(path: str, kind: str, dataset: str) -> str:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
+        return h.hexdigest()[:16]
+    if kind == "folder":  # exactly what the listing reads: links followed, hidden files left out
+        entries, _ = folder_entries(path)
+        for split, cls, name, file in sorted(entries):
+            st = os.stat(file)  # of the link's target
+            real = os.path.realpath(file) if os.path.realpath(file) != os.path.abspath(file) else ""
+            h.update(f"{split}/{cls}/{name}>{real}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n"
+                     .encode("utf-8", "surrogateescape"))
         return h.hexdigest()[:16]
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()

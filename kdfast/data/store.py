@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -13,6 +14,7 @@ from .sources import Listing
 from .types import Split
 
 DECODE_THREADS = os.cpu_count() or 1  # Pillow releases the GIL while it decodes
+STEM_CHARS = 64
 
 
 def _read_headers(listing: Listing, split: str, store_size: int, pool) -> torch.Tensor:
@@ -56,6 +58,9 @@ def cache_path(cache_dir: str, source: str, key: str, store_size: int, suffix: s
         stem = "hf-" + source[3:].replace("/", "-")
     else:
         stem = os.path.basename(os.path.normpath(source)).split(".")[0] or "data"
+    # a portable file name whatever the source's: ASCII letters, digits, - and _ (pyarrow, safetensors and other file
+    # systems take no name that is not UTF-8), short enough for any suffix within the 255 bytes of a name
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:STEM_CHARS]
     store = f"-s{store_size}" if store_size else ""
     return os.path.join(cache_dir, "datasets", f"{stem}-{key}{store}{suffix}")
 

@@ -14,6 +14,14 @@ class DataError(KdfastError):
     """Data that cannot be used, with a message naming the path and the fix."""
 
 
+class WorkerLost(KdfastError):
+    """A data worker process died (a signal: the OOM killer's SIGKILL, a bus error); signum: its signal, or 0."""
+
+    def __init__(self, message: str, signum: int = 0):
+        super().__init__(message)
+        self.signum = signum
+
+
 def _uniform_sizes(images: torch.Tensor) -> torch.Tensor:
     return torch.tensor([images.shape[-2:]], dtype=torch.int32).expand(len(images), 2).contiguous()
 

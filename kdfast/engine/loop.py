@@ -11,10 +11,11 @@ from tqdm.auto import tqdm
 
 from .. import collectives
 from ..augment import epoch_seed
-from ..data import Batch, Dataset
-from ..errors import KdfastError
+from ..data import Batch, DataError, Dataset
+from ..data.types import WorkerLost
+from ..errors import Interrupted, KdfastError
 from ..rundir import describe_progress
-from .preemption import Preemption, lost_processes, stopped
+from .preemption import Preemption, lost_processes, resume_advice, stopped
 from .records import tracking
 from .trainer import Trainer
 
@@ -115,6 +116,34 @@ def grouped(batches, size: int):
             group = []
 
 
+def between_steps(batches, failed: Callable):
+    """The batches; a failure of the data while the next one is fetched (a worker lost, a damaged stored image)
+    is raised as failed(error) returns it."""
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except (DataError, WorkerLost) as e:
+            raise failed(e) from None
+        yield item
+
+
+def data_stopped(tr: Trainer, e: Exception, epoch: int, done: int, epoch_time: float, wall: float) -> Exception:
+    """A run whose data failed between two steps ends like a preemption: the steps done are saved (one process; with
+    several, the others are inside a step's collectives and report this one lost) and the error says how to go on.
+    A worker killed by a signal exits 128 + that signal, as the run would have."""
+    if tr.acc.num_processes > 1:
+        return e
+    save_progress(tr, epoch, done, epoch_time, wall)
+    text = (f"[{tr.cfg.run_name}] {str(e).rstrip('.')}: stopped after step {done} of epoch {epoch + 1}; the state is "
+            f"saved in {tr.run_dir.state_dir}. {resume_advice(tr.cfg)}")
+    if isinstance(e, WorkerLost) and e.signum:
+        return Interrupted(e.signum, text)
+    return type(e)(text)
+
+
 def check_finite(tr: Trainer) -> None:
     """Stop at the first non-finite loss (collective under several processes); a host-device sync."""
     bad = int(collectives.all_reduce(tr.bad_step.clone(), "max").item())
@@ -156,8 +185,13 @@ def run_epoch(tr: Trainer, epoch: int, progress: dict, aug_seed: int, stop: Pree
     shows = not bar.disable
     tr.model.train()  # evaluation left it in eval mode
     t0 = time.perf_counter()
-    for step, micro in enumerate(grouped(loader.epoch(epoch, aug_seed, start_step), loader.accumulate),
-                                 start=start_step):
+    done = start_step
+
+    def failed(e):  # the loader failed while fetching the next step: the `done` steps are whole
+        return data_stopped(tr, e, epoch, done, time_before + time.perf_counter() - t0, wall())
+
+    batches = between_steps(grouped(loader.epoch(epoch, aug_seed, start_step), loader.accumulate), failed)
+    for step, micro in enumerate(batches, start=start_step):
         global_step = epoch * len(loader) + step
         loss = train_step(tr, micro, global_step)
         bar.update(1)

@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import functools
 import inspect
+import os
 
 import torch
 import torch.nn as nn
@@ -79,8 +80,16 @@ def _lister(library: str) -> str:
     return "timm.list_models()" if library == "timm" else "torchvision.models.list_models()"
 
 
-def pretrained_error(what: str, e: Exception) -> ValueError:
+def pretrained_error(what: str, e: Exception, cached: str | None = None) -> ValueError:
+    """Why the library's weights could not be had: a damaged file in its cache (named, with the command that removes
+    it), or neither cached nor downloadable."""
     first = (str(e).strip().splitlines() or [""])[0][:200]
+    if cached and os.path.exists(cached):
+        real = os.path.realpath(cached)
+        files = f"{real} {cached}" if real != os.path.abspath(cached) else cached
+        return ValueError(f"--pretrained: the weights of {what} are in the local cache, but {cached} cannot be read "
+                          f"({type(e).__name__}: {first}): the file is damaged (cut while downloading?). Remove it "
+                          f"(rm -f {files}) and run again with internet, or copy a whole one there.")
     return ValueError(f"--pretrained: could not get the weights of {what} ({type(e).__name__}: {first}). They are "
                       "neither in the local cache (timm: $HF_HOME or ~/.cache/huggingface; torchvision: $TORCH_HOME or "
                       "~/.cache/torch/hub) nor downloadable here. Run once with internet (or copy that cache over), "
@@ -96,7 +105,11 @@ def torchvision_pretrained(model: nn.Module, name: str, skip=()) -> nn.Module:
     try:
         state = weights.get_state_dict(progress=True, check_hash=True)
     except Exception as e:  # URLError (offline), a hash mismatch, a damaged file: all mean "no weights"
-        raise pretrained_error(f"torchvision:{name} ({weights.url})", e) from None
+        import torch.hub
+        from urllib.parse import urlparse
+
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+        raise pretrained_error(f"torchvision:{name} ({weights.url})", e, cached) from None
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith(tuple(skip))}
     model.load_state_dict(keep, strict=False)
@@ -113,7 +126,23 @@ def timm_model(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Mo
         try:
             return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
         except Exception as e:  # offline, not cached, gated, damaged: the hub's and httpx's errors have no common base
-            raise pretrained_error(f"timm:{name}", e) from None
+            raise pretrained_error(f"timm:{name}", e, timm_cached_file(name)) from None
+
+
+def timm_cached_file(name: str) -> str | None:
+    """The file of timm's pretrained weights of `name` in the Hugging Face cache, if one is there."""
+    try:
+        import huggingface_hub
+        import timm
+
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = huggingface_hub.try_to_load_from_cache(repo, filename) if repo else None
+            if isinstance(found, str):
+                return found
+    except Exception:  # no pretrained config, an unusual cache: nothing to name
+        return None
+    return None
 
 
 @contextlib.contextmanager
