@@ -313,3 +313,37 @@ def test_what_a_killed_preparation_left_is_removed_by_the_next_one(tmp_path):
     load_dataset(folder, str(tmp_path / "c"), tier="stream", log=said.append)
     assert f"{left}: left by a preparation that was killed; removed" in said
     assert not os.path.exists(left) and os.path.exists(other)
+
+
+def test_two_processes_preparing_one_dataset_wait_for_one_writer(tmp_path):
+    """Two real runs started while the test holds the preparation's lock: both wait (and say so); once it is let go,
+    one of them writes each Arrow file, the other waits again and trains on what was written."""
+    from kdfast.data.sources import source_key
+    from kdfast.data.store import cache_path
+    from kdfast.files import FileLock
+
+    data, cache = write_large_folder(str(tmp_path / "d"), 8, 2, 48), str(tmp_path / "c")
+    decoded = cache_path(cache, data, source_key(data, "folder", "cifar10"), 37)  # rrc at 32 px: stored at 37
+    lock = FileLock(decoded.rsplit(".", 1)[0] + ".lock", "the test's hold").acquire(lambda *a: None)
+    writes, logs = str(tmp_path / "writes"), [str(tmp_path / f"{name}.log") for name in ("a", "b")]
+    runs = []
+    for name, log in zip(("a", "b"), logs):
+        with open(log, "w") as out:
+            runs.append(subprocess.Popen([sys.executable, "-m", "tests.stop_at", "-1", "kdfast.train",
+                                          *train_args(data, cache, str(tmp_path / name), "--data-tier", "stream",
+                                                      "--data-workers", "1")[2:]],
+                                         stdout=out, stderr=subprocess.STDOUT, text=True,
+                                         env={**ENV, "KDFAST_TEST_WRITES": writes}, cwd=ROOT))
+    t0 = time.time()
+    try:
+        while not all("waiting for it" in open(log).read() for log in logs):
+            assert time.time() - t0 < 300 and all(r.poll() is None for r in runs), [open(g).read() for g in logs]
+            time.sleep(0.05)
+    finally:
+        lock.release()
+    for r, log in zip(runs, logs):
+        assert r.wait(600) == 0, open(log).read()[-3000:]
+    arrows = [line.split()[1] for line in open(writes) if line.split()[1].endswith(".arrow")]
+    assert len(arrows) == 2 and len(set(arrows)) == 2  # each split's file put in place once, by one of them
+    metas = [json.load(open(tmp_path / name / "run.json")) for name in ("a", "b")]
+    assert metas[0]["data"]["fingerprint"] == metas[1]["data"]["fingerprint"]
