@@ -15,14 +15,14 @@ def _pyplot():
 
 
 def sweep_heatmap(alphas: list[float], taus: list[float], means: dict, no_kd: float | None, path: str,
-                  title: str = "") -> str:
+                  title: str = "", chosen: tuple | None = None, label: str = "test accuracy") -> str:
     """means[(alpha, tau)] -> mean accuracy; each cell shows it and its difference to no KD; cells not above the
-    no-KD baseline are hatched, and the baseline is a line on the colour bar."""
+    no-KD baseline are hatched, the baseline is a line on the colour bar, and the chosen (alpha, tau) is boxed."""
     plt = _pyplot()
     grid = [[means.get((a, t), float("nan")) for t in taus] for a in alphas]
     fig, ax = plt.subplots(figsize=(max(4.4, 1.6 + 1.3 * len(taus)), max(3.2, 1.6 + 0.8 * len(alphas))))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    bar = fig.colorbar(image, ax=ax, label="test accuracy")
+    bar = fig.colorbar(image, ax=ax, label=label)
     if no_kd is not None:
         low, high = image.get_clim()
         image.set_clim(min(low, no_kd - 0.002), max(high, no_kd + 0.002))  # the baseline's line is on the bar
@@ -38,11 +38,15 @@ def sweep_heatmap(alphas: list[float], taus: list[float], means: dict, no_kd: fl
             ax.text(j, i, f"{value:.3f}{delta}", ha="center", va="center", color=ink, fontsize=8)
             if no_kd is not None and value <= no_kd:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="red"))
+            if chosen == (a, t):
+                ax.add_patch(plt.Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, linewidth=3,
+                                           edgecolor="black"))
+                ax.text(j, i - 0.3, "chosen", ha="center", va="center", color=ink, fontsize=7, fontweight="bold")
     ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus])
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set_xlabel("tau (temperature)")
     ax.set_ylabel("alpha (CE weight)")
-    ax.set_title(title or "KD sweep: mean test accuracy\nhatched: not above no KD (red line)", fontsize=9)
+    ax.set_title(title or f"KD sweep: mean {label}\nhatched: not above no KD (red line)", fontsize=9)
     return _save(fig, path)
 
 

@@ -129,33 +129,67 @@ def teacher_warning(teacher: float, student: float) -> str:
             "KD from it is expected to hurt. Train the teacher longer.")
 
 
-def markdown(cfg: SweepConfig, summary: dict) -> str:
+def chosen_metric(summary: dict) -> tuple[str, str]:
+    """(stat key, words) of the accuracy the point was chosen on: validation where the runs have one, else test."""
+    return ("val_mean", "validation") if summary.get("chosen_on") == "validation" else ("mean", "test")
+
+
+def point_rows(cfg: SweepConfig, summary: dict) -> list[str]:
+    """One table: each point's validation and test accuracy side by side, its test gain over no KD, the chosen one
+    marked."""
     top = main_slots(list(cfg.cache_slots))
-    grid = {(s["alpha"], s["tau"]): s for s in summary["points"] if s["kind"] != "no_kd" and s["slots"] == top}
-    lines = [f"{cfg.method}{' + logit std' if cfg.logit_std else ''}: test accuracy of the last epoch, mean ± std "
-             f"over {cfg.seeds} seed(s), {cfg.epochs} epochs", "",
-             "| alpha \\ tau | " + " | ".join(_num(t) for t in cfg.taus) + " |",
-             "| --- |" + " ---: |" * len(cfg.taus)]
-    for a in cfg.alphas:
-        cells = [f"{grid[(a, t)]['mean']:.4f} ± {grid[(a, t)]['std']:.4f}" if (a, t) in grid else "-" for t in cfg.taus]
-        lines.append(f"| {_num(a)} | " + " | ".join(cells) + " |")
     base, best = summary["no_kd"], summary["best"]
-    lines.append("")
+    lines = ["| point | validation | test (mean ± std) | test − no KD | |", "| --- | ---: | ---: | ---: | --- |"]
+
+    def row(label: str, s: dict, mark: str) -> str:
+        val = f"{s['val_mean']:.4f}" if "val_mean" in s else "-"
+        gain = f"{s['mean'] - base['mean']:+.4f}" if base and s is not base else ""
+        return f"| {label} | {val} | {s['mean']:.4f} ± {s['std']:.4f} | {gain} | {mark} |"
+
+    if base:
+        lines.append(row("no KD", base, "baseline"))
+    for a, t in itertools.product(cfg.alphas, cfg.taus):
+        s = next((p for p in summary["points"] if p["kind"] != "no_kd" and (p["alpha"], p["tau"], p["slots"])
+                  == (a, t, top)), None)
+        if s is not None:
+            chosen = best is not None and s is best
+            label = f"α {_num(a)}, τ {_num(t)}"
+            lines.append(row(f"**{label}**" if chosen else label, s, "**◀ chosen**" if chosen else ""))
+    return lines
+
+
+def verdict(summary: dict) -> list[str]:
+    """What the chosen point shows: its gain over no KD against the seed spread, or that no point beats no KD."""
+    base, best = summary["no_kd"], summary["best"]
+    if not (best and base):
+        return []
+    key, words = chosen_metric(summary)
+    why = (f"the highest {words} accuracy" + ("; the test split is never used to choose" if words == "validation"
+                                              else " (no validation split: pass --val-per-class to choose on one)"))
+    point = f"alpha {_num(best['alpha'])}, tau {_num(best['tau'])}"
+    if key in base and best[key] <= base[key]:
+        return [f"no point beats no KD on {words} accuracy: no KD {base[key]:.4f}, the highest point ({point}) "
+                f"{best[key]:.4f}. KD with these settings did not help this student here; {point} is reported as "
+                f"the chosen point ({why}), test {best['mean']:.4f} ({summary['gain_over_no_kd']:+.4f} over no KD)."]
+    beyond = summary["gain_beyond_spread"]
+    spread = ("one seed, no spread to compare it with (--seeds 2 or more)" if beyond is None else
+              f"{'beyond' if beyond else 'within'} the seed spread (no KD {base['spread']:.4f}, chosen "
+              f"{best['spread']:.4f})")
+    on = f"chosen on validation accuracy {best['val_mean']:.4f}; " if words == "validation" else ""
+    return [f"chosen: {point} ({why}; {on}test {best['mean']:.4f} ± {best['std']:.4f}, spread "
+            f"{best['spread']:.4f}), {summary['gain_over_no_kd']:+.4f} over no KD on test: {spread}"]
+
+
+def markdown(cfg: SweepConfig, summary: dict) -> str:
+    base = summary["no_kd"]
+    lines = [f"{cfg.method}{' + logit std' if cfg.logit_std else ''}: accuracy of the last epoch, mean over "
+             f"{cfg.seeds} seed(s), {cfg.epochs} epochs", "", *point_rows(cfg, summary), ""]
     if base:
         lines.append(f"no KD: {base['mean']:.4f} ± {base['std']:.4f} (spread {base['spread']:.4f}; "
                      + ", ".join(f"{a:.4f}" for a in base["accuracies"]) + ")")
     if summary.get("teacher_accuracy") is not None:
         lines.append(f"teacher (from the cache's test logits): {summary['teacher_accuracy']:.4f}")
-    if best and base:
-        beyond = summary["gain_beyond_spread"]
-        verdict = ("one seed, no spread to compare it with (--seeds 2 or more)" if beyond is None else
-                   f"{'beyond' if beyond else 'within'} the seed spread (no KD {base['spread']:.4f}, "
-                   f"best {best['spread']:.4f})")
-        chosen = (f"chosen on validation accuracy {best['val_mean']:.4f}; test " if summary.get("chosen_on") ==
-                  "validation" else "chosen on the test accuracy (no validation split: --val-per-class): ")
-        lines.append(f"best: alpha {_num(best['alpha'])}, tau {_num(best['tau'])} ({chosen}{best['mean']:.4f} ± "
-                     f"{best['std']:.4f}, spread {best['spread']:.4f}), {summary['gain_over_no_kd']:+.4f} over no KD: "
-                     f"{verdict}")
+    lines += verdict(summary)
     lines += [f"warning: {w}" for w in summary["warnings"]]
     if len(cfg.cache_slots) > 1:
         lines += slots_table(cfg, summary)
@@ -172,11 +206,16 @@ def write_results(cfg: SweepConfig, rows: list[dict], summary: dict) -> None:
     writer.writerows(rows)
     write_text(os.path.join(cfg.out_dir, "sweep.csv"), buf.getvalue())
     top = main_slots(list(cfg.cache_slots))
-    means = {(p["alpha"], p["tau"]): p["mean"] for p in summary["points"] if p["kind"] != "no_kd" and p["slots"] == top}
-    base = summary["no_kd"]["mean"] if summary["no_kd"] else None
+    key, words = chosen_metric(summary)
+    grid = [p for p in summary["points"] if p["kind"] != "no_kd" and p["slots"] == top]
+    means = {(p["alpha"], p["tau"]): p[key] for p in grid if key in p}
+    base = summary["no_kd"][key] if summary["no_kd"] and key in summary["no_kd"] else None
+    best = summary.get("best")
     plots.sweep_heatmap(list(cfg.alphas), list(cfg.taus), means, base, os.path.join(cfg.out_dir, "sweep_heatmap.png"),
-                        f"{cfg.method}{' + logit std' if cfg.logit_std else ''}, mean of {cfg.seeds} seed(s)\n"
-                        f"hatched: not above no KD ({base:.3f}, red line)" if base is not None else "")
+                        f"{cfg.method}{' + logit std' if cfg.logit_std else ''}: mean {words} accuracy of "
+                        f"{cfg.seeds} seed(s)\n" + (f"hatched: not above no KD ({base:.3f}, red line); " if base
+                                                    is not None else "") + f"boxed: chosen (highest {words})",
+                        chosen=(best["alpha"], best["tau"]) if best else None, label=f"{words} accuracy")
     figures = "\n![alpha x tau](sweep_heatmap.png)\n"
     best = summary.get("best")
     if len(cfg.cache_slots) > 1 and best:

@@ -62,7 +62,7 @@ def test_sweep_killed_resumes_without_redoing_finished_points(cache, tmp_path):
     with open(out / "sweep.csv") as f:
         assert [r["name"] for r in csv.DictReader(f)] == [r["name"] for r in rows]
     md = (out / "sweep.md").read_text()
-    assert "| alpha \\ tau | 2 |" in md and "no KD:" in md and "best: alpha" in md
+    assert "| point | validation | test (mean ± std) |" in md and "no KD:" in md and "◀ chosen" in md
     assert "![alpha x tau](sweep_heatmap.png)" in md and (out / "sweep_heatmap.png").stat().st_size > 1000
     best = result["summary"]["best"]
     assert f"{best['mean']:.4f}" in md
@@ -130,7 +130,40 @@ def test_a_sweep_from_a_cache_with_a_validation_split_uses_it(tiny_data, tmp_pat
                                    out_dir=str(tmp_path / "sweep"), cache_dir=tiny_data["cache_dir"]))
     assert result["summary"]["chosen_on"] == "validation"
     assert all("val_accuracy" in r for r in result["runs"])
-    assert "chosen on validation accuracy" in open(tmp_path / "sweep" / "sweep.md").read()
+    assert "the highest validation accuracy" in open(tmp_path / "sweep" / "sweep.md").read()
+
+
+def test_the_sweep_table_and_heatmap_mark_the_chosen_point_and_say_when_none_beats_no_kd(tmp_path, monkeypatch):
+    rows = [{"kind": "no_kd", "alpha": None, "tau": None, "slots": 0, "seed": s, "val_accuracy": 0.55,
+             "test_accuracy": 0.6} for s in (0, 1)]
+    rows += [{"kind": "kd", "alpha": a, "tau": 2.0, "slots": 0, "seed": s, "val_accuracy": v, "test_accuracy": t}
+             for a, v, t in ((0.1, 0.6, 0.5), (0.9, 0.5, 0.7)) for s in (0, 1)]
+    cfg = SweepConfig(pair="cnn", alphas=(0.1, 0.9), taus=(2.0,), seeds=2, epochs=1, out_dir=str(tmp_path))
+    summary = sweep.summarize(rows, None)
+    md = sweep.markdown(cfg, summary)
+    chosen = [line for line in md.splitlines() if "◀ chosen" in line]
+    assert chosen == ["| **α 0.1, τ 2** | 0.6000 | 0.5000 ± 0.0000 | -0.1000 | **◀ chosen** |"]  # not test's 0.9
+    assert "| α 0.9, τ 2 | 0.5000 | 0.7000 ± 0.0000 | +0.1000 |  |" in md
+    assert "the highest validation accuracy; the test split is never used to choose" in md
+    assert "no point beats no KD" not in md
+    drawn = {}
+    monkeypatch.setattr(sweep.plots, "sweep_heatmap", lambda *a, **k: drawn.update(args=a, **k))
+    sweep.write_results(cfg, rows, summary)
+    assert drawn["chosen"] == (0.1, 2.0) and drawn["label"] == "validation accuracy"
+    assert drawn["args"][2] == {(0.1, 2.0): 0.6, (0.9, 2.0): 0.5} and drawn["args"][3] == 0.55  # validation, both
+    worse = [{**r, "val_accuracy": 0.4} if r["kind"] != "no_kd" else r for r in rows]
+    md = sweep.markdown(cfg, sweep.summarize(worse, None))
+    assert "no point beats no KD on validation accuracy: no KD 0.5500, the highest point (alpha 0.1, tau 2) 0.4000" in md
+    assert "chosen:" not in md
+
+
+def test_the_heatmap_boxes_the_chosen_cell(tmp_path):
+    from kdfast import plots
+
+    means = {(0.1, 2.0): 0.6, (0.9, 2.0): 0.5}
+    plain = plots.sweep_heatmap([0.1, 0.9], [2.0], means, 0.55, str(tmp_path / "a.png"))
+    boxed = plots.sweep_heatmap([0.1, 0.9], [2.0], means, 0.55, str(tmp_path / "b.png"), chosen=(0.1, 2.0))
+    assert open(plain, "rb").read() != open(boxed, "rb").read()
 
 
 def test_an_interrupted_sweep_is_continued_by_the_advice_it_prints(small_cache, tmp_path, monkeypatch):
