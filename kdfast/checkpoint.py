@@ -10,6 +10,7 @@ from .errors import KdfastError
 from . import schemas
 from .files import dump_json, read_json, remove_quietly, write_temp
 from .models import create_model, model_entry
+from .models.library import PretrainedError
 
 
 
@@ -169,7 +170,10 @@ def library_teacher(name: str, classes: list[str], weights: str | None = None, p
     if not weights and not pretrained:
         raise ValueError(f"--teacher {name}: a model name needs its weights: --teacher-weights FILE or "
                          "--teacher-pretrained")
-    model = create_model(name, num_classes=len(classes), pretrained=pretrained or None)
+    try:
+        model = create_model(name, num_classes=len(classes), pretrained=pretrained or None)
+    except PretrainedError as e:
+        raise e.for_flag("--teacher-pretrained") from None
     if pretrained:
         say(f"[teacher] {name}: the library's pretrained weights with a head for this data's {len(classes)} classes "
             "(a head of another size is newly initialised: fine-tune it first with kdfast train --pretrained)")

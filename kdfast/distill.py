@@ -12,7 +12,6 @@ import sys
 from functools import partial
 
 import torch
-import tyro
 
 from .cache import CachedTeacher, LogitCache, served_data
 from .checkpoint import load_teacher, weights_sha256
@@ -20,6 +19,7 @@ from .config import DataConfig, DistillConfig, names
 from .engine import (Runtime, RunReporter, accuracy_and_loss, fit, make_trainer, open_run, process_state,
                      run_runtime, say)
 from .errors import KdfastError, user_errors_exit
+from .flags import command_line
 from .hints import HintedStudent, FeatureHook, feature_shape, hint_layers, make_regressor
 from .methods import method_entry
 from .preflight import check_model_input, view_sizes
@@ -175,7 +175,7 @@ def run(cfg: DistillConfig, runtime: Runtime | None = None) -> dict:
 
 def parse(argv: list[str]) -> DistillConfig:
     """The command's flags as its config (what the README test checks every shown command with)."""
-    return tyro.cli(DistillConfig, args=argv, prog="kdfast distill")
+    return command_line(DistillConfig, argv, "kdfast distill")
 
 
 @user_errors_exit

@@ -7,20 +7,21 @@ from __future__ import annotations
 import sys
 
 import torch
-import tyro
 
 from .augment import AugmentSpec
 from .checkpoint import load_checkpoint, read_meta
 from .config import EvaluateConfig, resolved_store_size
 from .engine import evaluate_model, load_data, make_runtime
 from .errors import user_errors_exit
+from .flags import command_line
 
 
 def recorded_run(meta: dict, spec: AugmentSpec) -> dict:
     """What the checkpoint's run recorded that an evaluation takes when not given: its data source, dataset, test
     subset, stored size (by its views, spec), precision and TTA."""
     config = meta.get("config", {})
-    return {"data": meta.get("data", {}).get("source"), "dataset": config.get("dataset", "cifar10"),
+    return {"data": (meta.get("data") or {}).get("source") or config.get("data"),
+            "dataset": config.get("dataset", "cifar10"), "augment": config.get("augment"),
             "test_per_class": config.get("test_per_class", 0),
             "store_size": resolved_store_size(spec, config.get("store_size", 0)),
             "precision": meta.get("precision", "auto"), "tta": config.get("tta", "none")}
@@ -29,9 +30,14 @@ def recorded_run(meta: dict, spec: AugmentSpec) -> dict:
 def run(cfg: EvaluateConfig) -> dict:
     cfg.validate()
     meta = read_meta(cfg.checkpoint)
-    spec = AugmentSpec.from_dict(meta.get("config", {}).get("augment", {}))
-    recorded = recorded_run(meta, spec)
+    recorded = recorded_run(meta, AugmentSpec.from_dict(meta.get("config", {}).get("augment", {})))
+    if not cfg.data and not recorded["data"] and meta.get("imported"):
+        raise ValueError(f"--data: {cfg.checkpoint} was imported without --data, so it records no test data; give "
+                         "--data (the data its classes come from)")
+    views = cfg.resolved({k: recorded[k] for k in ("augment", "dataset")}).augment  # given flags over recorded
+    recorded["store_size"] = resolved_store_size(views, meta.get("config", {}).get("store_size", 0))
     cfg = cfg.resolved(recorded)
+    spec = cfg.augment
     runtime = make_runtime(cfg.precision, dist_timeout=cfg.dist_timeout, deterministic=cfg.deterministic)
     model, meta = load_checkpoint(cfg.checkpoint, runtime.device)
     data = load_data(cfg, runtime)
@@ -65,7 +71,7 @@ def comparison(result: dict, meta: dict, other_subset: bool) -> str:
 
 def parse(argv: list[str]) -> EvaluateConfig:
     """The command's flags as its config (what the README test checks every shown command with)."""
-    return tyro.cli(EvaluateConfig, args=argv, prog="kdfast evaluate")
+    return command_line(EvaluateConfig, argv, "kdfast evaluate")
 
 
 @user_errors_exit

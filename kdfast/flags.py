@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 import typing
 from typing import Annotated
 
@@ -96,3 +97,15 @@ def check(flag: str, value, ok: bool, rule: str) -> None:
 
 def finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def description(cls) -> str:
+    """A command's description (its config's docstring) as paragraphs wrapped at 100 columns: tyro joins a paragraph's
+    lines into one unless the next is indented, so each wrapped line after the first is (by two spaces)."""
+    paragraphs = textwrap.dedent(cls.__doc__ or "").strip().split("\n\n")
+    return "\n\n".join(textwrap.fill(" ".join(p.split()), 100, subsequent_indent="  ") for p in paragraphs)
+
+
+def command_line(cls, argv: list[str], prog: str, **kwargs):
+    """tyro's parse of a command's flags into its config, with the wrapped description."""
+    return tyro.cli(cls, args=argv, prog=prog, description=description(cls), **kwargs)

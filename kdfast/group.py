@@ -152,8 +152,14 @@ class GroupReporter:
         model.load_state_dict(tr.exported().student_state(i))
         return model.to(memory_format=torch.channels_last) if tr.loader.channels_last else model
 
+    def stop_early(self) -> bool:
+        return False
+
     def start(self, tr: Trainer, data: Dataset, progress: dict) -> None:
         cfg = tr.cfg
+        if any(m.early_stop or m.save_best for m in self.members):
+            raise ValueError("--early-stop and --save-best are for a run trained alone: students trained together "
+                             "stop together. Use --together off")
         if tr.acc.is_main_process and progress["epoch"]:
             self.records = [[r for r in d.read_metrics(d.metrics_path()) if r["epoch"] < progress["epoch"]]
                             for d in self.dirs]

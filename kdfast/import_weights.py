@@ -1,7 +1,8 @@
 """Make a kdfast checkpoint of weights trained elsewhere: NAME.pth, .safetensors and the .json naming the model and
 its classes, so an outside teacher can be cached, distilled from and evaluated like one kdfast trained.
 
-    kdfast import teacher_state_dict.pth --model timm:resnet50 --data my_photos --name teacher
+    kdfast import teacher_state_dict.pth --model timm:resnet50 --data my_photos --name teacher \
+        --augment.view rrc --augment.crop-size 224      # the views it was trained at: evaluated and predicted at them
     kdfast import --model torchvision:resnet50 --teacher-pretrained --data imagenet --name rn50    # the library's
 """
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import os
 import sys
 
-import tyro
 
 from .checkpoint import checkpoint_paths, library_teacher, save_checkpoint
 from .config import ImportConfig
 from .data import load_dataset, list_source, resolve_source, source_kind
 from .errors import KdfastError, user_errors_exit
+from .flags import command_line
 from .models import count_parameters
 from .rundir import check_name
 
@@ -48,6 +49,14 @@ def check_outputs(cfg: ImportConfig, paths: dict) -> None:
                           "choose another --name.")
 
 
+def recorded_config(cfg: ImportConfig) -> dict:
+    """What the .json records of the weights' training, as a run's config: the data (when given) and the views, which
+    evaluate, predict and cache build then use."""
+    config = {k: v for k, v in cfg.to_dict().items() if k in ("augment", "dataset")}
+    return {**config, **({"data": os.path.abspath(cfg.data) if os.path.exists(cfg.data) else cfg.data}
+                         if cfg.data else {})}
+
+
 def run(cfg: ImportConfig) -> dict:
     if not cfg.model:
         raise ValueError("--model is needed: the model the weights belong to (e.g. timm:resnet50; `kdfast models`)")
@@ -63,7 +72,7 @@ def run(cfg: ImportConfig) -> dict:
     check_outputs(cfg, paths)
     classes = class_names(cfg)
     model, meta = library_teacher(cfg.model, classes, cfg.weights, cfg.teacher_pretrained)
-    meta.update(parameters=count_parameters(model), imported=True, config={})
+    meta.update(parameters=count_parameters(model), imported=True, config=recorded_config(cfg))
     save_checkpoint(cfg.out_dir, name, model, meta)
     print(f"[import] {cfg.model} ({meta['parameters']:,} params, {len(classes)} classes: "
           f"{', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}) from {meta['weights_from']} -> {paths['pth']}; "
@@ -73,7 +82,7 @@ def run(cfg: ImportConfig) -> dict:
 
 def parse(argv: list[str]) -> ImportConfig:
     """The command's flags as its config (what the README test checks every shown command with)."""
-    return tyro.cli(ImportConfig, args=argv, prog="kdfast import")
+    return command_line(ImportConfig, argv, "kdfast import")
 
 
 @user_errors_exit

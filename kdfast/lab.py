@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shlex
 import sys
 import time
 from dataclasses import fields
@@ -26,11 +27,12 @@ from .config import (LAB_PRESETS, DataConfig, DistillConfig, EvalConfig, KDConfi
                      RuntimeConfig, SweepConfig, TrainConfig, TrainingConfig, ViewConfig, sections)
 from .engine import on_main, process_state, say as print_on_main
 from .errors import KdfastError, user_errors_exit
-from .flags import hidden
+from .flags import command_line, hidden
 from .files import FileLock, LockedError, check_file_target, read_json, write_json
 from .machine import describe
 from .methods import method_entry
 from .models import create_model
+from .models.library import PretrainedError
 from .preflight import check_model_input, view_sizes
 from .report import format_table, lab_report
 from .rundir import RunDir, finished_run
@@ -139,8 +141,34 @@ def preset_overrides(cfg: LabConfig) -> dict:
             if f.name not in ignored and value(cfg, f.name) != value(preset, f.name)}
 
 
-def run(cfg: LabConfig) -> dict:
-    """Run (or resume) the six runs and write report.json after each one; returns the report.
+def flag_words(name: str, value) -> list[str]:
+    """A config field's value as the command-line words that give it (--augment.* for a spec's given fields)."""
+    if isinstance(value, AugmentSpec):
+        return [w for k, v in value.given_values().items() for w in flag_words(f"augment.{k}", v)]
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        head, _, last = flag.rpartition(".") if "." in flag else ("", "", flag[2:])
+        return [flag if value else (f"{head}.no-{last}" if head else f"--no-{last}")]
+    if isinstance(value, (tuple, list)):
+        return [flag, *map(str, value)] if value else []
+    return [flag, str(value)]
+
+
+def lab_command(cfg: LabConfig) -> str:
+    """The command line of this lab: its preset, where its data and outputs are, and every field it overrides."""
+    preset, resolved = LAB_PRESETS[cfg.preset].resolved(), cfg.resolved()
+    words = ["kdfast", "lab", "--preset", cfg.preset] + (flag_words("data", cfg.data) if cfg.data else [])
+    for name in ("pairs", "out_dir", "report", "cache_dir"):
+        if getattr(resolved, name) != getattr(preset, name):
+            words += flag_words(name, getattr(resolved, name))
+    for name in preset_overrides(cfg):
+        words += flag_words(name, cfg.augment if name == "augment" else getattr(resolved, name))
+    return shlex.join(words)
+
+
+def run(cfg: LabConfig, command: str | None = None) -> dict:
+    """Run (or resume) the six runs and write report.json after each one; returns the report. `command`: the command
+    line, as the report's "how to reproduce" shows it.
 
     Each of the lab's pairs is locked in the report for the whole lab (a second lab of the same pair on the same
     report refuses at once; labs of other pairs share it: their pairs are merged into one report.json); each run
@@ -164,7 +192,7 @@ def run(cfg: LabConfig) -> dict:
 
     on_main(state, claim)
     try:
-        return _run_locked(cfg, state)
+        return _run_locked(cfg, state, command)
     finally:
         for lock in held:
             lock.release()
@@ -198,13 +226,14 @@ def preflight(cfg: LabConfig) -> int:
     return checked
 
 
-def _run_locked(cfg: LabConfig, state) -> dict:
+def _run_locked(cfg: LabConfig, state, command: str | None) -> dict:
     say = partial(print_on_main, state)  # main process only
     checked = on_main(state, lambda: preflight(cfg))
     say(f"[lab] start-up checks passed: the views and models of {checked} runs")
     machine = describe()
     extra = {"preset": cfg.preset, "preset_overrides": preset_overrides(cfg),
-             "machine": machine.get("gpu") or machine["cpu"], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+             "machine": machine.get("gpu") or machine["cpu"], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+             "command": command or lab_command(cfg)}
     results, retrained, report, t_lab = {}, set(), {}, time.perf_counter()
     for name, module, run_cfg in plan(cfg):
         pair = name.split("_")[0]
@@ -219,7 +248,10 @@ def _run_locked(cfg: LabConfig, state) -> dict:
         else:
             say(f"[lab] {name}: {why_trained(cfg, run_cfg, pair in retrained)}")
             t0 = time.perf_counter()
-            meta = module.run(run_cfg)
+            try:
+                meta = module.run(run_cfg)
+            except PretrainedError as e:  # the lab's flag for the teacher's library weights
+                raise e.for_flag(f"--{pair}-teacher-pretrained") from None
             retrained.add(pair)  # the runs after a retrained teacher depend on it
             say(f"[lab] {name}: {meta['test_accuracy']:.4f} test accuracy, wall time {time.perf_counter() - t0:.1f}s")
         results[name] = meta
@@ -259,12 +291,13 @@ def parse(argv: list[str]) -> LabConfig:
         raise ValueError(f"--preset {preset!r}: not a preset; choose one of {', '.join(LAB_PRESETS)}")
     default = copy.copy(LAB_PRESETS[preset])
     default.augment = AugmentSpec.not_given(**default.augment.given_values())  # tyro: None for every flag not given
-    return tyro.cli(LabConfig, args=argv, default=default, prog="kdfast lab")
+    return command_line(LabConfig, argv, "kdfast lab", default=default)
 
 
 @user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    return run(parse(argv), shlex.join(["kdfast", "lab", *argv]))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""report.md: the lab's runs as a page people read (table, curves, a sweep when one was run), from saved runs.
+"""report.md: saved runs as a page people read, from their checkpoints' .json and metrics files.
 
-    kdfast report models_saved --report report.json [--sweep runs/sweep]
+    kdfast report runs/smoke/models_saved                 # a lab's runs: OUT_DIR/report.json and report.md
+    kdfast report runs/sweep --report runs/overview.json   # any runs: report.md, a table of every run
 
-`kdfast lab` writes report.md beside report.json after every run; `kdfast report DIR` rebuilds both from the
-checkpoints and metrics files in DIR (report.json keeps exactly the lab's schema).
+`kdfast lab` writes report.json and report.md after every run; `kdfast report DIR` rebuilds them from DIR (report.json
+keeps exactly the lab's schema), beside the runs unless --report says where, never over a report of other runs.
 """
 from __future__ import annotations
 
@@ -11,17 +12,15 @@ import glob
 import os
 import sys
 
-import tyro
 
 from . import plots, schemas
 from .config import ReportConfig
 from .errors import KdfastError, user_errors_exit
+from .flags import command_line
 from .files import ensure_dir, read_json, write_json, write_text
-from .report import format_table, lab_report
+from .report import lab_report, other_runs, relative
+from .reportpage import markdown, pair_runs, run_label, runs_overview
 from .rundir import RunDir
-
-ROLE_LABELS = {"teacher": "teacher", "student_no_kd": "student, no KD", "student_with_kd": "student, KD"}
-
 
 def saved_results(out_dir: str) -> dict[str, dict]:
     """name -> checkpoint metadata of every lab run saved in out_dir (cnn_teacher, vit_student_dkd, ...)."""
@@ -30,7 +29,7 @@ def saved_results(out_dir: str) -> dict[str, dict]:
     for path in glob.glob(os.path.join(out_dir, "*_*.json")):
         name = os.path.basename(path)[:-5]
         pair, _, role = name.partition("_")
-        if pair in ("cnn", "vit") and (role == "teacher" or role.startswith("student_")):
+        if pair in ("cnn", "vit") and "." not in name and (role == "teacher" or role.startswith("student_")):
             found.append(((pair, order.get(role, 3), role), name, path))
     results = {}
     for _, name, path in sorted(found):
@@ -42,14 +41,12 @@ def saved_results(out_dir: str) -> dict[str, dict]:
 
 
 def curves(out_dir: str, results: dict, pair: str) -> dict[str, list[tuple[int, float]]]:
+    """label (role, model and size) -> [(epoch, accuracy)] of the pair's runs: validation where they have it."""
     out = {}
-    for name in results:
-        if name.startswith(pair + "_"):
-            role = name[len(pair) + 1:]
-            label = ROLE_LABELS.get(role, "student, " + role.replace("student_", ""))
-            records = RunDir(out_dir, name).read_metrics()
-            key = "val_accuracy" if any("val_accuracy" in r for r in records) else "test_accuracy"
-            out[label] = [(r["epoch"] + 1, r[key]) for r in records if r.get(key) is not None]
+    for name, meta in pair_runs(results, pair).items():
+        records = RunDir(out_dir, name).read_metrics()
+        key = "val_accuracy" if any("val_accuracy" in r for r in records) else "test_accuracy"
+        out[run_label(name, pair, meta)] = [(r["epoch"] + 1, r[key]) for r in records if r.get(key) is not None]
     return out
 
 
@@ -59,31 +56,25 @@ def saved_sweeps(out_dir: str) -> dict[str, str]:
             if os.path.exists(os.path.join(out_dir, f"sweep_{pair}", "sweep.md"))}
 
 
-def markdown(report: dict, results: dict, extra: dict, images: dict[str, str], sweeps_md: dict[str, str],
-             total_wall: float | None) -> str:
-    header = [f"preset `{extra['preset']}`" + (f" (overrides: {extra.get('preset_overrides')})"
-                                               if extra.get("preset_overrides") else "") if extra.get("preset") else None,
-              f"machine: {extra['machine']}" if extra.get("machine") else None, extra.get("date"),
-              f"total wall time {total_wall:.0f} s" if total_wall else None]
-    lines = ["# kdfast lab report", "", " · ".join(h for h in header if h) or "rebuilt by kdfast report", "",
-             "| run | model | epochs | test accuracy | wall time (s) | train img/s | precision | KD |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
-    for name, meta in results.items():
-        kd = meta.get("kd") or {}
-        how = "" if not kd else (f"{kd.get('method', 'kd')} α {kd.get('alpha')} τ {kd.get('tau')}, {kd.get('mode')}"
-                                 + (", logit std" if kd.get("logit_std") else ""))
-        lines.append(f"| {name} | {meta['model']} | {meta['epochs']} | {meta['test_accuracy']:.4f} | "
-                     f"{meta['wall_time_s']:.0f} | {meta['train_img_per_s']:,.0f} | {meta['precision']} | {how} |")
-    lines += ["", "```", format_table(report), "```", ""]
-    for pair, entry in report.items():
-        for key in ("warning", "kd_warning"):
-            if entry.get("details", {}).get(key):
-                lines.append(f"**Warning ({pair}):** {entry['details'][key]}\n")
-    for label, image in images.items():
-        lines += [f"## {label}", "", f"![{label}]({image})", ""]
-    for title, text in sweeps_md.items():
-        lines += [f"## {title}", "", text]
-    return "\n".join(lines) + "\n"
+def figures(out_dir: str, folder: str, stem: str, report: dict, results: dict) -> dict[str, dict[str, str]]:
+    """Each pair's accuracy curves (0 to 1, chance line) and its final models' confusion matrices, as PNGs beside the
+    report; pair -> {"curves": file, "confusion": file} of those drawn."""
+    drawn = {}
+    split = "validation" if any(r.get("val_samples") for r in results.values()) else "test"
+    for pair in report:
+        runs, drawn[pair] = pair_runs(results, pair), {}
+        classes = next(iter(runs.values()))["classes"] if runs else []
+        points = curves(out_dir, results, pair)
+        if any(points.values()):
+            drawn[pair]["curves"] = f"{stem}_{pair}_curves.png"
+            plots.accuracy_curves(points, os.path.join(folder, drawn[pair]["curves"]),
+                                  f"{pair}: {split} accuracy per epoch", f"{split} accuracy", 1 / len(classes))
+        matrices = {run_label(n, pair, m): m["test_confusion"] for n, m in runs.items() if m.get("test_confusion")}
+        if matrices:
+            drawn[pair]["confusion"] = f"{stem}_{pair}_confusion.png"
+            plots.confusion_matrices(matrices, classes, os.path.join(folder, drawn[pair]["confusion"]),
+                                     f"{pair}: test confusion matrices of the final models (rows: true class)")
+    return drawn
 
 
 def write(out_dir: str, report_path: str, report: dict, results: dict, extra: dict,
@@ -91,15 +82,7 @@ def write(out_dir: str, report_path: str, report: dict, results: dict, extra: di
     """Write report.md and its figures beside report_path; returns the report.md path."""
     folder = os.path.dirname(os.path.abspath(report_path))
     stem = os.path.splitext(os.path.basename(report_path))[0]
-    images = {}
-    for pair in report:
-        points = curves(out_dir, results, pair)
-        if any(points.values()):
-            image = f"{stem}_{pair}_curves.png"
-            split = "validation" if any(r.get("val_samples") for r in results.values()) else "test"
-            title = f"{pair}: {split} accuracy per epoch"
-            plots.accuracy_curves(points, os.path.join(folder, image), title, f"{split} accuracy")
-            images[title] = image
+    drawn = figures(out_dir, folder, stem, report, results)
     sweeps_md = {}
     for title, sweep_dir in (sweeps or {}).items():
         if os.path.exists(os.path.join(sweep_dir, "sweep.md")):
@@ -107,35 +90,84 @@ def write(out_dir: str, report_path: str, report: dict, results: dict, extra: di
                 sweeps_md[title] = f.read().replace("](sweep_heatmap.png)",
                                                     f"]({os.path.relpath(sweep_dir, folder)}/sweep_heatmap.png)")
     path = os.path.join(folder, stem + ".md")
-    write_text(path, markdown(report, results, extra, images, sweeps_md, total_wall))
+    write_text(path, markdown(report, results, extra, drawn, sweeps_md, total_wall, out_dir, report_path))
     return path
+
+
+def finished_runs(out_dir: str) -> dict[str, dict]:
+    """name -> metadata of every finished run saved in out_dir (NAME.json with a test accuracy beside its weights)."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.json"))):
+        stem = path[:-5]
+        if os.path.exists(stem + ".pth") or os.path.exists(stem + ".safetensors"):
+            meta = read_json(path, "checkpoint description", "Delete it (and its checkpoint), or train the run again.",
+                             schemas.CHECKPOINT)
+            if "test_accuracy" in meta and "config" in meta:
+                runs[os.path.basename(stem)] = meta
+    return runs
+
+
+def recorded_extra(old: dict) -> dict:
+    """preset, machine, date and command as the lab recorded them in its report.json."""
+    for entry in old.values():
+        for details in entry.get("details", {}).values():
+            if isinstance(details, dict) and "preset" in details:
+                return {k: details.get(k) for k in ("preset", "preset_overrides", "machine", "date", "command")
+                        if details.get(k) is not None}
+    return {}
+
+
+def check_replaceable(path: str, old: dict, report: dict, overwrite: bool) -> None:
+    """A report.json of other runs (another model, data, seed or wall time in a pair's runs) is not replaced without
+    --overwrite."""
+    other = [] if overwrite else other_runs(old, report)
+    if other:
+        raise KdfastError(f"--report {path} holds the report of other runs ({other[0]}). Write this one elsewhere "
+                          "(--report PATH; default: beside the runs, OUT_DIR/report.json), or pass --overwrite.")
+
+
+def overview(cfg: ReportConfig, report_path: str) -> str:
+    """report.md for a folder of runs that are not a lab's: every run's metrics and the config fields that differ."""
+    runs = finished_runs(cfg.out_dir)
+    if not runs:
+        raise KdfastError(f"{cfg.out_dir}: no finished runs here (NAME.json with a test accuracy beside NAME.pth). "
+                          "Point at a kdfast run's, lab's or sweep's --out-dir.")
+    md = os.path.splitext(report_path)[0] + ".md"
+    marker = f"<!-- kdfast report of the runs in {os.path.abspath(cfg.out_dir)} -->"
+    if os.path.exists(md) and not cfg.overwrite:
+        with open(md, errors="replace") as f:
+            if marker not in f.read():
+                raise KdfastError(f"--report: {md} exists and is not a report of the runs in {cfg.out_dir}. Write "
+                                  "this one elsewhere (--report PATH), or pass --overwrite.")
+    ensure_dir(os.path.dirname(os.path.abspath(md)), "--report's folder")
+    write_text(md, runs_overview(runs, cfg.out_dir) + "\n" + marker + "\n")
+    print(f"wrote {md} ({len(runs)} runs)")
+    return md
 
 
 def run(cfg: ReportConfig) -> str:
     cfg = cfg.resolved()
     if cfg.sweep and not os.path.exists(os.path.join(cfg.sweep, "sweep.md")):
         raise KdfastError(f"--sweep {cfg.sweep}: no sweep here (no sweep.md). Point at a kdfast sweep's --out-dir.")
+    report_path = cfg.report or os.path.join(cfg.out_dir, "report.json")
     results = saved_results(cfg.out_dir)
     if not results:
-        raise KdfastError(f"{cfg.out_dir}: no lab runs saved here (cnn_teacher.json, ...). Point at the lab's --out-dir.")
-    old = read_json(cfg.report, "lab report", "Delete it: kdfast report writes it again.", schemas.REPORT) \
-        if os.path.exists(cfg.report) else {}
-    extra = {}
-    for entry in old.values():  # preset, machine and date as the lab recorded them
-        for details in entry.get("details", {}).values():
-            if isinstance(details, dict) and "preset" in details:
-                extra = {k: details.get(k) for k in ("preset", "preset_overrides", "machine", "date")}
+        return overview(cfg, report_path)
+    old = read_json(report_path, "lab report", "Delete it, or write this report elsewhere with --report PATH.",
+                    schemas.REPORT) if os.path.exists(report_path) else {}
+    extra = recorded_extra(old)
     report = lab_report(results, extra)
-    ensure_dir(os.path.dirname(os.path.abspath(cfg.report)), "--report's folder")
-    write_json(cfg.report, report)
+    check_replaceable(report_path, old, report, cfg.overwrite)
+    ensure_dir(os.path.dirname(os.path.abspath(report_path)), "--report's folder")
+    write_json(report_path, report)
     sweeps = {**saved_sweeps(cfg.out_dir), **({"Sweep": cfg.sweep} if cfg.sweep else {})}
-    path = write(cfg.out_dir, cfg.report, report, results, extra, sweeps)
-    print(f"wrote {cfg.report} and {path}")
+    path = write(cfg.out_dir, report_path, report, results, extra, sweeps)
+    print(f"wrote {relative(os.path.abspath(report_path))} and {relative(path)}")
     return path
 
 
 def parse(argv: list[str]) -> ReportConfig:
-    return tyro.cli(ReportConfig, args=argv, prog="kdfast report")
+    return command_line(ReportConfig, argv, "kdfast report")
 
 
 @user_errors_exit

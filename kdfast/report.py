@@ -1,6 +1,13 @@
 """report.json: the course lab's keys (cnn/vit -> three accuracies as fractions) plus details per run."""
 from __future__ import annotations
 
+import os
+
+from . import evidence
+
+SWEEP_FLAGS = "--sweep-alphas 0.1 0.5 0.9 --sweep-taus 1 2 4 8"
+IDENTITY = ("model", "data_fingerprint", "seed", "epochs", "wall_time_s")  # what tells one run from another
+
 LAB_RUNS = {  # report key -> checkpoint name suffix
     "teacher_accuracy": "teacher",
     "student_accuracy_without_kd": "student_no_kd",
@@ -17,10 +24,41 @@ def run_details(meta: dict, extra: dict) -> dict:
         "teacher_cache_slots": kd.get("cache_slots"), "seed": meta["seed"],
         "device": meta["device"], "num_processes": meta["num_processes"], "precision": meta["precision"],
         "wall_time_s": meta["wall_time_s"], "train_img_per_s": meta["train_img_per_s"],
-        "data_source": meta["data"]["source"], "data_fingerprint": meta["data"]["fingerprint"],
+        "data_source": relative(meta["data"]["source"]), "data_fingerprint": meta["data"]["fingerprint"],
         "train_size": meta["data"]["train_size"], "test_size": meta["data"]["test_size"],
-        **{k: meta[k] for k in ("val_accuracy", "val_samples", "test_top5") if k in meta}, **extra,
+        **{k: meta[k] for k in ("val_accuracy", "val_samples", "test_top5") if k in meta},
+        **({"test_per_class_accuracy": per_class_accuracy(meta)} if meta.get("test_confusion") else {}), **extra,
     }
+
+
+def relative(path: str | None) -> str | None:
+    """A local path relative to the working folder where it lies inside it: a report names no machine's folders."""
+    if not path or not os.path.isabs(path):
+        return path
+    inside = os.path.relpath(path)
+    return path if inside.startswith("..") else inside
+
+
+def per_class_accuracy(meta: dict) -> dict[str, float]:
+    """class -> test accuracy, from the confusion matrix of the checkpoint's .json."""
+    return {c: round(row[i] / max(sum(row), 1), 4) for i, (c, row) in enumerate(zip(meta["classes"],
+                                                                                  meta["test_confusion"]))}
+
+
+def other_runs(old: dict, new: dict) -> list[str]:
+    """What tells the runs of report.json `old` from those of `new` (empty: the same runs, or no old report)."""
+    found = []
+    for pair, entry in old.items():
+        for role, details in (entry.get("details") or {}).items():
+            if role not in LAB_RUNS.values() or not isinstance(details, dict):
+                continue
+            now = (new.get(pair, {}).get("details") or {}).get(role)
+            if now is None:
+                found.append(f"it has a {pair} {role} these runs lack")
+            elif any(details.get(k) != now.get(k) for k in IDENTITY):
+                found.append(f"its {pair} {role} is " + ", ".join(f"{k} {details.get(k)}" for k in IDENTITY)
+                             + "; this one's " + ", ".join(f"{k} {now.get(k)}" for k in IDENTITY))
+    return found
 
 
 def lab_report(results: dict[str, dict], extra: dict) -> dict:
@@ -43,13 +81,14 @@ def lab_report(results: dict[str, dict], extra: dict) -> dict:
             details["warning"] = (f"the teacher ({teacher:.4f}) is not more accurate than the student trained without "
                                   f"KD ({no_kd:.4f}): KD from it is expected to hurt. Train the teacher longer.")
         with_kd = entry.get("student_accuracy_with_kd")
-        if teacher is not None and no_kd is not None and with_kd is not None and teacher > no_kd and with_kd < no_kd:
-            kd = details.get("student_with_kd", {})
+        kd = details.get("student_with_kd", {})
+        if teacher is not None and no_kd is not None and with_kd is not None and teacher > no_kd and with_kd < no_kd \
+                and evidence.shown(with_kd, no_kd, kd.get("test_size", 0)):
+            again = f"`{extra['command']} {SWEEP_FLAGS}`" if extra.get("command") else f"the lab again with {SWEEP_FLAGS}"
             details["kd_warning"] = (
-                f"KD (alpha {kd.get('alpha')}, tau {kd.get('tau')}) lost to no KD ({with_kd:.4f} < {no_kd:.4f}) although "
-                f"the teacher is better ({teacher:.4f}): these KD settings do not suit this data. Try others with "
-                f"`kdfast sweep --pair {pair} --alphas 0.1 0.5 0.9 --taus 1 2 4 8` (it reads the lab's logit cache), "
-                "ideally with a validation split (--val-per-class).")
+                f"KD (alpha {kd.get('alpha')}, tau {kd.get('tau')}) lost to no KD ({with_kd:.4f} < {no_kd:.4f}, beyond "
+                f"what the test set resolves) although the teacher is better ({teacher:.4f}). Other settings may suit "
+                f"this data: run {again} (the lab keeps its finished runs and sweeps its logit cache).")
         if entry:
             report[pair] = {**entry, "details": details}
     return report

@@ -29,6 +29,8 @@ def _is(value, kind: str) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "list[int]":
         return isinstance(value, list) and all(_is(v, "int") for v in value)
+    if kind == "list[list[int]]":
+        return isinstance(value, list) and all(_is(v, "list[int]") for v in value)
     if kind == "list[number]":
         return isinstance(value, list) and all(_is(v, "number") for v in value)
     types = {"str": str, "bool": bool, "list": list, "dict": dict, "null": type(None)}
@@ -138,7 +140,8 @@ RUN_CONFIG = _run_config()
 
 # NAME.json beside a checkpoint: what loading it needs (imported weights have only this and a few more)
 CHECKPOINT = Schema({"model": "str", "classes": "list[str]", "family": "str", "parameters": "int",
-                     "test_accuracy": "number", "test_samples": "int", "test_top5": "number", "val_accuracy": "number",
+                     "test_accuracy": "number", "test_samples": "int", "test_top5": "number",
+                     "test_confusion": "list[list[int]]", "val_accuracy": "number",
                      "val_samples": "int", "epochs": "int", "seed": "int", "train_img_per_s": "number",
                      "wall_time_s": "number", "precision": "str", "precision_reason": "str", "device": "str",
                      "num_processes": "int", "eval_batch_size": "int", "data": DATA, "recipe": "dict",

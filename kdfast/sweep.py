@@ -28,6 +28,7 @@ from .config import (DataConfig, DistillConfig, EvalConfig, KDConfig, ModelConfi
                      RuntimeConfig, SweepConfig, TeacherConfig, TrainConfig, TrainingConfig, check, sections)
 from .engine import accuracy_and_loss, on_main, process_state, say as print_on_main
 from .errors import KdfastError, user_errors_exit
+from .flags import command_line
 from .files import FileLock, ensure_dir, write_json, write_text
 from .methods import method_entry
 from .rundir import RunDir, adopt_finished_run, finished_run
@@ -343,7 +344,7 @@ def _run_locked(cfg: SweepConfig, state, attrs: dict, served: dict, teacher_accu
 
 def parse(argv: list[str]) -> SweepConfig:
     """The command's flags as its config (what the README test checks every shown command with)."""
-    return tyro.cli(SweepConfig, args=argv, prog="kdfast sweep")
+    return command_line(SweepConfig, argv, "kdfast sweep")
 
 
 @user_errors_exit

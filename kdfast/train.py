@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import sys
 
-import tyro
 from accelerate.utils import set_seed
 
 from .config import TrainConfig
 from .data import Dataset
 from .preflight import check_model_input, view_sizes
 from .engine import Runtime, RunReporter, fit, load_data, make_trainer, open_run, run_runtime
+import tyro  # noqa: F401  (tests parse flags with train.tyro.cli)
+
 from .errors import user_errors_exit
+from .flags import command_line
 from .losses import cross_entropy
 from .models import create_model, model_entry
 
@@ -55,7 +57,7 @@ def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict:
 
 def parse(argv: list[str]) -> TrainConfig:
     """The command's flags as its config (what the README test checks every shown command with)."""
-    return tyro.cli(TrainConfig, args=argv, prog="kdfast train")
+    return command_line(TrainConfig, argv, "kdfast train")
 
 
 @user_errors_exit

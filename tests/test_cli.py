@@ -64,3 +64,26 @@ def test_help_shows_one_default_per_flag_and_version(capsys):
     with pytest.raises(SystemExit):
         cache.main(["build", "--help"])
     assert "--slots" in capsys.readouterr().out
+
+
+def test_every_help_and_listing_fits_100_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    commands = [c.split() + ["--help"] for c in ("train", "distill", "evaluate", "predict", "sweep", "lab", "import",
+                                                 "report", "cache build", "cache info", "cache verify")]
+    for argv in commands + [["models"], ["methods"], ["recipes"], ["--help"]]:
+        try:
+            cli.main(argv)
+        except SystemExit:
+            pass
+        out = capsys.readouterr().out
+        assert len(out.splitlines()) > 3, argv
+        wide = [line for line in out.splitlines() if len(line) > 100]
+        assert not wide, f"kdfast {' '.join(argv)}: {wide[0]}"
+    for argv in commands:  # every flag says one thing: no tyro placeholder, no code constant, no "(default: None)"
+        try:
+            cli.main(argv)
+        except SystemExit:
+            pass
+        out = capsys.readouterr().out
+        assert "{None}" not in out and "AUTO_" not in out and "(default: None)" not in out, argv
+

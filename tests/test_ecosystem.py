@@ -270,6 +270,15 @@ def test_pretrained_timm_weights_offline_and_not_cached_say_so(tmp_path, monkeyp
                                               "--cache-dir", small["cache_dir"], "--out-dir", str(tmp_path),
                                               "--no-progress"])
     assert "--pretrained: could not get the weights of timm:test_vit" in err and "without --pretrained" in err
+    # each command names its own flag for the library's weights: the one the user passed
+    common = ["--data", small["data"], "--cache-dir", small["cache_dir"], "--no-progress"]
+    err = one_line_error(capsys, distill.main, ["--teacher", "timm:test_vit", "--teacher-pretrained", "--model",
+                                                "resnet8", "--out-dir", str(tmp_path), *common])
+    assert err.startswith("kdfast: error: --teacher-pretrained: could not get") and "without --teacher-pretrained" in err
+    err = one_line_error(capsys, lab.main, ["--preset", "smoke", "--pairs", "cnn", "--cnn-teacher", "timm:test_vit",
+                                            "--cnn-teacher-pretrained", "--out-dir", str(tmp_path / "lab"), "--report",
+                                            str(tmp_path / "lab" / "r.json"), "--cnn-batch-size", "6", *common])
+    assert "--cnn-teacher-pretrained: could not get" in err and "without --cnn-teacher-pretrained" in err
 
 
 def test_a_damaged_file_in_the_hub_caches_is_named_with_the_command_that_removes_it(tmp_path, monkeypatch):

@@ -2,12 +2,13 @@
 import dataclasses
 import json
 import os
+import shlex
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdfast import distill, evaluate, lab, labreport, train
+from kdfast import cli, distill, evaluate, lab, labreport, train
 from kdfast.config import LAB_PRESETS, DistillConfig, EvaluateConfig, LabConfig, TrainConfig
 from kdfast.errors import KdfastError
 from kdfast.rundir import StateError
@@ -68,10 +69,40 @@ def test_smoke_lab_end_to_end(tmp_path, image_folder, monkeypatch):
         assert json.load(f) == report
     assert all(f"| {name} |" in md_path.read_text() for name in NAMES)
 
-    # a second run of the same lab keeps every finished run
+    check_report_page(tmp_path, cfg, md_path.read_text())
+
+    # the report's "how to reproduce" commands work: the lab's, run again, keeps every finished run (it is this lab);
+    # the report's and evaluate's run as they are
+    commands = reproduce_commands(md_path.read_text())
+    assert [c[:2] for c in commands] == [["kdfast", "lab"], ["kdfast", "report"], ["kdfast", "evaluate"]]
+    assert cli.run(commands[2][1:]) == 0
+    assert cli.run(commands[1][1:]) == 0 and json.load(open(cfg.report)) == report
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("retrained a finished run"))
     monkeypatch.setattr(distill, "run", lambda *a, **k: pytest.fail("retrained a finished run"))
-    assert lab.run(cfg) == report
+    assert lab.run(lab.parse(commands[0][2:])) == report
+
+
+def reproduce_commands(md: str) -> list[list[str]]:
+    block = md.split("## How to reproduce")[1].split("```bash\n")[1].split("```")[0]
+    return [shlex.split(line.split("   #")[0]) for line in block.strip().splitlines()]
+
+
+def check_report_page(folder, cfg, md: str) -> None:
+    """What report.md must show: model names and sizes, the data's sizes and chance, what the test set resolves,
+    per-class accuracy and confusion matrices, statements only as far as the numbers go; the figures' axes."""
+    assert "24 training images, 12 test images" in md and "Chance accuracy (guessing): 0.3333" in md
+    assert "What the test set resolves" in md and "## What the numbers show" in md
+    assert "| cnn_teacher | resnet18 | 11.2M |" in md and "| vit_student_no_kd | vit_student |" in md
+    assert "fewer than 10,000 images or for fewer than 10 epochs" in md  # a smoke lab is said to be one
+    for pair in ("cnn", "vit"):
+        assert f"## {pair}: per-class test accuracy and confusion matrices" in md
+        assert (folder / f"report_{pair}_confusion.png").stat().st_size > 1000
+        labels = labreport.curves(cfg.out_dir, labreport.saved_results(cfg.out_dir), pair)
+        assert any(label.startswith("teacher: ") and "params)" in label for label in labels)
+    assert md.count("| cat |") == 2 and "| class | teacher | student, no KD | student, KD |" in md
+    for line in md.split("## What the numbers show")[1].split("##")[0].splitlines():
+        if " against " in line:  # 12 test images resolve nothing this tiny lab could show
+            assert "so no difference is shown" in line or "beyond what 12 test images resolve" in line, line
 
 
 def test_lab_learns_on_easy_data(tmp_path, image_folder):
@@ -226,3 +257,43 @@ def test_a_lab_checks_every_run_before_the_first_one_trains(tmp_path, image_fold
                                             "100", "--no-progress"])
     assert "--vit-batch-size 100 is larger than the training set (24 samples)" in err
     assert not os.path.exists(tmp_path / "m" / "cnn_teacher.pth")
+
+
+def test_report_writes_beside_the_runs_and_never_over_a_report_of_other_runs(tmp_path, image_folder, monkeypatch,
+                                                                            capsys):
+    cfg = dataclasses.replace(tiny_lab(tmp_path, image_folder), pairs=("cnn",), vit_teacher_epochs=1)
+    lab.run(cfg)
+    monkeypatch.chdir(tmp_path)
+    committed = json.dumps({"cnn": {"teacher_accuracy": 0.9106, "details": {"teacher": {
+        "model": "resnet18", "data_fingerprint": "ed64221fec3ef2ef", "seed": 0, "epochs": 60, "wall_time_s": 143.1}}}})
+    (tmp_path / "report.json").write_text(committed)  # a repository's measured results, in the working folder
+    labreport.main(["models_saved"])
+    assert (tmp_path / "report.json").read_text() == committed  # untouched: written beside the runs
+    assert "wrote models_saved/report.json and models_saved/report.md" in capsys.readouterr().out
+    beside = json.load(open(tmp_path / "models_saved" / "report.json"))
+    assert beside["cnn"]["details"]["teacher"]["data_source"] == os.path.relpath(image_folder)  # no machine path
+    err = one_line_error(capsys, labreport.main, ["models_saved", "--report", "report.json"])
+    assert "--report report.json holds the report of other runs (its cnn teacher is model resnet18" in err
+    assert "--overwrite" in err and (tmp_path / "report.json").read_text() == committed
+    labreport.main(["models_saved", "--report", "models_saved/report.json"])  # the same runs: rebuilt
+    labreport.main(["models_saved", "--report", "report.json", "--overwrite"])
+    assert json.load(open(tmp_path / "report.json")) == beside
+
+
+def test_report_over_any_folder_of_runs_tables_them_with_their_differences(tiny_data, tmp_path, capsys):
+    from .conftest import common
+
+    for name, lr in (("a", 0.05), ("b", 0.1)):
+        train.run(TrainConfig(model="resnet8", name=name, epochs=1, lr=lr, **common(tiny_data, tmp_path / "runs")))
+    md = labreport.run(labreport.ReportConfig(out_dir=str(tmp_path / "runs")))
+    text = open(md).read()
+    assert md == str(tmp_path / "runs" / "report.md") and not (tmp_path / "runs" / "report.json").exists()
+    assert "| a | resnet8 | 78k | 1 |" in text and "| b | resnet8 | 78k | 1 |" in text
+    assert "| run | lr |" in text and "| a | 0.05 |" in text and "| b | 0.1 |" in text  # what differs, and only that
+    labreport.run(labreport.ReportConfig(out_dir=str(tmp_path / "runs")))  # its own report: rebuilt
+    (tmp_path / "mine.md").write_text("my notes")
+    with pytest.raises(KdfastError, match="mine.md exists and is not a report of the runs"):
+        labreport.run(labreport.ReportConfig(out_dir=str(tmp_path / "runs"), report=str(tmp_path / "mine.json")))
+    assert (tmp_path / "mine.md").read_text() == "my notes"
+    with pytest.raises(KdfastError, match="no finished runs here"):
+        labreport.run(labreport.ReportConfig(out_dir=str(tmp_path / "empty")))

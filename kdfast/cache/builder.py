@@ -14,7 +14,6 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import collectives
 from .. import __version__
@@ -28,6 +27,7 @@ from ..errors import KdfastError, io_errno, io_error_line
 from ..files import FileLock, check_file_target, remove_quietly
 from ..models import model_entry
 from ..preflight import check_model_input, view_sizes
+from ..progress import bar as progress_bar
 from .format import (BUILD_ATTRS, CacheError, cache_bytes, codec_for, create, differences, expected_attrs, h5py,
                      read_attrs, recorded_source)
 
@@ -152,8 +152,8 @@ class TeacherPass:
         t0 = time.perf_counter()
         if todo["test"]:
             self.write_test(self.logits(data.test))
-        bar = tqdm(total=len(todo["slots"]) * len(data.train), unit="img", desc=f"cache {os.path.basename(path)}",
-                   disable=not (self.cfg.progress and acc.is_main_process), dynamic_ncols=True)
+        bar = progress_bar(len(todo["slots"]) * len(data.train), f"cache {os.path.basename(path)}",
+                           self.cfg.progress and acc.is_main_process, unit="img")
         n = len(data.train)
         for slot in todo["slots"]:
             for start in range(0, n, BUILD_CHUNK):  # a slot in chunks: memory stays bounded whatever N

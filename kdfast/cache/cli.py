@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import replace
+from typing import Annotated, Union
 
 import torch
 import tyro
@@ -89,8 +90,9 @@ def recompute(cfg: VerifyConfig, cache: LogitCache, teacher, data, spec, runtime
 
 def parse(argv: list[str]):
     """build / info / verify and its flags, as a BuildConfig, InfoConfig or VerifyConfig."""
-    return tyro.extras.subcommand_cli_from_dict({"build": BuildConfig, "info": InfoConfig, "verify": VerifyConfig},
-                                                args=argv, prog="kdfast cache")
+    commands = Union[tuple(Annotated[cls, tyro.conf.subcommand(name, description=cls.__doc__)]
+                           for name, cls in (("build", BuildConfig), ("info", InfoConfig), ("verify", VerifyConfig)))]
+    return tyro.cli(commands, args=argv, prog="kdfast cache")
 
 
 @user_errors_exit

@@ -10,12 +10,14 @@ saved artifact recorded); each entry point's config embeds the sections it uses.
     evaluation  EvalConfig: how often, in which batches, with which TTA
     run         RuntimeConfig (precision, timeouts, progress), OutputConfig, RunConfig (resume, checkpoints, trackers)
     kd          TeacherConfig, TeacherCacheConfig, KDConfig (the method and its parameters)
-    commands    the entry configs: train, distill, evaluate, cache build / info / verify, sweep, import, report
+    commands    the entry configs: train, distill, evaluate, predict, cache build / info / verify, sweep, import,
+                report
     lab         LabConfig and its presets
 """
 from .checks import check, check_float, check_grid, check_int, check_numbers, finite
 from .commands import (DEFAULT_TEACHER, PAIR_DEFAULTS, BuildConfig, DistillConfig, EvaluateConfig, ImportConfig,
-                       InfoConfig, LabReportConfig, ReportConfig, SweepConfig, TrainConfig, VerifyConfig)
+                       InfoConfig, LabReportConfig, PredictConfig, ReportConfig, SweepConfig, TrainConfig,
+                       VerifyConfig)
 from .data import DataConfig, DatasetName, SourceConfig, resolved_store_size
 from .evaluation import EvalConfig
 from .kd import KD_DEFAULTS, METHOD_DEFAULTS, KDConfig, TeacherCacheConfig, TeacherConfig
@@ -29,12 +31,12 @@ from .view import ViewConfig
 # every entry point's config, by command (the tests walk them)
 ENTRY_CONFIGS = {"train": TrainConfig, "distill": DistillConfig, "evaluate": EvaluateConfig, "cache build": BuildConfig,
                  "cache info": InfoConfig, "cache verify": VerifyConfig, "sweep": SweepConfig, "lab": LabConfig,
-                 "import": ImportConfig, "report": ReportConfig}
+                 "import": ImportConfig, "report": ReportConfig, "predict": PredictConfig}
 
 __all__ = ["BuildConfig", "DEFAULT_TEACHER", "DIST_TIMEOUT_S", "DataConfig", "DatasetName", "DistillConfig",
            "ENTRY_CONFIGS", "EvalConfig", "EvaluateConfig", "ImportConfig", "InfoConfig", "KDConfig", "KD_DEFAULTS",
            "LAB_PRESETS", "LabConfig", "LabReportConfig", "METHOD_DEFAULTS", "ModelConfig", "OptimConfig",
-           "OutputConfig", "PAIR_DEFAULTS", "Precision", "RECIPES", "Recipe", "ReportConfig", "RunConfig",
+           "OutputConfig", "PAIR_DEFAULTS", "Precision", "PredictConfig", "RECIPES", "Recipe", "ReportConfig", "RunConfig",
            "RuntimeConfig", "Section", "SourceConfig", "SweepConfig", "TeacherCacheConfig", "TeacherConfig",
            "Tracker", "TrainConfig", "TrainingConfig", "VerifyConfig", "ViewConfig", "check", "check_float",
            "check_grid", "check_int", "check_numbers", "check_tracker", "finite", "names", "pick",

@@ -65,10 +65,12 @@ class DistillConfig(KDConfig, TeacherCacheConfig, TeacherConfig, TrainConfig):
                              "(kdfast cache build)")
 
 
-@explained(hide=("eval_every", "eval_batch_size", "train_per_class", "val_per_class", "val_seed"))
+@explained(hide=("eval_every", "eval_batch_size", "train_per_class", "val_per_class", "val_seed", "save_best",
+                 "early_stop", "seed", "aug_recipe"))
 @dataclass(kw_only=True)
-class EvaluateConfig(RuntimeConfig, EvalConfig, DataConfig):
-    """Evaluate a saved checkpoint on the test set, as its run did: every flag not given is the checkpoint's."""
+class EvaluateConfig(RuntimeConfig, EvalConfig, ViewConfig, DataConfig):
+    """Evaluate a saved checkpoint on the test set, as its run did: every flag not given is the checkpoint's (its
+    data, its views: --augment.* given override the recorded ones)."""
 
     checkpoint: str
     """A .pth or .safetensors checkpoint with its .json beside it."""
@@ -82,8 +84,7 @@ class EvaluateConfig(RuntimeConfig, EvalConfig, DataConfig):
 @explained(hide=("teacher_cache", "cache_slots"))
 @dataclass
 class BuildConfig(RuntimeConfig, ViewConfig, DataConfig, TeacherCacheConfig, TeacherConfig):
-    """Precompute a teacher's logits for each augmentation seed into an HDF5 file (no teacher pass at KD time).
-    The data flags not given are the teacher's run's (its .json); the views are the students'."""
+    """Precompute a teacher's logits per augmentation seed into HDF5: KD with no teacher pass."""
 
     out: Optional[str] = None
     """Output file; default: cache/<teacher name>.h5 (in --cache-dir)."""
@@ -94,7 +95,7 @@ class BuildConfig(RuntimeConfig, ViewConfig, DataConfig, TeacherCacheConfig, Tea
     """Images per teacher forward pass."""
     topk: int = -1
     """Store only the k largest logits per sample (+ one logit standing for the rest); 0: dense; -1: auto (dense up
-    to 100 classes, top-AUTO_TOPK above: a 1,000-class slot of 1.28 M images is then 51 MiB, not 2.4 GiB)."""
+    to 100 classes, top-10 above: a 1,000-class slot of 1.28 M images is then 51 MiB, not 2.4 GiB)."""
     overwrite: bool = False
     """Replace an existing cache (or partial build) made with other settings."""
 
@@ -119,8 +120,7 @@ class InfoConfig(Section):
 @explained(hide=("teacher_cache", "cache_slots"))
 @dataclass(kw_only=True)
 class VerifyConfig(RuntimeConfig, DataConfig, TeacherCacheConfig, TeacherConfig, InfoConfig):
-    """Recompute random cache entries with the teacher online and report the largest difference. The data flags not
-    given are the cache's."""
+    """Recompute random cache entries with the teacher online; report the largest difference."""
 
     samples: int = 64
     """How many random (slot, sample) entries to recompute."""
@@ -174,10 +174,12 @@ class SweepConfig(RunConfig, RuntimeConfig, EvalConfig, TrainingConfig, OptimCon
         return {k: v for k, v in defaults.items() if getattr(self, k) is None}
 
 
-@explained(hide=("pretrained", "teacher", "teacher_weights"))
+@explained(hide=("pretrained", "teacher", "teacher_weights", "seed", "aug_recipe"))
 @dataclass
-class ImportConfig(OutputConfig, SourceConfig, TeacherConfig, ModelConfig):
-    """Turn a plain state dict (or a library's pretrained weights) into a kdfast checkpoint with its .json."""
+class ImportConfig(OutputConfig, ViewConfig, SourceConfig, TeacherConfig, ModelConfig):
+    """Turn a plain state dict (or a library's pretrained weights) into a kdfast checkpoint with its .json, which
+    records the data (--data) and the views (--augment.*) the weights were trained at: evaluate, predict and cache
+    build use them."""
 
     weights: Annotated[Optional[str], tyro.conf.Positional] = None
     """The weights: a plain state dict in a .pth (torch.save; nested under "state_dict" / "model" and DDP's "module."
@@ -199,9 +201,42 @@ class LabReportConfig(Section):
 
 @explained(hide=("name",), positional=("out_dir",))
 @dataclass
-class ReportConfig(LabReportConfig, OutputConfig):
-    """Rebuild report.json and report.md (table of the runs, accuracy curves, sweep) from a lab's saved runs."""
+class ReportConfig(OutputConfig):
+    """A report of the runs saved in a folder: for a lab's runs report.json and report.md (the runs, what the numbers
+    show, curves, per-class accuracy and confusion matrices, sweeps, how to reproduce); for any other runs report.md
+    (a table of every run with its metrics and the config fields that differ)."""
+
+    report: Optional[str] = None
+    """Where the report goes (report.md and the figures beside it). Default: OUT_DIR/report.json, beside the runs.
+    A report of other runs there is refused unless --overwrite."""
+    overwrite: bool = False
+    """Replace a report at --report that was written from other runs."""
 
     sweep: Optional[str] = None
     """A sweep's --out-dir whose sweep.md and heatmap are included (a lab's own sweeps, OUT_DIR/sweep_<pair>, always
     are). Default: none."""
+
+
+@explained(hide=("seed", "aug_recipe", "dist_timeout", "progress"))
+@dataclass(kw_only=True)
+class PredictConfig(RuntimeConfig, ViewConfig):
+    """Run a checkpoint on your own images: the top classes of each with their probabilities, at the views the
+    checkpoint records (--augment.* given override them)."""
+
+    checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
+    """A .pth or .safetensors checkpoint with its .json beside it."""
+    images: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="IMAGES")]
+    """Image files, folders (every image inside, at any depth; hidden ones left out) or globs (quoted: "photos/*.png")."""
+    top_k: int = 5
+    """How many classes to list per image (at most the checkpoint's)."""
+    out: Optional[str] = None
+    """Also write the predictions as CSV (image, then class and probability per rank). Default: none."""
+    batch_size: int = 256
+    """Images per forward pass."""
+
+    def check(self) -> None:
+        if not self.images:
+            raise ValueError("IMAGES: give one or more image files, folders or globs after the checkpoint")
+        check_int(self, "top_k", 1)
+        check_int(self, "batch_size", 1)
+

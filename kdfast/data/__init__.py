@@ -17,9 +17,9 @@ import glob
 import os
 
 import torch
-from tqdm.auto import tqdm
 
 from ..files import FileLock, OutputError, remove_quietly
+from ..progress import bar as progress_bar
 
 from .decode import decode_image, image_size, stored_size
 from .loader import Batch, TrainLoader, check_view, eval_batches, is_streamed, view_batches
@@ -174,7 +174,7 @@ def _prepare(source: str, kind: str, decoded_file: str, store_size: int, tier: s
     if tier == "device":
         log(f"decoding {source} ({kind}) into uint8 tensors" + (f" at up to {store_size} px" if store_size else "")
             + ", once ...")
-        with tqdm(total=total, unit="img", desc="decode", disable=not progress, dynamic_ncols=True) as bar:
+        with progress_bar(total, "decode", progress, unit="img") as bar:
             train, test = (decode_split(listing, s, store_size, bar) for s in ("train", "test"))
         ds = Dataset(train, test, listing.classes, fingerprint(train, test, listing.classes, store_size), where,
                      "device", store_size)
@@ -184,8 +184,7 @@ def _prepare(source: str, kind: str, decoded_file: str, store_size: int, tier: s
         if not os.path.exists(path):
             log(f"writing the encoded {split} images of {source} into {path} (each decoded once to check it; "
                 "memory-mapped, read per batch) ...")
-            with tqdm(total=len(listing.splits[split]), unit="img", desc=f"index {split}", disable=not progress,
-                      dynamic_ncols=True) as bar:
+            with progress_bar(len(listing.splits[split]), f"index {split}", progress, unit="img") as bar:
                 write_encoded(listing, split, path, store_size, bar)
         splits.append(StreamedSplit.open(path, store_size))
     train, test = splits

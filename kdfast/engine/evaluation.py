@@ -43,7 +43,18 @@ def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     if logits.shape[1] > 10:
         top5 = logits.topk(5, dim=1).indices
         result["top5"] = (top5 == labels[:, None]).any(1).sum().item() / len(labels)
+    if logits.shape[1] <= MAX_CONFUSION_CLASSES:
+        result["confusion"] = confusion(logits.argmax(1), labels, logits.shape[1])
     return result
+
+
+MAX_CONFUSION_CLASSES = 100  # a checkpoint's .json keeps the confusion matrix up to this many classes (10,000 counts)
+
+
+def confusion(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> list[list[int]]:
+    """counts[true class][predicted class] of a split."""
+    flat = torch.bincount(labels.long() * classes + predicted.long(), minlength=classes * classes)
+    return flat.view(classes, classes).tolist()
 
 
 def evaluate_model(model: nn.Module, split: Split, spec, runtime: Runtime, batch_size: int,

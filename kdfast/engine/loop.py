@@ -7,16 +7,16 @@ import time
 from typing import Callable, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import collectives
 from ..augment import epoch_seed
 from ..data import Batch, DataError, Dataset
 from ..data.types import WorkerLost
 from ..errors import Interrupted, KdfastError
+from ..progress import bar as progress_bar
 from ..rundir import describe_progress
 from .preemption import Preemption, lost_processes, resume_advice, stopped
-from .records import tracking
+from .records import ESTIMATE_STEPS, time_estimate, tracking
 from .trainer import Trainer
 
 LOG_EVERY = 25  # steps between progress-bar updates (each one is a host-device sync)
@@ -30,6 +30,8 @@ class Reporter(Protocol):
     def end_epoch(self, tr: Trainer, data: Dataset, epoch: int, epoch_time: float, wall: float) -> None: ...
 
     def finish(self, tr: Trainer, data: Dataset, wall: float): ...
+
+    def stop_early(self) -> bool: ...
 
 
 class NonFiniteLoss(KdfastError):
@@ -55,6 +57,8 @@ def fit(tr: Trainer, data: Dataset, reporter: Reporter, aug_seed_for_epoch: Call
                 signum = stop.requested(tr.acc)
                 if signum:  # asked during the evaluation: the epoch is whole and saved
                     raise stopped(signum, tr.cfg.run_name, f"epoch {epoch + 1}", tr.run_dir.state_dir, tr.cfg)
+                if reporter.stop_early():
+                    break
         return reporter.finish(tr, data, wall())
 
 
@@ -144,6 +148,20 @@ def data_stopped(tr: Trainer, e: Exception, epoch: int, done: int, epoch_time: f
     return type(e)(text)
 
 
+def estimated(tr: Trainer, epoch: int, start: int, done: int, t_first: float, estimate: int) -> float:
+    """At the end of the first step: its time; at the end of the estimate's steps: the line of the run's estimate."""
+    if tr.runtime.device.type == "cuda":
+        torch.cuda.synchronize()  # twice a run: the time of steps, not of their launches
+    now = time.perf_counter()
+    if done == start + 1:
+        return now
+    steps = len(tr.loader)
+    step_s = (now - t_first) / (estimate - 1)
+    tr.runtime.print(time_estimate(tr.cfg.run_name, step_s, steps, steps * (tr.cfg.epochs - epoch) - done,
+                                   estimate - 1))
+    return now
+
+
 def check_finite(tr: Trainer) -> None:
     """Stop at the first non-finite loss (collective under several processes); a host-device sync."""
     bad = int(collectives.all_reduce(tr.bad_step.clone(), "max").item())
@@ -180,9 +198,13 @@ def run_epoch(tr: Trainer, epoch: int, progress: dict, aug_seed: int, stop: Pree
     check_every = 1 if acc.num_processes == 1 else LOG_EVERY  # one process: a flag, no collective
     finite_every = 1 if tr.runtime.device.type == "cpu" else LOG_EVERY  # .item() waits for a GPU
     show_every = max(1, min(LOG_EVERY, len(loader) // 10))  # the bar's loss: about 10 updates an epoch, or more
-    bar = tqdm(total=len(loader), initial=start_step, desc=f"{cfg.run_name} {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
+    bar = progress_bar(len(loader), f"{cfg.run_name} {epoch + 1}/{cfg.epochs}", cfg.progress and acc.is_main_process,
+                       initial=start_step, leave=False)
     shows = not bar.disable
+    # the first epoch this process trains: its time per step, from the steps after the first (compiling, warm-up)
+    estimate = min(ESTIMATE_STEPS + 1, len(loader) - start_step) if epoch == progress["epoch"] else 0
+    estimate = estimate if estimate >= 2 else 0
+    measured = 0.0
     tr.model.train()  # evaluation left it in eval mode
     t0 = time.perf_counter()
     done = start_step
@@ -196,6 +218,8 @@ def run_epoch(tr: Trainer, epoch: int, progress: dict, aug_seed: int, stop: Pree
         loss = train_step(tr, micro, global_step)
         bar.update(1)
         done = step + 1
+        if estimate and done in (start_step + 1, start_step + estimate):
+            measured = estimated(tr, epoch, start_step, done, measured, estimate)
         if done % finite_every == 0:
             check_finite(tr)
         if shows and (done % show_every == 0 or done == len(loader)):

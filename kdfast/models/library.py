@@ -80,20 +80,32 @@ def _lister(library: str) -> str:
     return "timm.list_models()" if library == "timm" else "torchvision.models.list_models()"
 
 
-def pretrained_error(what: str, e: Exception, cached: str | None = None) -> ValueError:
+class PretrainedError(ValueError):
+    """The library's weights could not be had; the message names the flag that asked for them (default --pretrained;
+    for_flag: the flag of the command that asked, --teacher-pretrained, --cnn-teacher-pretrained)."""
+
+    def __init__(self, template: str, flag: str = "--pretrained"):
+        super().__init__(template.replace("{flag}", flag))
+        self.template = template
+
+    def for_flag(self, flag: str) -> "PretrainedError":
+        return PretrainedError(self.template, flag)
+
+
+def pretrained_error(what: str, e: Exception, cached: str | None = None) -> PretrainedError:
     """Why the library's weights could not be had: a damaged file in its cache (named, with the command that removes
     it), or neither cached nor downloadable."""
     first = (str(e).strip().splitlines() or [""])[0][:200]
     if cached and os.path.exists(cached):
         real = os.path.realpath(cached)
         files = f"{real} {cached}" if real != os.path.abspath(cached) else cached
-        return ValueError(f"--pretrained: the weights of {what} are in the local cache, but {cached} cannot be read "
+        return PretrainedError(f"{{flag}}: the weights of {what} are in the local cache, but {cached} cannot be read "
                           f"({type(e).__name__}: {first}): the file is damaged (cut while downloading?). Remove it "
                           f"(rm -f {files}) and run again with internet, or copy a whole one there.")
-    return ValueError(f"--pretrained: could not get the weights of {what} ({type(e).__name__}: {first}). They are "
-                      "neither in the local cache (timm: $HF_HOME or ~/.cache/huggingface; torchvision: $TORCH_HOME or "
-                      "~/.cache/torch/hub) nor downloadable here. Run once with internet (or copy that cache over), "
-                      "or train from scratch without --pretrained.")
+    return PretrainedError(f"{{flag}}: could not get the weights of {what} ({type(e).__name__}: {first}). They are "
+                           "neither in the local cache (timm: $HF_HOME or ~/.cache/huggingface; torchvision: "
+                           "$TORCH_HOME or ~/.cache/torch/hub) nor downloadable here. Run once with internet (or copy "
+                           "that cache over), or run without {flag}.")
 
 
 def torchvision_pretrained(model: nn.Module, name: str, skip=()) -> nn.Module:
