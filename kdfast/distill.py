@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 
+from .augment.recipes import RECIPES as AUG_RECIPES
 from .cache import CachedTeacher, LogitCache, served_data
 from .checkpoint import load_teacher, weights_sha256
 from .config import DataConfig, DistillConfig, names
@@ -148,9 +149,13 @@ def resolved(cfg: DistillConfig, say=print) -> DistillConfig:
     if not cfg.teacher_cache:
         return cfg.resolved()
     cache = LogitCache(cfg.teacher_cache)
-    served = served_data(cache.attrs)
+    served, recipe = served_data(cache.attrs), AUG_RECIPES.get(cache.attrs.get("aug_recipe", "none"))
     cache.close()
     plain, run_cfg = cfg.resolved(), cfg.resolved(served)
+    if cfg.label_smoothing is None and recipe is not None and recipe.label_smoothing is not None:
+        run_cfg.label_smoothing = recipe.label_smoothing  # the recipe's other half: its views came with the cache
+        say(f"[{cfg.run_name}] {cfg.teacher_cache} was built with --aug-recipe {recipe.name}: its views, and its label "
+            f"smoothing {recipe.label_smoothing:g} (--label-smoothing to set another)")
     taken = [k for k in names(DataConfig) + ("augment",) if getattr(run_cfg, k) != getattr(plain, k)]
     if taken:
         shown = [f"--{k.replace('_', '-')} {getattr(run_cfg, k)}" for k in taken if k != "augment"]

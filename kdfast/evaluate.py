@@ -50,6 +50,7 @@ def run(cfg: EvaluateConfig) -> dict:
     batch_size = cfg.batch_size or meta.get("eval_batch_size", 500)
     result = evaluate_model(model, data.test, spec, runtime, batch_size, channels_last, cfg.data_workers, cfg.tta)
     result.update(checkpoint=cfg.checkpoint, model=meta["model"], precision=runtime.precision, tta=cfg.tta,
+                  test_accuracy=result["accuracy"],  # the name distill and train return it under
                   recorded_accuracy=meta.get("test_accuracy"))
     runtime.print(f"{cfg.checkpoint}: {meta['model']} test accuracy {result['accuracy']:.4f} on {result['samples']} "
                   f"samples ({runtime.precision}{', TTA ' + cfg.tta if cfg.tta != 'none' else ''}); "

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shlex
 import sys
@@ -34,7 +35,7 @@ from .methods import method_entry
 from .models import create_model
 from .models.library import PretrainedError
 from .preflight import check_model_input, view_sizes
-from .report import format_table, lab_report
+from .report import SEED_SUFFIX, SEEDS_DIR, format_table, lab_report
 from .rundir import RunDir, finished_run
 
 
@@ -63,11 +64,24 @@ def plan(cfg: LabConfig) -> list[tuple[str, object, TrainConfig | BuildConfig]]:
                 "batch_size": max(cfg.eval_batch_size, 500), "overwrite": True})))
         runs.append((f"{pair}_student_with_kd", distill, DistillConfig(**{
             **kd, "name": f"{pair}_student_with_kd", "teacher": teacher_path, "teacher_cache": teacher_cache})))
+        runs += seed_runs(cfg, pair, runs[-1][2], runs[-2 if teacher_cache is None else -3][2])
         for method in cfg.methods:  # extra students, one per method, from the same teacher (and cache)
             needs_features = method_entry(method).needs == "features"
             runs.append((f"{pair}_student_{method}", distill, DistillConfig(**{
                 **kd, "name": f"{pair}_student_{method}", "method": method, "teacher": teacher_path,
                 "teacher_cache": None if needs_features else teacher_cache})))
+    return runs
+
+
+def seed_runs(cfg: LabConfig, pair: str, with_kd: DistillConfig, no_kd: TrainConfig) -> list[tuple]:
+    """The pair's two students with the seeds after --seed (--seeds N), in OUT_DIR/seeds: their spread."""
+    runs = []
+    for k in range(1, cfg.seeds):
+        for name, module, run_cfg in ((f"{pair}_student_no_kd", train, no_kd),
+                                      (f"{pair}_student_with_kd", distill, with_kd)):
+            seeded = f"{name}{SEED_SUFFIX}{k}"
+            runs.append((seeded, module, dataclasses.replace(run_cfg, name=seeded, seed=run_cfg.seed + k,
+                                                             out_dir=os.path.join(cfg.out_dir, SEEDS_DIR))))
     return runs
 
 
@@ -297,7 +311,8 @@ def parse(argv: list[str]) -> LabConfig:
 @user_errors_exit
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    return run(parse(argv), shlex.join(["kdfast", "lab", *argv]))
+    again = [a for a in argv if a not in ("--fresh", "--no-fresh")]  # the command that continues this lab
+    return run(parse(argv), shlex.join(["kdfast", "lab", *again]))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from .config import ReportConfig
 from .errors import KdfastError, user_errors_exit
 from .flags import command_line
 from .files import ensure_dir, read_json, write_json, write_text
-from .report import lab_report, other_runs, relative
+from .report import SEED_SUFFIX, SEEDS_DIR, is_seed_run, lab_report, other_runs, relative
 from .reportpage import markdown, pair_runs, run_label, runs_overview
 from .rundir import RunDir
 
@@ -26,9 +26,10 @@ def saved_results(out_dir: str) -> dict[str, dict]:
     """name -> checkpoint metadata of every lab run saved in out_dir (cnn_teacher, vit_student_dkd, ...)."""
     order = {"teacher": 0, "student_no_kd": 1, "student_with_kd": 2}
     found = []
-    for path in glob.glob(os.path.join(out_dir, "*_*.json")):
+    for path in glob.glob(os.path.join(out_dir, "*_*.json")) + glob.glob(os.path.join(out_dir, SEEDS_DIR, "*_*.json")):
         name = os.path.basename(path)[:-5]
         pair, _, role = name.partition("_")
+        role = role.rpartition(SEED_SUFFIX)[0] if is_seed_run(name) else role
         if pair in ("cnn", "vit") and "." not in name and (role == "teacher" or role.startswith("student_")):
             found.append(((pair, order.get(role, 3), role), name, path))
     results = {}

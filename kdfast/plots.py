@@ -20,7 +20,7 @@ def sweep_heatmap(alphas: list[float], taus: list[float], means: dict, no_kd: fl
     no-KD baseline are hatched, the baseline is a line on the colour bar, and the chosen (alpha, tau) is boxed."""
     plt = _pyplot()
     grid = [[means.get((a, t), float("nan")) for t in taus] for a in alphas]
-    fig, ax = plt.subplots(figsize=(max(4.4, 1.6 + 1.3 * len(taus)), max(3.2, 1.6 + 0.8 * len(alphas))))
+    fig, ax = plt.subplots(figsize=(max(5.2, 1.6 + 1.3 * len(taus)), max(3.6, 1.9 + 0.8 * len(alphas))))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     bar = fig.colorbar(image, ax=ax, label=label)
     if no_kd is not None:

@@ -58,7 +58,8 @@ def run(cfg: PredictConfig) -> list[dict]:
     channels_last = meta.get("family") == "cnn"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    logits = predict_logits(model, split, cfg.augment, runtime, cfg.batch_size, channels_last, workers=0)
+    batch_size = cfg.batch_size or meta.get("eval_batch_size", 500)
+    logits = predict_logits(model, split, cfg.augment, runtime, batch_size, channels_last, workers=0)
     probs, top = logits.float().softmax(1).topk(min(cfg.top_k, len(meta["classes"])), dim=1)
     rows = [{"image": f, "top": [(meta["classes"][c], p) for c, p in zip(t.tolist(), q.tolist())]}
             for f, t, q in zip(files, top, probs)]

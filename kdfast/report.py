@@ -7,6 +7,23 @@ from . import evidence
 
 SWEEP_FLAGS = "--sweep-alphas 0.1 0.5 0.9 --sweep-taus 1 2 4 8"
 IDENTITY = ("model", "data_fingerprint", "seed", "epochs", "wall_time_s")  # what tells one run from another
+SEEDS_DIR, SEED_SUFFIX = "seeds", "-s"  # a lab's students of its other seeds: OUT_DIR/seeds/cnn_student_no_kd-s1
+
+
+def is_seed_run(name: str) -> bool:
+    head, _, k = name.rpartition(SEED_SUFFIX)
+    return bool(head) and k.isdigit()
+
+
+def seed_spread(results: dict, name: str) -> dict | None:
+    """The accuracies of a lab student over its seeds (name, name-s1, ...): mean, std, spread; None with one seed."""
+    accs = [results[name]["test_accuracy"]] + [m["test_accuracy"] for n, m in sorted(results.items())
+                                               if is_seed_run(n) and n.rpartition(SEED_SUFFIX)[0] == name]
+    if len(accs) < 2:
+        return None
+    mean = sum(accs) / len(accs)
+    std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+    return {"accuracies": accs, "mean": round(mean, 4), "std": round(std, 4), "spread": round(max(accs) - min(accs), 4)}
 
 LAB_RUNS = {  # report key -> checkpoint name suffix
     "teacher_accuracy": "teacher",
@@ -71,8 +88,12 @@ def lab_report(results: dict[str, dict], extra: dict) -> dict:
             if meta is not None:
                 entry[key] = meta["test_accuracy"]
                 details[suffix] = run_details(meta, extra)
+                seeds = seed_spread(results, f"{pair}_{suffix}")
+                if seeds:
+                    details[suffix]["seeds"] = seeds
         methods = {name[len(f"{pair}_student_"):]: meta for name, meta in results.items()
-                   if name.startswith(f"{pair}_student_") and name[len(pair) + 1:] not in LAB_RUNS.values()}
+                   if name.startswith(f"{pair}_student_") and name[len(pair) + 1:] not in LAB_RUNS.values()
+                   and not is_seed_run(name)}
         if methods:  # extra KD students (kdfast lab --methods): their accuracy beside the lab's three
             details["methods"] = {m: {"test_accuracy": meta["test_accuracy"], **run_details(meta, extra)}
                                   for m, meta in methods.items()}

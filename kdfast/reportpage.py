@@ -8,7 +8,7 @@ import shlex
 import statistics
 
 from . import evidence
-from .report import format_table, relative
+from .report import format_table, is_seed_run, relative, seed_spread
 
 ROLE_LABELS = {"teacher": "teacher", "student_no_kd": "student, no KD", "student_with_kd": "student, KD"}
 SMALL_TRAIN, FEW_EPOCHS = 10_000, 10  # below either, a lab's numbers show that it runs, not which method is better
@@ -32,7 +32,8 @@ def run_label(name: str, pair: str, meta: dict) -> str:
 
 
 def pair_runs(results: dict, pair: str) -> dict:
-    return {name: meta for name, meta in results.items() if name.startswith(pair + "_")}
+    """The pair's runs of --seed (the lab's checkpoints), not those of its other seeds."""
+    return {name: meta for name, meta in results.items() if name.startswith(pair + "_") and not is_seed_run(name)}
 
 
 def setup(results: dict, extra: dict, total_wall: float | None) -> list[str]:
@@ -100,6 +101,13 @@ def findings(report: dict, results: dict) -> list[str]:
         for a, b in (("teacher", "student_no_kd"), ("student_with_kd", "student_no_kd")):
             if a in named and b in named:
                 (la, ma), (lb, mb) = named[a], named[b]
+                sa, sb = (seed_spread(results, f"{pair}_{r}") for r in (a, b))
+                if sa and sb:  # seeds on both sides: their means, judged against their spread too
+                    lines.append("- " + evidence.compare(f"{la}, mean of {len(sa['accuracies'])} seeds", sa["mean"],
+                                                         f"{lb}, mean of {len(sb['accuracies'])} seeds", sb["mean"],
+                                                         ma["data"]["test_size"], max(sa["spread"], sb["spread"]))
+                                 + f" (seeds: {seeds_text(sa)}; {seeds_text(sb)}).")
+                    continue
                 lines.append("- " + evidence.compare(la, ma["test_accuracy"], lb, mb["test_accuracy"],
                                                      ma["data"]["test_size"]) + ".")
         for key in ("warning", "kd_warning"):
@@ -109,13 +117,18 @@ def findings(report: dict, results: dict) -> list[str]:
     return lines
 
 
+def seeds_text(seeds: dict) -> str:
+    return f"{seeds['mean']:.4f} ± {seeds['std']:.4f}, " + ", ".join(f"{a:.4f}" for a in seeds["accuracies"])
+
+
 def per_class(results: dict, pair: str) -> list[str]:
     """Per-class test accuracy of the pair's final models (the diagonal of their confusion matrices)."""
     runs = {name: meta for name, meta in pair_runs(results, pair).items() if meta.get("test_confusion")}
     if not runs:
         return []
-    classes = next(iter(runs.values()))["classes"]
-    names = list(runs)
+    first = next(iter(runs.values()))
+    classes, names = first["classes"], list(runs)
+    per_class_n = sum(first["test_confusion"][0])
     lines = [f"| class | " + " | ".join(role_label(n, pair) for n in names) + " |",
              "| --- |" + " ---: |" * len(names)]
     for i, cls in enumerate(classes):
@@ -124,7 +137,8 @@ def per_class(results: dict, pair: str) -> list[str]:
             row = runs[n]["test_confusion"][i]
             cells.append(f"{row[i] / max(sum(row), 1):.2f}")
         lines.append(f"| {cls} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + ["", f"Each class has about {per_class_n:,} test images: a per-class accuracy has a standard error of "
+                        f"up to {evidence.standard_error(0.5, per_class_n):.2f}."]
 
 
 def reproduce(extra: dict, results: dict, out_dir: str, report_path: str) -> list[str]:

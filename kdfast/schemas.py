@@ -183,7 +183,7 @@ CACHE_ATTRS = Schema({"format": "str", "format_version": "int", "dataset_fingerp
                       "seeds": "list[int]", "topk": "int", "data_source": "str|null", "dataset": "str",
                       "train_per_class": "int", "test_per_class": "int", "val_per_class": "int", "val_seed": "int",
                       "store_size": "int", "teacher_model": "str", "teacher_sha256": "str",
-                      "teacher_checkpoint": "str", "precision": "str"},
+                      "teacher_checkpoint": "str", "precision": "str", "aug_recipe": "str"},
                      required=("format", "format_version", "dataset_fingerprint", "classes", "augment", "train_size",
                                "test_size", "seeds", "teacher_model", "teacher_sha256"))
 

@@ -214,7 +214,7 @@ def write_results(cfg: SweepConfig, rows: list[dict], summary: dict) -> None:
     best = summary.get("best")
     plots.sweep_heatmap(list(cfg.alphas), list(cfg.taus), means, base, os.path.join(cfg.out_dir, "sweep_heatmap.png"),
                         f"{cfg.method}{' + logit std' if cfg.logit_std else ''}: mean {words} accuracy of "
-                        f"{cfg.seeds} seed(s)\n" + (f"hatched: not above no KD ({base:.3f}, red line); " if base
+                        f"{cfg.seeds} seed(s)\n" + (f"hatched: not above no KD ({base:.3f}, red line)\n" if base
                                                     is not None else "") + f"boxed: chosen (highest {words})",
                         chosen=(best["alpha"], best["tau"]) if best else None, label=f"{words} accuracy")
     figures = "\n![alpha x tau](sweep_heatmap.png)\n"

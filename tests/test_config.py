@@ -10,6 +10,7 @@ from kdfast import lab, train
 from kdfast.augment import AugmentSpec
 from kdfast.cache import served_data
 from kdfast.config import (ENTRY_CONFIGS, BuildConfig, DataConfig, DistillConfig, EvaluateConfig, ImportConfig,
+                           CheckpointConfig, LabReportConfig, PredictConfig, ReportConfig,
                            LabConfig, OptimConfig, SweepConfig, TeacherCacheConfig, TrainConfig, VerifyConfig,
                            ViewConfig)
 from kdfast.config.section import Section
@@ -20,12 +21,18 @@ from .test_runs import one_line_error
 
 # one word for two things, in commands that never share it (their flags are kept as they always were)
 HOMONYMS = {
-    "batch_size": {OptimConfig: "the global batch of every optimizer step", EvaluateConfig: "images per evaluation batch",
+    "batch_size": {OptimConfig: "the global batch of every optimizer step",
+                   CheckpointConfig: "images per forward pass of evaluate and predict",
                    BuildConfig: "images per teacher forward pass"},
     "seed": {ViewConfig: "the run's seed (views, initial weights, batch order)",
              VerifyConfig: "which cache entries are recomputed"},
     "cache_slots": {TeacherCacheConfig: "the slots a run uses", SweepConfig: "the values of it a sweep trains"},
-    "overwrite": {BuildConfig: "replace a cache built otherwise", ImportConfig: "replace a checkpoint"},
+    "overwrite": {BuildConfig: "replace a cache built otherwise", ImportConfig: "replace a checkpoint",
+                  ReportConfig: "replace a report of other runs"},
+    "out": {BuildConfig: "the cache file", PredictConfig: "the predictions' CSV"},
+    "seeds": {LabConfig: "the seeds of each lab student", SweepConfig: "the seeds of each sweep point"},
+    "report": {LabReportConfig: "where a lab writes its report", ReportConfig: "where kdfast report writes (default: "
+               "beside the runs)"},
 }
 
 
@@ -196,7 +203,8 @@ def test_every_numeric_field_of_every_config_refuses_what_is_not_a_finite_number
     for cls, make in makers.items():
         for path, kind in _numeric_fields(cls):
             for bad in (float("nan"), float("inf")):
-                value = (bad,) * len(getattr(getattr(make(), path.split(".")[0]), path.split(".")[1])) \
+                value = (bad,) * len(getattr(getattr(make(), path.split(".")[0]), path.split(".")[1])
+                                     or getattr(AugmentSpec(), path.split(".")[1])) \
                     if "list" in kind and "." in path else (bad,) if "list" in kind else bad
                 cfg = _with(make(), path, value)
                 with pytest.raises(ValueError, match=f"--{path.replace('_', '-')}"):

@@ -190,3 +190,17 @@ def test_a_hub_name_is_read_through_datasets_and_a_budget_below_one_batch_is_ref
     with pytest.raises(KdfastError, match=r"--data-budget-gb 1e-05 is smaller than one batch: 12 images of up to 48x48"):
         train_mod.run(cfg)
     assert "exceeds the budget" in capsys.readouterr().out
+
+
+def test_the_tier_estimate_reads_the_size_of_more_than_the_first_image(tmp_path):
+    """The first image small, later ones large: the memory estimate takes the largest of those sampled."""
+    from PIL import Image
+
+    for split, n in (("train", 6), ("test", 2)):
+        for i in range(n):
+            side = 16 if (split, i) == ("train", 0) else 200
+            os.makedirs(tmp_path / "d" / split / "a", exist_ok=True)
+            Image.new("RGB", (side, side // 2)).save(tmp_path / "d" / split / "a" / f"{i}.png")
+    said = []
+    load_dataset(str(tmp_path / "d"), str(tmp_path / "c"), tier="auto", log=said.append)
+    assert any("8 images at up to 200x200 px (the largest of those sampled) take about 1 MB" in s for s in said), said

@@ -297,3 +297,23 @@ def test_report_over_any_folder_of_runs_tables_them_with_their_differences(tiny_
     assert (tmp_path / "mine.md").read_text() == "my notes"
     with pytest.raises(KdfastError, match="no finished runs here"):
         labreport.run(labreport.ReportConfig(out_dir=str(tmp_path / "empty")))
+
+
+def test_lab_seeds_train_the_students_again_and_the_report_compares_their_means(tmp_path, image_folder):
+    cfg = dataclasses.replace(tiny_lab(tmp_path, image_folder), pairs=("cnn",), seeds=2)
+    report = lab.run(cfg)
+    seeds_dir = tmp_path / "models_saved" / "seeds"
+    assert sorted(p.name for p in seeds_dir.glob("*.json")) == ["cnn_student_no_kd-s1.json",
+                                                                 "cnn_student_with_kd-s1.json"]
+    assert json.load(open(seeds_dir / "cnn_student_no_kd-s1.json"))["seed"] == 1
+    details = report["cnn"]["details"]
+    for role, key in (("student_no_kd", "student_accuracy_without_kd"), ("student_with_kd", "student_accuracy_with_kd")):
+        accs = details[role]["seeds"]["accuracies"]
+        assert len(accs) == 2 and accs[0] == report["cnn"][key]  # report.json's accuracy: --seed's
+        assert details[role]["seeds"]["spread"] == round(max(accs) - min(accs), 4)
+    assert "methods" not in details  # the seeds' runs are not extra methods
+    md = (tmp_path / "report.md").read_text()
+    assert "student, KD (resnet8), mean of 2 seeds" in md and "| cnn_student_with_kd-s1 |" in md
+    os.unlink(cfg.report)
+    labreport.run(labreport.ReportConfig(out_dir=cfg.out_dir, report=cfg.report))  # rebuilt from the saved runs
+    assert json.load(open(cfg.report))["cnn"]["details"]["student_no_kd"]["seeds"] == details["student_no_kd"]["seeds"]

@@ -250,3 +250,24 @@ def test_a_recipe_never_overrides_a_flag_given_even_one_equal_to_its_default(dat
     assert distill.parse(flags).resolved({}).augment.mixup == 0
     assert cache_mod.cli.parse(["build", *flags]).resolved({}).augment.mixup == 0
     assert lab.parse(flags).augment.given_values() == {"mixup": 0.0}
+
+
+def test_a_student_of_a_recipe_s_cache_takes_the_recipe_s_label_smoothing_too(data, tmp_path, capsys):
+    """A cache built with --aug-recipe cct serves its views; the student distilled from it without flags takes the
+    recipe's label smoothing with them (said in the log), unless it gives its own."""
+    import json
+
+    from kdfast.cache import BuildConfig
+
+    common = dict(data=data["data"], cache_dir=data["cache_dir"], batch_size=6, precision="fp32", progress=False)
+    train.run(train.TrainConfig(model="resnet8", name="t", epochs=1, out_dir=str(tmp_path), **common))
+    h5 = build(BuildConfig(teacher=str(tmp_path / "t.pth"), out=str(tmp_path / "t.h5"), slots=1, aug_recipe="cct",
+                           cache_dir=data["cache_dir"], precision="fp32", progress=False))
+    assert LogitCache(h5).attrs["aug_recipe"] == "cct"
+    kd = dict(model="resnet8", teacher_cache=h5, epochs=1, out_dir=str(tmp_path), **common)
+    meta = distill.run(DistillConfig(name="s", **kd))
+    assert "built with --aug-recipe cct: its views, and its label smoothing 0.1" in capsys.readouterr().out
+    assert meta["config"]["label_smoothing"] == 0.1 and meta["recipe"]["label_smoothing"] == 0.1
+    assert meta["config"]["augment"]["policy"] == "randaugment"
+    given = distill.run(DistillConfig(name="s0", label_smoothing=0.0, **kd))
+    assert given["recipe"]["label_smoothing"] == 0.0 and "label smoothing 0.1" not in capsys.readouterr().out

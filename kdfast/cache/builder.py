@@ -131,7 +131,8 @@ def planned_attrs(cfg: BuildConfig, data, teacher, meta: dict, topk: int, precis
             "test_per_class": cfg.test_per_class, "val_per_class": cfg.val_per_class, "val_seed": cfg.val_seed,
             "seeds": [epoch_seed(cfg.seed, k) for k in range(cfg.slots)], "topk": topk,
             "teacher_model": meta["model"], "teacher_sha256": weights_sha256(teacher),
-            "teacher_checkpoint": checkpoint, "precision": precision, "kdfast_version": __version__,
+            "teacher_checkpoint": checkpoint, "precision": precision, "aug_recipe": cfg.aug_recipe,
+            "kdfast_version": __version__,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -65,20 +65,26 @@ class DistillConfig(KDConfig, TeacherCacheConfig, TeacherConfig, TrainConfig):
                              "(kdfast cache build)")
 
 
-@explained(hide=("eval_every", "eval_batch_size", "train_per_class", "val_per_class", "val_seed", "save_best",
-                 "early_stop", "seed", "aug_recipe"))
+@explained
 @dataclass(kw_only=True)
-class EvaluateConfig(RuntimeConfig, EvalConfig, ViewConfig, DataConfig):
-    """Evaluate a saved checkpoint on the test set, as its run did: every flag not given is the checkpoint's (its
-    data, its views: --augment.* given override the recorded ones)."""
+class CheckpointConfig(Section):
+    """A saved model run on images: which checkpoint, in batches of how many."""
 
     checkpoint: str
     """A .pth or .safetensors checkpoint with its .json beside it."""
     batch_size: Optional[int] = None
-    """Images per evaluation batch. Default: the eval batch size recorded in the checkpoint's .json."""
+    """Images per forward pass. Default: the eval batch size recorded in the checkpoint's .json, else 500."""
 
     def check(self) -> None:
         check_int(self, "batch_size", 1)
+
+
+@explained(hide=("eval_every", "eval_batch_size", "train_per_class", "val_per_class", "val_seed", "save_best",
+                 "early_stop", "seed", "aug_recipe"))
+@dataclass(kw_only=True)
+class EvaluateConfig(RuntimeConfig, EvalConfig, ViewConfig, DataConfig, CheckpointConfig):
+    """Evaluate a saved checkpoint on the test set, as its run did: every flag not given is the checkpoint's (its
+    data, its views: --augment.* given override the recorded ones)."""
 
 
 @explained(hide=("teacher_cache", "cache_slots"))
@@ -217,26 +223,21 @@ class ReportConfig(OutputConfig):
     are). Default: none."""
 
 
-@explained(hide=("seed", "aug_recipe", "dist_timeout", "progress"))
+@explained(hide=("seed", "aug_recipe", "dist_timeout", "progress"), positional=("checkpoint",))
 @dataclass(kw_only=True)
-class PredictConfig(RuntimeConfig, ViewConfig):
+class PredictConfig(RuntimeConfig, ViewConfig, CheckpointConfig):
     """Run a checkpoint on your own images: the top classes of each with their probabilities, at the views the
     checkpoint records (--augment.* given override them)."""
 
-    checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
-    """A .pth or .safetensors checkpoint with its .json beside it."""
     images: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="IMAGES")]
     """Image files, folders (every image inside, at any depth; hidden ones left out) or globs (quoted: "photos/*.png")."""
     top_k: int = 5
     """How many classes to list per image (at most the checkpoint's)."""
     out: Optional[str] = None
     """Also write the predictions as CSV (image, then class and probability per rank). Default: none."""
-    batch_size: int = 256
-    """Images per forward pass."""
 
     def check(self) -> None:
         if not self.images:
             raise ValueError("IMAGES: give one or more image files, folders or globs after the checkpoint")
         check_int(self, "top_k", 1)
-        check_int(self, "batch_size", 1)
 

@@ -69,6 +69,10 @@ class LabConfig(RunConfig, RuntimeConfig, EvalConfig, TrainingConfig, KDConfig, 
     """Distil with the teacher run on every batch instead of from a teacher-logit cache (one slot per epoch)."""
     methods: tuple[str, ...] = ()
     """Extra KD students, one per method (dkd, fitnets, ...), reported under each pair's details."""
+    seeds: int = 1
+    """Train each pair's two students (no KD, KD) with N seeds: --seed and the N - 1 after it (those in
+    OUT_DIR/seeds/). report.md compares their means and spreads; the six checkpoints and report.json's accuracies
+    are --seed's."""
     sweep_alphas: tuple[float, ...] = ()
     """With --sweep-taus: after each pair's runs, an alpha x tau sweep of its student from the pair's logit cache
     (kdfast sweep, with the no-KD baseline per seed) in OUT_DIR/sweep_<pair>, shown in report.md. The lab's own
@@ -100,6 +104,7 @@ class LabConfig(RunConfig, RuntimeConfig, EvalConfig, TrainingConfig, KDConfig, 
                 check_int(self, f"{pair}_{role}", 1)
             check_float(self, f"{pair}_teacher_lr", 0.0, low_open=True)
         check("pairs", self.pairs, len(self.pairs) > 0, "one or more of cnn, vit")
+        check_int(self, "seeds", 1)
 
     def resolve(self, recorded: dict) -> dict:
         # the views stay as given: each run resolves them with its pair's recipe

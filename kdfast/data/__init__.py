@@ -85,16 +85,24 @@ def _choose_tier(tier: str, n: int, side: int, budget: int | None, log) -> str:
     budget = 4 << 30 if budget is None else budget
     chosen = "device" if need <= budget else "stream"
     verdict = "fits" if chosen == "device" else "exceeds"
-    log(f"data: {n:,} images at up to {side}x{side} px take about {need / 2**20:,.0f} MB decoded, which {verdict} the "
+    log(f"data: {n:,} images at up to {side}x{side} px (the largest of those sampled) take about {need / 2**20:,.0f} MB "
+        f"decoded, which {verdict} the "
         f"budget of {budget / 2**20:,.0f} MB (--data-budget-gb): "
         + ("held decoded on the device" if chosen == "device" else "streamed (kept encoded, decoded per batch by workers)"))
     return chosen
 
 
+SIDE_SAMPLE = 256  # images whose headers the tier estimate reads, spread evenly over both splits
+
+
 def _listed_side(listing, store_size: int) -> int:
-    """The side the tier estimate assumes: the store size, else the first training image's longest side."""
-    _, name, key = listing.splits["train"][0]
-    return store_size or max(image_size(listing.read(key), name))
+    """The side the tier estimate assumes: the store size, else the longest side among SIDE_SAMPLE images spread over
+    the listing (their headers only)."""
+    if store_size:
+        return store_size
+    entries = listing.splits["train"] + listing.splits["test"]
+    step = max(1, len(entries) // SIDE_SAMPLE)
+    return max(max(image_size(listing.read(key), name)) for _, name, key in entries[::step][:SIDE_SAMPLE])
 
 
 def _encoded_dataset(source: str, kind: str, dataset: str, cache_dir: str, store_size: int, tier: str,
