@@ -38,6 +38,9 @@ class Recorder:
         self.calls.append(("finish", tr.run_dir.state.saved()["progress"]["epoch"]))
         return "done"
 
+    def stop_early(self):
+        return False
+
 
 class TwoHeads(nn.Module):
     """Two tiny students side by side: logits (2, B, classes), as K students trained together give them."""
