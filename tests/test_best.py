@@ -52,6 +52,9 @@ def test_early_stop_ends_the_run_after_its_patience(tiny_data, tmp_path, scripte
     assert [r["epoch"] for r in lines] == [0, 1, 2, 3]
     assert "early stop: no better validation accuracy in 2 evaluations (best 0.6000 at epoch 2)" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.best.json").read_text())["best_epoch"] == 2
+    ends = train.run(TrainConfig(model="resnet8", name="e", epochs=4, val_per_class=3, early_stop=2,
+                                 **common(tiny_data, tmp_path)))
+    assert "early_stop" not in ends  # its patience ran out at the last epoch: the run ended, it did not stop early
 
 
 def test_save_best_and_early_stop_need_a_validation_split(tiny_data, tmp_path):

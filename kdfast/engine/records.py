@@ -36,6 +36,7 @@ class RunReporter:
 
     def __init__(self, extra_meta: dict | None = None):
         self.extra_meta, self.records, self.evals, self.img_s = extra_meta or {}, [], {}, 0.0
+        self.stopped = False
 
     def start(self, tr: Trainer, data: Dataset, progress: dict) -> None:
         cfg, acc = tr.cfg, tr.acc
@@ -84,21 +85,22 @@ class RunReporter:
                     "val_samples": self.evals["val"]["samples"], "data": data.describe(), "config": cfg.to_dict(),
                     **self.extra_meta})
             collectives.barrier()
-        if self.best.stop():
+        self.stopped = self.best.stop() and epoch + 1 < cfg.epochs  # at the last epoch the run ends anyway
+        if self.stopped:
             best = self.best.best()
             tr.runtime.print(f"[{cfg.run_name}] early stop: no better validation accuracy in {self.best.patience} "
                              f"evaluations (best {best[1]:.4f} at epoch {best[0] + 1}); stopped after epoch "
                              f"{epoch + 1} of {cfg.epochs}")
 
     def stop_early(self) -> bool:
-        return self.best.stop()
+        return self.stopped
 
     def finish(self, tr: Trainer, data: Dataset, wall: float) -> dict:
         """Evaluate if needed, write the checkpoint, remove the state; returns the checkpoint's metadata."""
         cfg, acc = tr.cfg, tr.acc
         model = tr.exported()
         evals = self.evals if "test" in self.evals else final_evaluations(tr, model, data)  # nothing left to train
-        stopped = self.best.stop() and self.best.best()
+        stopped = self.stopped and self.best.best()
         meta = checkpoint_meta(cfg, tr, data, evals, count_parameters(model), self.img_s, wall, {
             **self.extra_meta, **({"early_stop": {"patience": self.best.patience, "best_epoch": stopped[0] + 1,
                                                   "epochs_trained": self.best.history[-1][0] + 1}} if stopped else {})})
