@@ -63,3 +63,29 @@ def test_save_best_and_early_stop_need_a_validation_split(tiny_data, tmp_path):
             train.run(TrainConfig(model="resnet8", name="r", epochs=2, **flags, **common(tiny_data, tmp_path)))
     train.run(TrainConfig(model="resnet8", name="r", epochs=1, **common(tiny_data, tmp_path)))
     assert not (tmp_path / "r.best.json").exists()  # no validation split: no best to choose
+
+
+def test_two_processes_agree_on_the_best_epoch_and_the_stop(tiny_data, tmp_path):
+    """torchrun + gloo: the processes save NAME.best once, stop together (no collective left waiting), and the .json
+    says when."""
+    import os
+    import subprocess
+    import sys
+
+    from .test_runs import ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29617", "-m", "kdfast.train", "--model", "resnet8", "--name", "r", "--epochs", "30",
+                           "--val-per-class", "3", "--early-stop", "1", "--data", tiny_data["data"],
+                           "--cache-dir", tiny_data["cache_dir"], "--out-dir", str(tmp_path), "--batch-size", "6",
+                           "--eval-batch-size", "5", "--precision", "fp32", "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((tmp_path / "r.json").read_text())  # 9 validation images: at most 9 rises in a row, then a stop
+    stop = meta["early_stop"]
+    assert stop["epochs_trained"] == stop["best_epoch"] + 1 <= 11 and meta["num_processes"] == 2
+    assert json.loads((tmp_path / "r.best.json").read_text())["best_epoch"] == stop["best_epoch"]
+    lines = (tmp_path / "r.metrics.jsonl").read_text().splitlines()
+    assert len(lines) == stop["epochs_trained"]
+    assert done.stdout.count("early stop:") + done.stderr.count("early stop:") == 1  # the main process says it
