@@ -26,6 +26,9 @@ GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null |
 SHORT=${SHORT:-$([ "$GPU" = 1 ] && echo 0 || echo 1)}
 W=$(mktemp -d); T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+# each step's time limit, sized for a device call; the toy run on a CPU (CI, beside other work) gets four times as long
+SCALE=$([ "$SHORT" = 1 ] && echo 4 || echo 1)
+limit() { echo $(( $1 * SCALE )); }
 if [ "$SHORT" = 1 ]; then  # toy sizes: the plumbing in about a minute on 2 CPU cores
   B=16; STEPS=4; SPEED="--models resnet8 vit_student --batches 16 --precisions fp32 --compiled no --steps 2 --engine-images 96"
   COMPILED="--models resnet8 --batches 16 --precisions fp32 --compiled yes --steps 2 --engine-images 96"; KS="1 2"; N=24
@@ -50,16 +53,16 @@ COMMON="--data $W/tiny --cache-dir $W/cache --no-progress --batch-size $B --eval
 if grep -q MISSING "$O/env.txt"; then el "stopped: a package is missing (see above); carry its wheels in .whl/" >> "$O/env.txt"; exit 1; fi
 
 # 2) does the step wait for the GPU? syncs per step, kernels per step, busy time
-timeout 90 $PY benchmarks/gpu_sync.py --batch-size $B --steps $STEPS > "$O/sync.txt" 2>&1; el "sync: exit $?" >> "$O/sync.txt"
+timeout $(limit 90) $PY benchmarks/gpu_sync.py --batch-size $B --steps $STEPS > "$O/sync.txt" 2>&1; el "sync: exit $?" >> "$O/sync.txt"
 
 # 3) speed: bare step against the full engine (uncompiled, then compiled)
-{ timeout 110 $PY benchmarks/gpu_speed.py $SPEED; el "speed: exit $?"
-  timeout 60 $PY benchmarks/gpu_speed.py $COMPILED; el "compiled: exit $?"; } > "$O/speed.txt" 2>&1
+{ timeout $(limit 110) $PY benchmarks/gpu_speed.py $SPEED; el "speed: exit $?"
+  timeout $(limit 60) $PY benchmarks/gpu_speed.py $COMPILED; el "compiled: exit $?"; } > "$O/speed.txt" 2>&1
 
 # 4) every GPU-only path once, each line "OK name" or "FAILED name" with its output's tail
 smoke() {  # smoke NAME SECONDS COMMAND...: runs COMMAND, says how it ended
   local name=$1 limit=$2; shift 2
-  if timeout "$limit" "$@" > "$W/smoke.log" 2>&1; then el "OK $name"; else el "FAILED $name (exit $?)"; tail -5 "$W/smoke.log"; fi
+  if timeout "$(limit "$limit")" "$@" > "$W/smoke.log" 2>&1; then el "OK $name"; else el "FAILED $name (exit $?)"; tail -5 "$W/smoke.log"; fi
 }
 {
   launcher=($PY -m accelerate.commands.launch --config_file launch/single_gpu.yaml); [ "$GPU" = 1 ] || launcher+=(--cpu)
@@ -93,13 +96,13 @@ assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal
 } > "$O/smoke.txt" 2>&1
 
 # 5) the CUDA tests (they skip on a CPU)
-timeout 60 $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_augment.py tests/test_views.py \
+timeout $(limit 60) $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_augment.py tests/test_views.py \
   tests/test_policies.py > "$O/tests.txt" 2>&1; el "tests: exit $?" >> "$O/tests.txt"
 
 # 6) K students in one pass, 7) the policies' cost
-timeout 40 $PY benchmarks/together.py --ks $KS --vit-ks $KS --steps $([ "$SHORT" = 1 ] && echo 1 || echo 8) --out "$W/results" \
+timeout $(limit 40) $PY benchmarks/together.py --ks $KS --vit-ks $KS --steps $([ "$SHORT" = 1 ] && echo 1 || echo 8) --out "$W/results" \
   > "$O/together.txt" 2>&1; el "together: exit $?" >> "$O/together.txt"
 if [ "$SHORT" = 1 ]; then P="--steps 1 --images 200 --model-steps 1 --warmup 1 --batch-size 32"; else P="--steps 10"; fi
-timeout 40 $PY benchmarks/policies.py $P --out "$W/results" > "$O/policies.txt" 2>&1; el "policies: exit $?" >> "$O/policies.txt"
+timeout $(limit 40) $PY benchmarks/policies.py $P --out "$W/results" > "$O/policies.txt" 2>&1; el "policies: exit $?" >> "$O/policies.txt"
 el "all done" >> "$O/env.txt"
 rm -rf "$W"
