@@ -12,7 +12,7 @@ COMMANDS = {
     "cache": ("kdfast.cache", "build / info / verify a teacher-logit cache (HDF5): KD with no teacher pass"),
     "evaluate": ("kdfast.evaluate", "evaluate a checkpoint on the test set, at the views it records"),
     "predict": ("kdfast.predict", "the top classes of your own images (files, folders, globs) by a checkpoint"),
-    "sweep": ("kdfast.sweep", "an alpha x tau grid with seeds from one teacher-logit cache: table, best point"),
+    "sweep": ("kdfast.sweep", "an alpha x tau grid with seeds from one teacher-logit cache: table, chosen point"),
     "lab": ("kdfast.lab", "the whole course lab: six checkpoints and report.json (--preset smoke|cpu|full)"),
     "import": ("kdfast.import_weights", "make a checkpoint (.pth, .safetensors, .json) of weights trained elsewhere"),
     "report": ("kdfast.labreport", "report.md of a folder of saved runs (a lab's: report.json too), beside them"),
@@ -64,10 +64,10 @@ def run(argv: list[str]):
         for name in list_models():
             entry = model_entry(name)
             print(fill(f"{name:<12} {entry.family:<4} {entry.description}", 18))
-        print("\n" + fill(f"Any library model works too, for teachers and students (--model): {NAMING}. Its family (cnn: "
-                          "SGD recipe and channels_last; vit: AdamW) is vit when it has attention layers, else cnn; "
-                          "--recipe overrides it. --pretrained downloads the library's weights once, then reads its "
-                          "local cache.", 0))
+        print("\n" + fill(f"Any library model works too, for teachers and students (--model): {NAMING}. Its family "
+                          "(cnn: SGD recipe and channels_last; vit: AdamW) is vit when it has attention layers, "
+                          "else cnn; --recipe overrides it. --pretrained downloads the library's weights once, then "
+                          "reads its local cache.", 0))
         return 0
     if command == "methods":
         from .methods import list_methods, method_entry
@@ -84,8 +84,8 @@ def run(argv: list[str]):
             fields = ", ".join(f"{k} {v}" for k, v in recipe.augment.items()) or "-"
             smoothing = "" if recipe.label_smoothing is None else f"; label smoothing {recipe.label_smoothing:g}"
             print(fill(f"{recipe.name:<15} {fields}{smoothing}", 16) + "\n" + fill(f"{'':<15} {recipe.source}", 16))
-        print("\n" + fill("Policies are torchvision's RandAugment / TrivialAugmentWide, keyed per sample: a recipe's views "
-                          "are cached like any other (kdfast cache build --aug-recipe NAME).", 0))
+        print("\n" + fill("Policies are torchvision's RandAugment / TrivialAugmentWide, keyed per sample: a recipe's "
+                          "views are cached like any other (kdfast cache build --aug-recipe NAME).", 0))
         return 0
     importlib.import_module(COMMANDS[command][0]).main(rest)
     return 0

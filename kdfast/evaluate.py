@@ -8,7 +8,6 @@ import sys
 
 import torch
 
-from .augment import AugmentSpec
 from .checkpoint import load_checkpoint, read_meta
 from .config import EvaluateConfig, resolved_store_size
 from .engine import evaluate_model, load_data, make_runtime
@@ -16,21 +15,20 @@ from .errors import user_errors_exit
 from .flags import command_line
 
 
-def recorded_run(meta: dict, spec: AugmentSpec) -> dict:
-    """What the checkpoint's run recorded that an evaluation takes when not given: its data source, dataset, test
-    subset, stored size (by its views, spec), precision and TTA."""
+def recorded_run(meta: dict) -> dict:
+    """What the checkpoint's run (or its import) recorded that an evaluation takes when not given: its data source,
+    dataset, views, test subset, precision and TTA (the stored size follows the views, once they are resolved)."""
     config = meta.get("config", {})
     return {"data": (meta.get("data") or {}).get("source") or config.get("data"),
             "dataset": config.get("dataset", "cifar10"), "augment": config.get("augment"),
             "test_per_class": config.get("test_per_class", 0),
-            "store_size": resolved_store_size(spec, config.get("store_size", 0)),
             "precision": meta.get("precision", "auto"), "tta": config.get("tta", "none")}
 
 
 def run(cfg: EvaluateConfig) -> dict:
     cfg.validate()
     meta = read_meta(cfg.checkpoint)
-    recorded = recorded_run(meta, AugmentSpec.from_dict(meta.get("config", {}).get("augment", {})))
+    recorded = recorded_run(meta)
     if not cfg.data and not recorded["data"] and meta.get("imported"):
         raise ValueError(f"--data: {cfg.checkpoint} was imported without --data, so it records no test data; give "
                          "--data (the data its classes come from)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-
 from .checkpoint import checkpoint_paths, library_teacher, save_checkpoint
 from .config import ImportConfig
 from .data import load_dataset, list_source, resolve_source, source_kind

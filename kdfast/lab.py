@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import shlex
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from functools import partial
 
@@ -80,8 +79,8 @@ def seed_runs(cfg: LabConfig, pair: str, with_kd: DistillConfig, no_kd: TrainCon
         for name, module, run_cfg in ((f"{pair}_student_no_kd", train, no_kd),
                                       (f"{pair}_student_with_kd", distill, with_kd)):
             seeded = f"{name}{SEED_SUFFIX}{k}"
-            runs.append((seeded, module, dataclasses.replace(run_cfg, name=seeded, seed=run_cfg.seed + k,
-                                                             out_dir=os.path.join(cfg.out_dir, SEEDS_DIR))))
+            runs.append((seeded, module, replace(run_cfg, name=seeded, seed=run_cfg.seed + k,
+                                                 out_dir=os.path.join(cfg.out_dir, SEEDS_DIR))))
     return runs
 
 

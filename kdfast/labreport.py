@@ -12,7 +12,6 @@ import glob
 import os
 import sys
 
-
 from . import plots, schemas
 from .config import ReportConfig
 from .errors import KdfastError, user_errors_exit
@@ -21,6 +20,7 @@ from .files import ensure_dir, read_json, write_json, write_text
 from .report import SEED_SUFFIX, SEEDS_DIR, is_seed_run, lab_report, other_runs, relative
 from .reportpage import markdown, pair_runs, run_label, runs_overview
 from .rundir import RunDir
+
 
 def saved_results(out_dir: str) -> dict[str, dict]:
     """name -> checkpoint metadata of every lab run saved in out_dir (cnn_teacher, vit_student_dkd, ...)."""

@@ -1,5 +1,6 @@
 """PNG figures for the reports (matplotlib, no display): the alpha x tau heatmap of a sweep, test accuracy per
-epoch of a lab's runs, confusion matrices, accuracy against cache slots. Each function takes plain numbers and a path."""
+epoch of a lab's runs, confusion matrices, accuracy against cache slots. Each function takes plain numbers and a
+path."""
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 
 from . import evidence
 
@@ -21,9 +22,8 @@ def seed_spread(results: dict, name: str) -> dict | None:
                                                if is_seed_run(n) and n.rpartition(SEED_SUFFIX)[0] == name]
     if len(accs) < 2:
         return None
-    mean = sum(accs) / len(accs)
-    std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
-    return {"accuracies": accs, "mean": round(mean, 4), "std": round(std, 4), "spread": round(max(accs) - min(accs), 4)}
+    return {"accuracies": accs, "mean": round(statistics.mean(accs), 4), "std": round(statistics.stdev(accs), 4),
+            "spread": round(max(accs) - min(accs), 4)}
 
 LAB_RUNS = {  # report key -> checkpoint name suffix
     "teacher_accuracy": "teacher",
@@ -105,7 +105,8 @@ def lab_report(results: dict[str, dict], extra: dict) -> dict:
         kd = details.get("student_with_kd", {})
         if teacher is not None and no_kd is not None and with_kd is not None and teacher > no_kd and with_kd < no_kd \
                 and evidence.shown(with_kd, no_kd, kd.get("test_size", 0)):
-            again = f"`{extra['command']} {SWEEP_FLAGS}`" if extra.get("command") else f"the lab again with {SWEEP_FLAGS}"
+            again = (f"`{extra['command']} {SWEEP_FLAGS}`" if extra.get("command")
+                     else f"the lab again with {SWEEP_FLAGS}")
             details["kd_warning"] = (
                 f"KD (alpha {kd.get('alpha')}, tau {kd.get('tau')}) lost to no KD ({with_kd:.4f} < {no_kd:.4f}, beyond "
                 f"what the test set resolves) although the teacher is better ({teacher:.4f}). Other settings may suit "

@@ -1,6 +1,7 @@
-"""report.md's text for a lab: the setup (data sizes, chance, what the test set resolves), the runs (model names and
+"""report.md's text: for a lab, the setup (data sizes, chance, what the test set resolves), the runs (model names and
 sizes, schedule, precision, wall time), what the numbers show and do not show, per-class accuracy, the figures and
-how to reproduce it. Pure: results in, markdown lines out (labreport.py draws the figures and writes the file)."""
+how to reproduce it; for any folder of runs, a table and what differs. Pure: results in, markdown out
+(labreport.py draws the figures and writes the files)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import statistics
 
 from . import evidence
 from .report import format_table, is_seed_run, relative, seed_spread
+from .rundir import comparable_config
 
 ROLE_LABELS = {"teacher": "teacher", "student_no_kd": "student, no KD", "student_with_kd": "student, KD"}
 SMALL_TRAIN, FEW_EPOCHS = 10_000, 10  # below either, a lab's numbers show that it runs, not which method is better
@@ -78,7 +80,8 @@ def runs_table(results: dict) -> list[str]:
         se = evidence.standard_error(meta["test_accuracy"], meta["data"]["test_size"])
         lines.append(f"| {name} | {meta['model']} | {short_count(meta['parameters'])} | {meta['epochs']} | "
                      f"{cfg.get('batch_size', '-')} | {optim} | {meta['precision']}, {meta['device']} "
-                     f"x{meta['num_processes']} | {meta['test_accuracy']:.4f} ± {se:.4f} | {meta['wall_time_s']:.0f} | "
+                     f"x{meta['num_processes']} | {meta['test_accuracy']:.4f} ± {se:.4f} | "
+                     f"{meta['wall_time_s']:.0f} | "
                      f"{meta['train_img_per_s']:,.0f} | {how} |")
     return lines
 
@@ -137,8 +140,8 @@ def per_class(results: dict, pair: str) -> list[str]:
             row = runs[n]["test_confusion"][i]
             cells.append(f"{row[i] / max(sum(row), 1):.2f}")
         lines.append(f"| {cls} | " + " | ".join(cells) + " |")
-    return lines + ["", f"Each class has about {per_class_n:,} test images: a per-class accuracy has a standard error of "
-                        f"up to {evidence.standard_error(0.5, per_class_n):.2f}."]
+    return lines + ["", f"Each class has about {per_class_n:,} test images: a per-class accuracy has a standard "
+                        f"error of up to {evidence.standard_error(0.5, per_class_n):.2f}."]
 
 
 def reproduce(extra: dict, results: dict, out_dir: str, report_path: str) -> list[str]:
@@ -155,8 +158,9 @@ def reproduce(extra: dict, results: dict, out_dir: str, report_path: str) -> lis
              f"kdfast report {shlex.quote(relative(os.path.abspath(out_dir)))} --report "
              f"{shlex.quote(relative(os.path.abspath(report_path)))}   # this page again, from the saved runs"]
     if first:
-        lines.append(f"kdfast evaluate --checkpoint {shlex.quote(relative(os.path.abspath(os.path.join(out_dir, first))))}.pth"
-                     "   # a run's test accuracy again, from its checkpoint")
+        checkpoint = relative(os.path.abspath(os.path.join(out_dir, first))) + ".pth"
+        lines.append(f"kdfast evaluate --checkpoint {shlex.quote(checkpoint)}   # a run's test accuracy again, from "
+                     "its checkpoint")
     return lines + ["```", ""]
 
 
@@ -180,14 +184,11 @@ def markdown(report: dict, results: dict, extra: dict, figures: dict[str, dict[s
     return "\n".join(lines) + "\n"
 
 
-IGNORED = ("name", "out_dir", "resume", "fresh", "auto_resume", "progress", "checkpoint_every", "log_with",
-           "dist_timeout", "data_workers")  # how a run was run, not what it computed
-
-
-def config_differences(runs: dict) -> dict[str, dict]:
-    """name -> {field: value} of the config fields whose values differ between the runs."""
-    configs = {name: meta["config"] for name, meta in runs.items()}
-    keys = sorted({k for c in configs.values() for k in c} - set(IGNORED))
+def differing_fields(runs: dict) -> dict[str, dict]:
+    """name -> {field: value} of the config fields that change what a run computes and differ between the runs (as
+    `--fresh` compares them: a field an older run lacks reads as what it resolved to)."""
+    configs = {name: comparable_config(meta["config"]) for name, meta in runs.items()}
+    keys = sorted({k for c in configs.values() for k in c})
     differing = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
     return {name: {k: c.get(k) for k in differing} for name, c in configs.items()}
 
@@ -210,7 +211,7 @@ def runs_overview(runs: dict, out_dir: str) -> str:
     if len(accs) > 1:
         lines += ["", f"test accuracy over the runs: mean {statistics.mean(accs):.4f}, from {min(accs):.4f} to "
                       f"{max(accs):.4f}"]
-    diffs = config_differences(runs)
+    diffs = differing_fields(runs)
     fields = sorted({k for d in diffs.values() for k in d})
     lines += ["", "## What differs between the runs' configs", ""]
     if not fields:

@@ -8,7 +8,8 @@
 Every point reads the same cache (no teacher pass). Each run is an ordinary kdfast run in --out-dir (its
 checkpoint reloads with `kdfast evaluate`); a finished one is kept and an interrupted one resumes, so the
 same command continues a sweep after a crash or Ctrl-C. The accuracy of a run is its last epoch's, read
-from its metrics file. Results: sweep.json, sweep.csv (one row per run) and sweep.md (the grid).
+from its metrics file. Results: sweep.json, sweep.csv (one row per run) and sweep.md (every point, validation
+and test side by side, the chosen one marked and why).
 """
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ import os
 import statistics
 import sys
 from functools import partial
-
-import tyro
 
 from . import distill, group, plots, train
 from .cache import LogitCache, served_data

@@ -13,8 +13,6 @@ from .config import TrainConfig
 from .data import Dataset
 from .preflight import check_model_input, view_sizes
 from .engine import Runtime, RunReporter, fit, load_data, make_trainer, open_run, run_runtime
-import tyro  # noqa: F401  (tests parse flags with train.tyro.cli)
-
 from .errors import user_errors_exit
 from .flags import command_line
 from .losses import cross_entropy

@@ -139,7 +139,7 @@ def test_gradient_accumulation_on_one_process_equals_two_processes(tiny_data, tm
     without BatchNorm, whose per-process statistics would differ)."""
     flags = ["--model", "timm:test_vit", "--data", tiny_data["data"], "--cache-dir", tiny_data["cache_dir"], "--epochs", "2",
              "--batch-size", "12", "--eval-batch-size", "5", "--precision", "fp32", "--no-progress"]
-    one = train.run(train.tyro.cli(TrainConfig, args=flags + ["--out-dir", str(tmp_path / "one"), "--grad-accum", "2"]))
+    one = train.run(tyro.cli(TrainConfig, args=flags + ["--out-dir", str(tmp_path / "one"), "--grad-accum", "2"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
            "-m", "kdfast.train", *flags, "--out-dir", str(tmp_path / "two")]
@@ -151,7 +151,7 @@ def test_gradient_accumulation_on_one_process_equals_two_processes(tiny_data, tm
     assert one["config"]["grad_accum"] == 2 and a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
-    plain = train.run(train.tyro.cli(TrainConfig, args=flags + ["--out-dir", str(tmp_path / "plain"), "--batch-size",
+    plain = train.run(tyro.cli(TrainConfig, args=flags + ["--out-dir", str(tmp_path / "plain"), "--batch-size",
                                                                 "6"]))
     c = load_file(str(tmp_path / "plain" / "timm-test_vit.safetensors"))
     assert not all(torch.allclose(a[k], c[k], atol=1e-5) for k in a)  # the comparison can fail: batch 6 differs

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import tyro
 
 from kdfast import evaluate, labreport, sweep, train
 from kdfast.config import TrainConfig
@@ -121,7 +122,7 @@ def test_a_resumable_state_damaged_in_any_field(lab_dir, capsys, tmp_path, monke
     flags = [f if f != str(lab_dir["root"] / "m") else str(out) for f in lab_dir["flags"]] + ["--epochs", "2"]
     restore = interrupt_at(monkeypatch, epoch=1, step=1)
     with pytest.raises(Die):
-        train.run(train.tyro.cli(TrainConfig, args=flags))
+        train.run(tyro.cli(TrainConfig, args=flags))
     restore()
     saved = tmp_path / "saved"
     shutil.copytree(out, saved)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import tyro
 
 from kdfast import cache as cache_mod
 from kdfast import engine, sweep, train
@@ -50,7 +51,7 @@ def test_sweep_killed_resumes_without_redoing_finished_points(cache, tmp_path):
     proc.wait()
     finished = {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out) if p.endswith(".json") and p != "sweep.json"}
     assert "nokd-s0.json" in finished and "kd-a0.3-t2-s0.json" in finished
-    cfg = sweep.tyro.cli(SweepConfig, args=sweep_args(cache_path, common, out))
+    cfg = tyro.cli(SweepConfig, args=sweep_args(cache_path, common, out))
     result = sweep.run(cfg)
     for name, mtime in finished.items():  # kept, not redone
         assert os.stat(out / name).st_mtime_ns == mtime, name

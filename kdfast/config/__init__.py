@@ -15,9 +15,9 @@ saved artifact recorded); each entry point's config embeds the sections it uses.
     lab         LabConfig and its presets
 """
 from .checks import check, check_float, check_grid, check_int, check_numbers, finite
-from .commands import (DEFAULT_TEACHER, PAIR_DEFAULTS, BuildConfig, CheckpointConfig, DistillConfig, EvaluateConfig, ImportConfig,
-                       InfoConfig, LabReportConfig, PredictConfig, ReportConfig, SweepConfig, TrainConfig,
-                       VerifyConfig)
+from .commands import (DEFAULT_TEACHER, PAIR_DEFAULTS, BuildConfig, CheckpointConfig, DistillConfig, EvaluateConfig,
+                       ImportConfig, InfoConfig, LabReportConfig, PredictConfig, ReportConfig, SweepConfig,
+                       TrainConfig, VerifyConfig)
 from .data import DataConfig, DatasetName, SourceConfig, resolved_store_size
 from .evaluation import EvalConfig
 from .kd import KD_DEFAULTS, METHOD_DEFAULTS, KDConfig, TeacherCacheConfig, TeacherConfig
@@ -33,11 +33,12 @@ ENTRY_CONFIGS = {"train": TrainConfig, "distill": DistillConfig, "evaluate": Eva
                  "cache info": InfoConfig, "cache verify": VerifyConfig, "sweep": SweepConfig, "lab": LabConfig,
                  "import": ImportConfig, "report": ReportConfig, "predict": PredictConfig}
 
-__all__ = ["BuildConfig", "CheckpointConfig", "DEFAULT_TEACHER", "DIST_TIMEOUT_S", "DataConfig", "DatasetName", "DistillConfig",
-           "ENTRY_CONFIGS", "EvalConfig", "EvaluateConfig", "ImportConfig", "InfoConfig", "KDConfig", "KD_DEFAULTS",
-           "LAB_PRESETS", "LabConfig", "LabReportConfig", "METHOD_DEFAULTS", "ModelConfig", "OptimConfig",
-           "OutputConfig", "PAIR_DEFAULTS", "Precision", "PredictConfig", "RECIPES", "Recipe", "ReportConfig", "RunConfig",
-           "RuntimeConfig", "Section", "SourceConfig", "SweepConfig", "TeacherCacheConfig", "TeacherConfig",
-           "Tracker", "TrainConfig", "TrainingConfig", "VerifyConfig", "ViewConfig", "check", "check_float",
-           "check_grid", "check_int", "check_numbers", "check_tracker", "finite", "names", "pick",
-           "resolved_store_size", "sections"]
+__all__ = ["BuildConfig", "CheckpointConfig", "DEFAULT_TEACHER", "DIST_TIMEOUT_S", "DataConfig",
+           "DatasetName", "DistillConfig", "ENTRY_CONFIGS", "EvalConfig", "EvaluateConfig", "ImportConfig",
+           "InfoConfig", "KDConfig", "KD_DEFAULTS", "LAB_PRESETS", "LabConfig", "LabReportConfig",
+           "METHOD_DEFAULTS", "ModelConfig", "OptimConfig", "OutputConfig", "PAIR_DEFAULTS", "Precision",
+           "PredictConfig", "RECIPES", "Recipe", "ReportConfig", "RunConfig", "RuntimeConfig", "Section",
+           "SourceConfig", "SweepConfig", "TeacherCacheConfig", "TeacherConfig", "Tracker", "TrainConfig",
+           "TrainingConfig", "VerifyConfig", "ViewConfig", "check", "check_float", "check_grid",
+           "check_int", "check_numbers", "check_tracker", "finite", "names", "pick", "resolved_store_size",
+           "sections"]

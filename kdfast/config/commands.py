@@ -230,7 +230,8 @@ class PredictConfig(RuntimeConfig, ViewConfig, CheckpointConfig):
     checkpoint records (--augment.* given override them)."""
 
     images: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="IMAGES")]
-    """Image files, folders (every image inside, at any depth; hidden ones left out) or globs (quoted: "photos/*.png")."""
+    """Image files, folders (every image inside, at any depth; hidden ones left out) or globs (quoted:
+    "photos/*.png")."""
     top_k: int = 5
     """How many classes to list per image (at most the checkpoint's)."""
     out: Optional[str] = None
@@ -240,4 +241,3 @@ class PredictConfig(RuntimeConfig, ViewConfig, CheckpointConfig):
         if not self.images:
             raise ValueError("IMAGES: give one or more image files, folders or globs after the checkpoint")
         check_int(self, "top_k", 1)
-

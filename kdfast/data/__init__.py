@@ -85,8 +85,7 @@ def _choose_tier(tier: str, n: int, side: int, budget: int | None, log) -> str:
     budget = 4 << 30 if budget is None else budget
     chosen = "device" if need <= budget else "stream"
     verdict = "fits" if chosen == "device" else "exceeds"
-    log(f"data: {n:,} images at up to {side}x{side} px (the largest of those sampled) take about {need / 2**20:,.0f} MB "
-        f"decoded, which {verdict} the "
+    log(f"data: {n:,} images at up to {side}x{side} px take about {need / 2**20:,.0f} MB decoded, which {verdict} the "
         f"budget of {budget / 2**20:,.0f} MB (--data-budget-gb): "
         + ("held decoded on the device" if chosen == "device" else "streamed (kept encoded, decoded per batch by workers)"))
     return chosen

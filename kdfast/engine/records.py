@@ -116,7 +116,6 @@ class RunReporter:
         acc.free_memory()
         return meta
 
-
     def finish_best(self, tr: Trainer, data: Dataset, model: nn.Module, wall: float) -> None:
         """NAME.best with its test accuracy (every process evaluates; the main one writes)."""
         cfg, epoch = tr.cfg, self.best.best()[0]
