@@ -6,7 +6,8 @@
 #   speed.txt     bare step and full engine img/s: models x batch 512/2048 x fp32/bf16 x compiled or not
 #   smoke.txt     every GPU-only path: the launch configs' precision, fp16 + accumulation + EMA + TTA + validation and
 #                 evaluate in a new process, the streamed tier's GPU branch, rrc + deit, cache build / verify, DKD,
-#                 one NCCL rank with --sync-bn --compile, a --deterministic resume bit for bit
+#                 the tables' zoo, kdfast table and a cache ensemble, one NCCL rank with --sync-bn --compile, a
+#                 --deterministic resume bit for bit
 #   tests.txt     the CUDA tests (views, policies, rrc on the GPU = the CPU's)
 #   together.txt  K students in one pass, K = 1, 4, 16
 #   policies.txt  the policies' cost on the GPU
@@ -85,6 +86,21 @@ assert f\"{meta['test_accuracy']:.4f}\" in out.stdout, meta['test_accuracy']"
     --cache-dir $W/cache --no-progress && $PY -m kdfast.cache verify $W/t.h5 --teacher $W/t/teacher.pth --no-progress"
   smoke "DKD from the cache" 60 $RUN kdfast.distill --teacher-cache $W/t.h5 --model resnet8 --method dkd --epochs 2 \
     $COMMON --out-dir $W/dkd
+  smoke "the tables' zoo: a bf16 channels-last step of each model" 90 $PY -c "
+import torch
+from kdfast.published import CIFAR100
+from kdfast.models import create_model
+dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+for name in sorted({m for pair in CIFAR100 for m in pair}):
+    model = create_model(name, num_classes=100).to(dev, memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
+    with torch.autocast(dev, torch.bfloat16):
+        loss = model(x).float().logsumexp(1).mean()
+    loss.backward(); assert torch.isfinite(loss), name
+print('zoo ok on', dev)"
+  smoke "kdfast table (kd, dkd) and an ensemble of two caches" 120 bash -c "$RUN kdfast.table --pairs resnet20:resnet8 \
+    --methods kd dkd --seeds 1 --epochs 1 $COMMON --out-dir $W/table && $RUN kdfast.distill --model resnet8 --epochs 1 \
+    --teacher-cache $W/table/caches/resnet20.h5 $W/table/caches/resnet20.h5 --cache-weights 2 1 $COMMON --out-dir $W/ens"
   smoke "one NCCL rank (gloo on a CPU): --sync-bn --compile" 120 $PY -m torch.distributed.run --nproc_per_node 1 \
     -m tests.stop_at -1 kdfast.train --model resnet8 --epochs 1 $COMMON $SYNCBN --compile --out-dir $W/nccl
   smoke "--deterministic: a run stopped and resumed = the run whole, bit for bit" 120 bash -c "

@@ -13,6 +13,7 @@ COMMANDS = {
     "evaluate": ("kdfast.evaluate", "evaluate a checkpoint on the test set, at the views it records"),
     "predict": ("kdfast.predict", "the top classes of your own images (files, folders, globs) by a checkpoint"),
     "sweep": ("kdfast.sweep", "an alpha x tau grid with seeds from one teacher-logit cache: table, chosen point"),
+    "table": ("kdfast.table", "a KD table: teacher:student pairs x methods x seeds, published numbers beside"),
     "lab": ("kdfast.lab", "the whole course lab: six checkpoints and report.json (--preset smoke|cpu|full)"),
     "import": ("kdfast.import_weights", "make a checkpoint (.pth, .safetensors, .json) of weights trained elsewhere"),
     "report": ("kdfast.labreport", "report.md of a folder of saved runs (a lab's: report.json too), beside them"),

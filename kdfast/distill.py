@@ -14,7 +14,8 @@ from functools import partial
 import torch
 
 from .augment.recipes import RECIPES as AUG_RECIPES
-from .cache import CachedTeacher, LogitCache, served_data
+from .cache import LogitCache, served_data
+from .cache.ensemble import EnsembleTeacher, check_agreement, normalized_weights
 from .checkpoint import load_teacher, weights_sha256
 from .config import DataConfig, DistillConfig, names
 from .engine import (Runtime, RunReporter, accuracy_and_loss, fit, make_trainer, open_run, process_state,
@@ -43,21 +44,36 @@ def online_teacher(cfg: DistillConfig, data, runtime: Runtime):
 
 
 def cached_teacher(cfg: DistillConfig, data, runtime: Runtime):
-    """(teacher_logits(batch), aug seed per epoch, kd metadata) served from a logit cache; no teacher is loaded."""
-    cache = LogitCache(cfg.teacher_cache)
-    cache.check_matches(data, cfg.augment)
+    """(teacher_logits(batch), aug seed per epoch, kd metadata) served from a logit cache, or from several as their
+    ensemble (cache.ensemble); no teacher is loaded."""
+    caches = [LogitCache(path) for path in cfg.cache_paths]
+    for cache in caches:
+        cache.check_matches(data, cfg.augment)
+    check_agreement(caches)
     if cfg.teacher:
-        check_same_teacher(cfg, cache)
-    slots = len(cache.seeds) if cfg.cache_slots <= 0 else min(cfg.cache_slots, len(cache.seeds))
-    served = CachedTeacher(cache, slots, runtime.device)
+        if len(caches) > 1:
+            raise ValueError("--teacher with several --teacher-cache: drop --teacher (each cache records its teacher)")
+        check_same_teacher(cfg, caches[0])
+    held = len(caches[0].seeds)
+    slots = held if cfg.cache_slots <= 0 else min(cfg.cache_slots, held)
+    served = EnsembleTeacher(caches, slots, runtime.device, normalized_weights(cfg.cache_weights, len(caches)),
+                             cfg.tau, cfg.ensemble)
     if cfg.epochs > slots:
         runtime.print(f"[{cfg.run_name}] {cfg.epochs} epochs on {slots} cached slots: epochs {slots + 1}..{cfg.epochs} "
                       f"repeat the views (and teacher logits) of earlier epochs")
-    test_logits, test_labels = cache.test_logits()
-    return served, served.aug_seed, {
-        "mode": "cached", "teacher_cache": cfg.teacher_cache, "cache_slots": slots,
-        "teacher_model": cache.attrs["teacher_model"], "teacher_sha256": cache.attrs["teacher_sha256"],
-        "teacher_accuracy": accuracy_and_loss(test_logits, test_labels)["accuracy"]}
+    test_logits, test_labels = served.test_logits()
+    models = [c.attrs["teacher_model"] for c in caches]
+    kd = {"mode": "cached", "teacher_cache": " ".join(cfg.cache_paths), "cache_slots": slots,
+          "teacher_model": " + ".join(models), "teacher_sha256": " ".join(c.attrs["teacher_sha256"] for c in caches),
+          "teacher_accuracy": accuracy_and_loss(test_logits, test_labels)["accuracy"]}
+    if len(caches) > 1:
+        kd["ensemble"] = {"mode": cfg.ensemble, "weights": served.weights, "teacher_accuracies": [
+            accuracy_and_loss(*c.test_logits())["accuracy"] for c in caches]}
+        runtime.print(f"[{cfg.run_name}] teacher: the ensemble of {' + '.join(models)} ({cfg.ensemble} averaged, "
+                      f"weights {', '.join(f'{w:.3g}' for w in served.weights)}): test accuracy "
+                      f"{kd['teacher_accuracy']:.4f}, alone " + ", ".join(
+                          f"{a:.4f}" for a in kd["ensemble"]["teacher_accuracies"]))
+    return served, served.aug_seed, kd
 
 
 def check_same_teacher(cfg: DistillConfig, cache: LogitCache) -> None:
@@ -148,18 +164,18 @@ def resolved(cfg: DistillConfig, say=print) -> DistillConfig:
     built on: a cache serves only those), said in the log, then the defaults."""
     if not cfg.teacher_cache:
         return cfg.resolved()
-    cache = LogitCache(cfg.teacher_cache)
+    cache = LogitCache(cfg.cache_paths[0])  # the others must agree with it (checked when the run opens them)
     served, recipe = served_data(cache.attrs), AUG_RECIPES.get(cache.attrs.get("aug_recipe", "none"))
     cache.close()
     plain, run_cfg = cfg.resolved(), cfg.resolved(served)
     if cfg.label_smoothing is None and recipe is not None and recipe.label_smoothing is not None:
         run_cfg.label_smoothing = recipe.label_smoothing  # the recipe's other half: its views came with the cache
-        say(f"[{cfg.run_name}] {cfg.teacher_cache} was built with --aug-recipe {recipe.name}: its views, and its label "
+        say(f"[{cfg.run_name}] {cache.path} was built with --aug-recipe {recipe.name}: its views, and its label "
             f"smoothing {recipe.label_smoothing:g} (--label-smoothing to set another)")
     taken = [k for k in names(DataConfig) + ("augment",) if getattr(run_cfg, k) != getattr(plain, k)]
     if taken:
         shown = [f"--{k.replace('_', '-')} {getattr(run_cfg, k)}" for k in taken if k != "augment"]
-        say(f"[{cfg.run_name}] as {cfg.teacher_cache} was built: " + " ".join(
+        say(f"[{cfg.run_name}] as {cache.path} was built: " + " ".join(
             shown + ([run_cfg.augment.describe()] if "augment" in taken else [])))
     return run_cfg
 

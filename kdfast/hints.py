@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # the middle of each registered model: where FitNets guides the student (and takes the teacher's hint)
-DEFAULT_HINT_LAYERS = {"resnet18": "layer2", "resnet8": "layer2", "resnet20": "layer2",
-                       "vit_tiny": "blocks.5", "vit_student": "blocks.2"}
+DEFAULT_HINT_LAYERS = {"resnet18": "layer2", "vit_tiny": "blocks.5", "vit_student": "blocks.2",
+                       **{f"resnet{d}": "layer2" for d in ("8", "20", "32", "44", "56", "110", "8x4", "32x4")},
+                       **{f"wrn_{d}_{k}": "block2" for d in (16, 40) for k in (1, 2)}}
 
 
 def hint_layers(spec: str | None, teacher_model: str, student_model: str) -> tuple[str, str]:

@@ -134,3 +134,17 @@ def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) ->
         raise ValueError(f"hint features differ in shape: student {tuple(student_features.shape)} (after the "
                          f"regressor), teacher {tuple(teacher_features.shape)}")
     return F.mse_loss(student_features.float(), teacher_features.detach().float())
+
+
+def ensemble_logits(teacher_logits: list[torch.Tensor], weights: list[float], tau: float,
+                    mode: str = "probs") -> torch.Tensor:
+    """Several teachers' logits as one teacher's: with mode "probs", logits whose softmax at tau is the weighted mean
+    of the teachers' softmaxes at tau (tau * log sum_i w_i softmax(z_i / tau)): every loss that softens the teacher
+    at tau then sees the teachers' mixture; with mode "logits", the weighted mean of the logits. weights sum to 1."""
+    if len(teacher_logits) == 1:
+        return teacher_logits[0]
+    if mode == "logits":
+        return sum(w * z.float() for w, z in zip(weights, teacher_logits))
+    log_mix = torch.logsumexp(torch.stack([F.log_softmax(z.float() / tau, dim=-1) + math.log(w)
+                                           for w, z in zip(weights, teacher_logits)]), dim=0)
+    return tau * log_mix

@@ -46,6 +46,8 @@ def check_name(name: str, flag: str = "--name") -> str:
 def comparable_config(config: dict) -> dict:
     """The fields of a run's config that change what it computes, as they read back from JSON."""
     config = {**OLDER_RUNS_HAD, **json.loads(json.dumps(finite_json(config)))}
+    if isinstance(config.get("teacher_cache"), str):  # one cache, as a caller or an older run gave it
+        config["teacher_cache"] = [config["teacher_cache"]]
     return {k: v for k, v in config.items() if k not in NOT_COMPARED}
 
 

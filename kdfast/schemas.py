@@ -133,7 +133,9 @@ DATA = Schema({"source": "str|null", "fingerprint": "str", "train_size": "int", 
 def _run_config() -> Schema:
     from .config import DistillConfig  # a TrainConfig with the KD fields: every run's config is one of them
 
-    return from_dataclass(DistillConfig)
+    schema = from_dataclass(DistillConfig)
+    # one cache is recorded as its path (by the lab, a sweep and runs made before ensembles), several as a list
+    return Schema({**schema.fields, "teacher_cache": "str|list[str]|null"})
 
 
 RUN_CONFIG = _run_config()

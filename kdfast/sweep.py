@@ -23,6 +23,7 @@ from functools import partial
 
 from . import distill, group, plots, train
 from .cache import LogitCache, served_data
+from .cache.ensemble import EnsembleTeacher, check_agreement, normalized_weights
 from .config import (DataConfig, DistillConfig, EvalConfig, KDConfig, ModelConfig, OptimConfig, OutputConfig, RunConfig,
                      RuntimeConfig, SweepConfig, TeacherConfig, TrainConfig, TrainingConfig, check, sections)
 from .engine import accuracy_and_loss, on_main, process_state, say as print_on_main
@@ -236,14 +237,18 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
         raise ValueError(f"--method {cfg.method}: a sweep reads teacher logits from the cache; choose a logit method "
                          "(kd, dkd)")
     state = process_state(cfg.dist_timeout)
-    cache = LogitCache(cfg.cache_path())
-    attrs, (test_logits, test_labels) = cache.attrs, cache.test_logits()
-    cache.close()
+    caches = [LogitCache(path) for path in cfg.cache_paths or (cfg.cache_path(),)]
+    check_agreement(caches)
+    ensemble = EnsembleTeacher(caches, len(caches[0].seeds), "cpu", normalized_weights(cfg.cache_weights, len(caches)),
+                               cfg.taus[0], cfg.ensemble)
+    attrs, (test_logits, test_labels) = caches[0].attrs, ensemble.test_logits()  # at the first tau (probs)
+    for cache in caches:
+        cache.close()
     served = served_data(attrs)
     cfg = cfg.resolved(served)
     held_slots = len(attrs["seeds"])
     check("cache_slots", cfg.cache_slots, all(s <= held_slots for s in cfg.cache_slots),
-          f"at most the {held_slots} slots {cache.path} holds (0: all)")
+          f"at most the {held_slots} slots {caches[0].path} holds (0: all)")
     teacher_accuracy = accuracy_and_loss(test_logits, test_labels)["accuracy"]
     held = []
 

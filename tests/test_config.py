@@ -10,8 +10,8 @@ from kdfast import lab, train
 from kdfast.augment import AugmentSpec
 from kdfast.cache import served_data
 from kdfast.config import (ENTRY_CONFIGS, BuildConfig, DataConfig, DistillConfig, EvaluateConfig, ImportConfig,
-                           CheckpointConfig, LabReportConfig, PredictConfig, ReportConfig,
-                           LabConfig, OptimConfig, SweepConfig, TeacherCacheConfig, TrainConfig, VerifyConfig,
+                           CheckpointConfig, InfoConfig, LabReportConfig, PredictConfig, ReportConfig,
+                           LabConfig, OptimConfig, SweepConfig, TableConfig, TeacherCacheConfig, TrainConfig, VerifyConfig,
                            ViewConfig)
 from kdfast.config.section import Section
 from kdfast.flags import declared_in, field_doc, hidden
@@ -21,16 +21,23 @@ from .test_runs import one_line_error
 
 # one word for two things, in commands that never share it (their flags are kept as they always were)
 HOMONYMS = {
-    "batch_size": {OptimConfig: "the global batch of every optimizer step",
+    "batch_size": {OptimConfig: "the global batch of every optimizer step", TableConfig: "every run of a table (64)",
                    CheckpointConfig: "images per forward pass of evaluate and predict",
                    BuildConfig: "images per teacher forward pass"},
     "seed": {ViewConfig: "the run's seed (views, initial weights, batch order)",
              VerifyConfig: "which cache entries are recomputed"},
     "cache_slots": {TeacherCacheConfig: "the slots a run uses", SweepConfig: "the values of it a sweep trains"},
+    "file": {InfoConfig: "one cache or several to compare", VerifyConfig: "the one cache recomputed"},
     "overwrite": {BuildConfig: "replace a cache built otherwise", ImportConfig: "replace a checkpoint",
                   ReportConfig: "replace a report of other runs"},
     "out": {BuildConfig: "the cache file", PredictConfig: "the predictions' CSV"},
-    "seeds": {LabConfig: "the seeds of each lab student", SweepConfig: "the seeds of each sweep point"},
+    "seeds": {LabConfig: "the seeds of each lab student", SweepConfig: "the seeds of each sweep point",
+              TableConfig: "the seeds of each table cell (default: the tables' 3)"},
+    "pairs": {LabConfig: "the lab's cnn / vit pairs", TableConfig: "TEACHER:STUDENT model pairs"},
+    "methods": {LabConfig: "extra students of the lab", TableConfig: "the table's KD columns"},
+    "epochs": {OptimConfig: "a run's epochs", TableConfig: "the table's student epochs (default: the tables' 240)"},
+    "alphas": {SweepConfig: "a sweep's grid", TableConfig: "the alphas of each kd cell (default: the tables' 0.1)"},
+    "taus": {SweepConfig: "a sweep's grid", TableConfig: "the taus of each cell (default: the tables' 4)"},
     "report": {LabReportConfig: "where a lab writes its report", ReportConfig: "where kdfast report writes (default: "
                "beside the runs)"},
 }

@@ -55,3 +55,15 @@ def test_no_gradient_reaches_the_teacher():
 def test_bad_alpha_tau_are_refused(alpha, tau, match):
     with pytest.raises(ValueError, match=match):
         kd_loss(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), alpha, tau)
+
+
+def test_an_ensemble_of_teachers_is_their_mixture_at_tau_or_their_mean_logits():
+    from kdfast.losses import ensemble_logits
+
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 7), torch.randn(5, 7) * 3
+    mixed = ensemble_logits([a, b], [0.25, 0.75], 4.0, "probs")
+    expected = 0.25 * torch.softmax(a / 4, -1) + 0.75 * torch.softmax(b / 4, -1)
+    assert torch.allclose(torch.softmax(mixed / 4, -1), expected, atol=1e-6)
+    assert torch.allclose(ensemble_logits([a, b], [0.25, 0.75], 4.0, "logits"), 0.25 * a + 0.75 * b)
+    assert ensemble_logits([a], [1.0], 4.0) is a

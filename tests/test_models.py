@@ -81,3 +81,42 @@ def test_a_model_or_view_that_cannot_take_the_images_is_refused_before_training(
                                               "--no-progress", "--out-dir", str(tmp_path), *flags])
     assert said in err, err
     assert not any(name.endswith(".json") for name in os.listdir(tmp_path))
+
+
+# the KD tables' zoo at 100 classes: the parameter count of RepDistiller's model code (the code behind the CRD and
+# DKD tables, counted with it), and the count in millions as the papers print it
+ZOO = {"resnet8": (83_892, 0.08), "resnet20": (278_324, 0.28), "resnet32": (472_756, 0.47),
+       "resnet44": (667_188, 0.67), "resnet56": (861_620, 0.86), "resnet110": (1_736_564, 1.74),
+       "resnet8x4": (1_233_540, 1.23), "resnet32x4": (7_433_860, 7.43), "wrn_16_1": (180_916, 0.18),
+       "wrn_16_2": (703_284, 0.70), "wrn_40_1": (569_780, 0.57), "wrn_40_2": (2_255_156, 2.26),
+       "vgg8": (3_965_028, 3.97), "vgg11": (9_277_284, 9.28), "vgg13": (9_462_180, 9.46),
+       "mobilenetv2": (812_836, 0.81), "shufflenetv1": (949_258, 0.95), "shufflenetv2": (1_355_528, 1.36)}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_models_have_the_tables_parameter_counts_train_a_step_and_reload(name, tmp_path):
+    from kdfast.checkpoint import load_checkpoint, save_checkpoint
+
+    exact, millions = ZOO[name]
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=100)
+    assert count_parameters(model) == exact and round(exact / 1e6, 2) == millions
+    assert model_entry(name).family == "cnn" and model_entry(name).light == (name in ("mobilenetv2", "shufflenetv1",
+                                                                                       "shufflenetv2"))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 99]))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model.eval()
+    save_checkpoint(str(tmp_path), name, model, {"model": name, "classes": [str(c) for c in range(100)]})
+    again, _ = load_checkpoint(str(tmp_path / f"{name}.pth"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again.eval()(x))
+
+
+def test_the_lab_resnet8_is_not_the_tables_resnet8x4():
+    lab, x4 = create_model("resnet8"), create_model("resnet8x4")
+    assert lab.conv1.out_channels == 16 and x4.conv1.out_channels == 32 and x4.fc.in_features == 256

@@ -7,15 +7,15 @@ import shlex
 
 import pytest
 
-from kdfast import cache, cli, distill, evaluate, import_weights, lab, labreport, predict, sweep, train
+from kdfast import cache, cli, distill, evaluate, import_weights, lab, labreport, predict, sweep, table, train
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 PARSERS = {"train": train.parse, "distill": distill.parse, "cache": cache.parse, "evaluate": evaluate.parse,
            "sweep": sweep.parse, "lab": lab.parse, "import": import_weights.parse, "report": labreport.parse,
-           "predict": predict.parse}
+           "predict": predict.parse, "table": table.parse}
 MODULES = {f"kdfast.{module.__name__.split('.')[-1]}": name for name, module in
            (("train", train), ("distill", distill), ("cache", cache), ("evaluate", evaluate), ("sweep", sweep),
-            ("lab", lab), ("import", import_weights), ("report", labreport), ("predict", predict))}
+            ("lab", lab), ("import", import_weights), ("report", labreport), ("predict", predict), ("table", table))}
 
 
 def readme_commands() -> list[tuple[int, str, list[str]]]:

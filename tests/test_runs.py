@@ -670,3 +670,17 @@ def test_each_command_stopped_by_sigterm_is_continued_by_the_advice_it_prints(sm
     out = capsys.readouterr().out
     assert "resuming" in out, out[-2000:]
     assert not any(p.name == ".state" for p in tmp_path.rglob(".state")) and not list(tmp_path.rglob("*.partial"))
+
+
+def test_one_teacher_cache_recorded_as_a_path_or_a_list_is_the_same_config():
+    """The lab and runs made before ensembles record one cache as its path; the flag gives a list of one."""
+    from kdfast import schemas
+    from kdfast.rundir import comparable_config
+
+    as_path = DistillConfig(model="resnet8", teacher_cache="c.h5").to_dict()
+    as_list = json.loads(json.dumps(DistillConfig(model="resnet8", teacher_cache=("c.h5",)).to_dict()))
+    assert as_path["teacher_cache"] == "c.h5" and as_list["teacher_cache"] == ["c.h5"]
+    assert comparable_config(as_path) == comparable_config(as_list)
+    assert comparable_config(as_path) != comparable_config({**as_list, "teacher_cache": ["c.h5", "d.h5"]})
+    for config in (as_path, as_list):
+        assert schemas.problems(json.loads(json.dumps(config)), schemas.RUN_CONFIG) == []

@@ -18,15 +18,35 @@ from ..errors import user_errors_exit
 from ..models import model_entry
 from .builder import build
 from .format import CacheError, slot_bytes
+from ..losses import ensemble_logits
+from .ensemble import disagreements
 from .reader import LogitCache
 
 
 def info(cfg: InfoConfig) -> dict:
-    cache = LogitCache(cfg.file)
+    """Each cache's summary; of several, their agreement (agreement_lines). Returns the one summary, or a list."""
+    files = (cfg.file,) if isinstance(cfg.file, str) else tuple(cfg.file)
+    summaries = [summary_of(path) for path in files]
+    for summary in summaries:
+        if len(files) > 1:
+            print()
+        for key, value in summary.items():
+            print(f"{key:>22}: {value}")
+    if len(files) == 1:
+        return summaries[0]
+    print()
+    agreement = agreement_of(files)
+    for line in agreement["lines"]:
+        print(line)
+    return {"caches": summaries, "agreement": agreement}
+
+
+def summary_of(path: str) -> dict:
+    cache = LogitCache(path)
     a = cache.attrs
     test_logits, test_labels = cache.test_logits()
     teacher_acc = accuracy_and_loss(test_logits, test_labels)["accuracy"]
-    summary = {"file": cfg.file, "size_mb": round(os.path.getsize(cfg.file) / 2**20, 2),
+    summary = {"file": path, "size_mb": round(os.path.getsize(path) / 2**20, 2),
                "format_version": a["format_version"], "teacher_model": a["teacher_model"],
                "teacher_sha256": a["teacher_sha256"][:16], "teacher_test_accuracy": teacher_acc,
                "dataset_fingerprint": a["dataset_fingerprint"], "classes": len(a["classes"]),
@@ -37,9 +57,37 @@ def info(cfg: InfoConfig) -> dict:
                "store_size": a.get("store_size", 0), "augment": a["augment"], "kdfast_version": a.get("kdfast_version"),
                "created_at": a.get("created_at")}
     cache.close()
-    for key, value in summary.items():
-        print(f"{key:>22}: {value}")
     return summary
+
+
+def agreement_of(files: tuple[str, ...], tau: float = 4.0) -> dict:
+    """Whether the caches can be one ensemble teacher (ensemble.disagreements), how often their teachers' test
+    predictions agree, and the test accuracy of their ensemble (probabilities at tau averaged, and logits)."""
+    caches = [LogitCache(path) for path in files]
+    try:
+        differ = disagreements(caches)
+        tests = [c.test_logits() for c in caches]
+    finally:
+        for cache in caches:
+            cache.close()
+    lines = ["ensemble: " + ("these caches agree on data, split, views and slots: usable together as --teacher-cache "
+                             + " ".join(files) if not differ else "these caches cannot be one teacher:\n  "
+                             + "\n  ".join(differ))]
+    result = {"usable": not differ, "differences": differ, "lines": lines}
+    if differ or len({t[0].shape for t in tests}) > 1:
+        return result
+    labels, weights = tests[0][1], [1.0 / len(tests)] * len(tests)
+    preds = [t[0].argmax(1) for t in tests]
+    pairs = {(i, j): (preds[i] == preds[j]).float().mean().item()
+             for i in range(len(preds)) for j in range(i + 1, len(preds))}
+    accs = {mode: accuracy_and_loss(ensemble_logits([t[0] for t in tests], weights, tau, mode), labels)["accuracy"]
+            for mode in ("probs", "logits")}
+    result.update(test_prediction_agreement={f"{i}-{j}": v for (i, j), v in pairs.items()},
+                  ensemble_test_accuracy=accs)
+    lines += ["test predictions agree: " + ", ".join(f"{files[i]} and {files[j]} {v:.4f}" for (i, j), v in pairs.items()),
+              f"ensemble test accuracy (equal weights): probabilities at tau {tau:g} averaged {accs['probs']:.4f}, "
+              f"logits averaged {accs['logits']:.4f}"]
+    return result
 
 
 def built_with(attrs: dict) -> dict:

@@ -87,7 +87,7 @@ class EvaluateConfig(RuntimeConfig, EvalConfig, ViewConfig, DataConfig, Checkpoi
     data, its views: --augment.* given override the recorded ones)."""
 
 
-@explained(hide=("teacher_cache", "cache_slots"))
+@explained(hide=("teacher_cache", "cache_slots", "ensemble", "cache_weights"))
 @dataclass
 class BuildConfig(RuntimeConfig, ViewConfig, DataConfig, TeacherCacheConfig, TeacherConfig):
     """Precompute a teacher's logits per augmentation seed into HDF5: KD with no teacher pass."""
@@ -117,16 +117,21 @@ class BuildConfig(RuntimeConfig, ViewConfig, DataConfig, TeacherCacheConfig, Tea
 @explained
 @dataclass(kw_only=True)
 class InfoConfig(Section):
-    """Summarise a logit cache: teacher, data, seeds, completeness, teacher test accuracy."""
+    """Summarise a logit cache: teacher, data, seeds, completeness, teacher test accuracy;
+    of several, whether they can be one ensemble teacher (same data, views and slots)
+    and how their teachers agree on the test set."""
+
+    file: Annotated[tuple[str, ...], tyro.conf.Positional]
+    """The cache (.h5), or several."""
+
+
+@explained(hide=("teacher_cache", "cache_slots", "ensemble", "cache_weights"))
+@dataclass(kw_only=True)
+class VerifyConfig(RuntimeConfig, DataConfig, TeacherCacheConfig, TeacherConfig):
+    """Recompute random cache entries with the teacher online; report the largest difference."""
 
     file: Annotated[str, tyro.conf.Positional]
     """The cache (.h5)."""
-
-
-@explained(hide=("teacher_cache", "cache_slots"))
-@dataclass(kw_only=True)
-class VerifyConfig(RuntimeConfig, DataConfig, TeacherCacheConfig, TeacherConfig, InfoConfig):
-    """Recompute random cache entries with the teacher online; report the largest difference."""
 
     samples: int = 64
     """How many random (slot, sample) entries to recompute."""
@@ -172,10 +177,11 @@ class SweepConfig(RunConfig, RuntimeConfig, EvalConfig, TrainingConfig, OptimCon
             check(name, values, len(set(values)) == len(values), "given without repeats")
 
     def cache_path(self) -> str:
-        return self.teacher_cache or PAIR_DEFAULTS[self.pair][1]
+        """The (first) cache: what the data flags not given follow (several caches must agree)."""
+        return (self.cache_paths or (PAIR_DEFAULTS[self.pair][1],))[0]
 
     def resolve(self, recorded: dict) -> dict:
-        defaults = {"model": PAIR_DEFAULTS[self.pair][0], "teacher_cache": self.cache_path(), "out_dir": "runs/sweep",
+        defaults = {"model": PAIR_DEFAULTS[self.pair][0], "teacher_cache": (self.cache_path(),), "out_dir": "runs/sweep",
                     "eval_every": 0}
         return {k: v for k, v in defaults.items() if getattr(self, k) is None}
 

@@ -40,16 +40,33 @@ class TeacherConfig(Section):
 class TeacherCacheConfig(Section):
     """The teacher-logit cache a run reads instead of running its teacher."""
 
-    teacher_cache: Optional[str] = None
+    teacher_cache: Optional[tuple[str, ...]] = None
     """HDF5 teacher-logit cache (kdfast cache build): no teacher pass; epoch e trains on slot e mod S's views. The
-    data flags not given are taken from it (data, subset, validation split, views). Default: none (teacher online;
+    data flags not given are taken from it (data, subset, validation split, views). Several: one teacher, their
+    ensemble (--ensemble), from caches built on the same data, views and slots. Default: none (teacher online;
     kdfast sweep: the pair's lab cache, cache/<pair>_teacher.h5)."""
     cache_slots: int = 0
     """Use only the first N slots of the cache (0 = all)."""
+    ensemble: Literal["probs", "logits"] = "probs"
+    """With several --teacher-cache: average the teachers' probabilities at tau (probs: the target is their mixture)
+    or their logits."""
+    cache_weights: Optional[tuple[float, ...]] = None
+    """With several --teacher-cache: each teacher's weight in the ensemble (scaled to sum 1). Default: equal."""
 
     def check(self) -> None:
         if not isinstance(self.cache_slots, tuple):  # a sweep's --cache-slots is its axis: checked by the sweep
             check_int(self, "cache_slots", 0)
+        count = len(self.cache_paths)
+        if self.cache_weights is not None and (len(self.cache_weights) != count or
+                                               not all(w > 0 for w in self.cache_weights)):
+            raise ValueError(f"--cache-weights: one weight > 0 for each --teacher-cache ({count} given), got "
+                             f"{' '.join(map(str, self.cache_weights))}")
+
+    @property
+    def cache_paths(self) -> tuple[str, ...]:
+        """The --teacher-cache files (one given as a plain path by a caller counts as one)."""
+        value = self.teacher_cache
+        return () if not value else (value,) if isinstance(value, str) else tuple(value)
 
 
 @explained

@@ -25,15 +25,19 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach: a few kernels for all the parameters, on a CPU too (a for-loop over them launches about 5 per tensor)
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True, foreach=True)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov, foreach=True)
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.momentum, 0.999), foreach=True)
 
 
 def lr_factor(step: int, total: int, recipe: Recipe) -> float:
-    """Multiplier of the peak lr at a step: linear warm-up, then linear (onecycle) or cosine decay to 0."""
+    """Multiplier of the peak lr at a step: linear warm-up, then linear (onecycle) or cosine decay to 0, or x0.1 at
+    each milestone passed (step: a milestone m takes effect at step round(m * total), an epoch's first step where m
+    times the epochs is whole)."""
     warm = max(1, round(recipe.warmup * total))
     if step < warm:
         return (step + 1) / warm
+    if recipe.schedule == "step":
+        return 0.1 ** sum(step >= round(m * total) for m in recipe.milestones)
     progress = (step - warm) / max(1, total - warm)
     if recipe.schedule == "onecycle":
         return max(0.0, 1.0 - progress)

@@ -216,8 +216,9 @@ def tracking(tr: Trainer):
     if cfg.log_with == "none":
         yield
         return
-    acc.init_trackers(cfg.run_name, config={**tracker_config(cfg), **{f"recipe.{k}": v for k, v in
-                                                                       tr.recipe.__dict__.items()}})
+    recipe = {f"recipe.{k}": v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+              for k, v in tr.recipe.__dict__.items()}  # scalars, as tracker_config's (milestones: a list)
+    acc.init_trackers(cfg.run_name, config={**tracker_config(cfg), **recipe})
     try:
         yield
     finally:

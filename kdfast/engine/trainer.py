@@ -107,7 +107,7 @@ def make_trainer(model: nn.Module, loss_step: LossStep, data: Dataset, cfg, runt
     export = export or (lambda m: m)
     entry = model_entry(cfg.model)
     channels_last = entry.family == "cnn"
-    recipe = cfg.resolved_recipe(entry.family)
+    recipe = cfg.resolved_recipe(entry.family, entry.light)
     loader = TrainLoader(data.train, cfg.batch_size, cfg.seed, cfg.augment, runtime.device,
                          acc.process_index, acc.num_processes, channels_last, cfg.data_workers, cfg.grad_accum)
     if channels_last:

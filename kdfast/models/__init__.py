@@ -1,5 +1,5 @@
 """Models by name: ``create_model("resnet18")``. Importing this package registers them all."""
-from . import resnet, vit  # noqa: F401  (registration)
+from . import mobile, resnet, vgg, vit, wrn  # noqa: F401  (registration)
 from .registry import count_parameters, create_model, list_models, model_entry, plain_module, register_model
 
 __all__ = ["count_parameters", "create_model", "list_models", "model_entry", "plain_module", "register_model"]

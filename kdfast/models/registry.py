@@ -15,6 +15,7 @@ class ModelEntry:
     build: Callable[..., nn.Module]
     family: str  # "cnn" or "vit": picks the training recipe and memory format
     description: str
+    light: bool = False  # a light student (MobileNet, ShuffleNet): the tables' recipe trains it at a lower lr
 
 
 class Registry:
@@ -45,11 +46,11 @@ def first_doc_line(fn) -> str:
 _REGISTRY = Registry("model")
 
 
-def register_model(family: str):
+def register_model(family: str, light: bool = False):
     """Decorator: register a builder function under its own name."""
 
     def wrap(fn):
-        _REGISTRY.add(ModelEntry(fn.__name__, fn, family, first_doc_line(fn)))
+        _REGISTRY.add(ModelEntry(fn.__name__, fn, family, first_doc_line(fn), light))
         return fn
 
     return wrap

@@ -1,4 +1,11 @@
-"""CNNs: torchvision's ResNet-18 with a CIFAR stem, and the akamaster CIFAR ResNet family."""
+"""CNNs: torchvision's ResNet-18 with a CIFAR stem, and the CIFAR ResNets of He et al. (2016, sec. 4.2).
+
+The CIFAR ResNets are one family: kdfast's lab students (resnet8, resnet20: akamaster's naming, one and three blocks a
+stage) and the KD tables' zoo (resnet32 ... resnet110, resnet8x4, resnet32x4: RepDistiller's, the CRD and DKD tables)
+are the same network with a 1x1-conv shortcut ("B") where the shape changes, and their parameter counts are equal
+(tests/test_models.py). They differ only in initialisation (kaiming fan-in here, fan-out there). The x4 models are
+four times wider with a 32-channel stem: the tables' ResNet8x4 is not the lab's resnet8.
+"""
 from __future__ import annotations
 
 
@@ -39,26 +46,28 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet for 32x32 input (He et al. 2016, sec. 4.2): 3 stages of 16/32/64 channels."""
+    """ResNet for 32x32 input (He et al. 2016, sec. 4.2): a 3x3 stem, 3 stages of 16/32/64 channels (widths: stem and
+    stages, e.g. 32/64/128/256 for the x4 models), global average pooling and a linear head."""
 
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10, shortcut: str = "B"):
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, shortcut: str = "B",
+                 widths: tuple[int, int, int, int] = (16, 16, 32, 64)):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        stages, in_planes = [], 16
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages, in_planes = [], widths[0]
+        for planes, stride in zip(widths[1:], (1, 2, 2)):
             blocks = []
             for b in range(blocks_per_stage):
                 blocks.append(BasicBlock(in_planes, planes, stride if b == 0 else 1, shortcut))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
-    def forward_features(self, x):  # (B, 3, 32, 32) -> (B, 64, 8, 8)
+    def forward_features(self, x):  # (B, 3, 32, 32) -> (B, widths[3], 8, 8)
         x = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
 
@@ -83,6 +92,26 @@ def resnet20(num_classes: int = 10, shortcut: str = "B", pretrained: bool = Fals
     if pretrained:
         raise ValueError("resnet20 has no pretrained weights; train it with kdfast.train")
     return CifarResNet(3, num_classes, shortcut)
+
+
+def _table_resnet(name: str, blocks: int, widths: tuple[int, int, int, int]):
+    """Register a CIFAR ResNet of the KD tables' zoo (RepDistiller's naming): depth 6 * blocks + 2."""
+
+    def build(num_classes: int = 10, pretrained: bool = False) -> nn.Module:
+        if pretrained:
+            raise ValueError(f"{name} has no pretrained weights; train it with kdfast train")
+        return CifarResNet(blocks, num_classes, "B", widths)
+
+    build.__name__ = name
+    build.__doc__ = (f"ResNet-{6 * blocks + 2}{'x4' if widths[0] == 32 else ''} (CIFAR; KD tables' zoo, "
+                     f"{blocks} BasicBlock(s) a stage, {'/'.join(map(str, widths[1:]))} channels).")
+    register_model("cnn")(build)
+
+
+for _name, _blocks in (("resnet32", 5), ("resnet44", 7), ("resnet56", 9), ("resnet110", 18)):
+    _table_resnet(_name, _blocks, (16, 16, 32, 64))
+_table_resnet("resnet8x4", 1, (32, 64, 128, 256))
+_table_resnet("resnet32x4", 5, (32, 64, 128, 256))
 
 
 @register_model("cnn")
