@@ -25,7 +25,8 @@ from . import distill, group, plots, train
 from .cache import LogitCache, served_data
 from .cache.ensemble import EnsembleTeacher, check_agreement, normalized_weights
 from .config import (DataConfig, DistillConfig, EvalConfig, KDConfig, ModelConfig, OptimConfig, OutputConfig, RunConfig,
-                     RuntimeConfig, SweepConfig, TeacherConfig, TrainConfig, TrainingConfig, check, sections)
+                     RuntimeConfig, SweepConfig, TeacherCacheConfig, TeacherConfig, TrainConfig, TrainingConfig, check,
+                     sections)
 from .engine import accuracy_and_loss, on_main, process_state, say as print_on_main
 from .errors import KdfastError, user_errors_exit
 from .flags import command_line
@@ -44,7 +45,7 @@ def plan(cfg: SweepConfig, served: dict) -> list[tuple[dict, TrainConfig]]:
     views explicitly (the baseline reads no cache)."""
     common = {**sections(cfg, DataConfig, OptimConfig, TrainingConfig, EvalConfig, RuntimeConfig, RunConfig,
                          OutputConfig, ModelConfig), "augment": served["augment"], "resume": not cfg.fresh}
-    kd = {**common, **sections(cfg, TeacherConfig, KDConfig), "teacher_cache": cfg.teacher_cache}
+    kd = {**common, **sections(cfg, TeacherConfig, KDConfig, TeacherCacheConfig), "cache_slots": 0}  # set below
     runs = []
     for seed in range(cfg.seeds):
         runs.append(({"kind": "no_kd", "alpha": None, "tau": None, "seed": seed},

@@ -19,13 +19,13 @@ import io
 import math
 import os
 import sys
-import time
 from functools import partial
 
 from . import cache, published, sweep, train
 from .cache import LogitCache, served_data
 from .config import (BuildConfig, DataConfig, EvalConfig, OutputConfig, RunConfig, RuntimeConfig, SweepConfig,
                      TrainConfig, TrainingConfig, ViewConfig, sections)
+from .checkpoint import read_meta
 from .config.table import DKD_WARMUP, TableConfig
 from .engine import on_main, process_state, say as print_on_main
 from .errors import user_errors_exit
@@ -104,11 +104,12 @@ def check_models(cfg: TableConfig) -> None:
             method_spec(spec)
 
 
-def teacher_cache(cfg: TableConfig, teacher: str, say) -> str:
-    """One teacher trained (or its finished run kept, or a checkpoint taken) and its cache built (or kept)."""
+def teacher_cache(cfg: TableConfig, teacher: str, say) -> tuple[str, float]:
+    """One teacher trained (or its finished run kept, or a checkpoint taken) and its cache built (or kept); returns
+    the cache and the teacher's training wall time (as its run recorded it: a kept run's too)."""
     teacher_cfg = teacher_run(cfg, teacher)
     if teacher_cfg is None:
-        checkpoint = teacher
+        checkpoint, meta = teacher, read_meta(teacher)
     else:
         meta = None if cfg.fresh else finished_run(teacher_cfg)
         kept = meta is not None
@@ -116,7 +117,7 @@ def teacher_cache(cfg: TableConfig, teacher: str, say) -> str:
         checkpoint = RunDir(teacher_cfg.out_dir, teacher_cfg.run_name).paths["pth"]
         say(f"[table] teacher {teacher}: {meta['test_accuracy']:.4f} ({checkpoint}"
             + (", finished earlier with this config: kept)" if kept else ")"))
-    return cache.build(cache_build(cfg, teacher, checkpoint))
+    return cache.build(cache_build(cfg, teacher, checkpoint)), float(meta.get("wall_time_s") or 0.0)
 
 
 def baseline_runs(sweep_cfg: SweepConfig) -> list[TrainConfig]:
@@ -131,9 +132,8 @@ def run_pair(cfg: TableConfig, pair: str, say, donors: list) -> list[dict]:
     """The pair's teachers and caches, then every method's sweep; returns its rows (teacher, ce, each method).
     donors: the no-KD runs of the pairs before (extended with this pair's)."""
     teachers, student = pair_names(pair)
-    t0 = time.perf_counter()
-    caches = tuple(teacher_cache(cfg, t, say) for t in teachers)
-    teacher_time = time.perf_counter() - t0
+    built = [teacher_cache(cfg, t, say) for t in teachers]
+    caches, teacher_time = tuple(c for c, _ in built), sum(t for _, t in built)
     folder = os.path.join(cfg.out_dir, f"{teacher_key(teachers)}-{student}")
     results = {}
     for spec in cfg.methods:
@@ -219,10 +219,13 @@ def markdown(cfg: TableConfig, rows: list[dict]) -> str:
         pub = f"{r['published']:.2f}" if r.get("published") is not None else "-"
         ips = f"{r['img_per_s']:.0f}" if r.get("img_per_s") else "-"
         extra = f" | {percent(r.get('best_epoch_mean'))}" if best else ""
-        lines.append(f"| {r['pair'].replace(':', ' → ')} | {r['method']} | {acc} | {gain} | {shown} | {pub} | "
+        teachers, student = pair_names(r["pair"])
+        lines.append(f"| {teacher_key(teachers)} → {student} | {r['method']} | {acc} | {gain} | {shown} | {pub} | "
                      f"{r['wall_time_s'] / 60:.1f} min | {ips}{extra} |")
     lines += ["", "gain over ce: the difference of the means ± its standard error over seeds "
-              "(sqrt(std_m²/n + std_ce²/n)). teacher: from its cache's test logits.",
+              "(sqrt(std_m²/n + std_ce²/n)). teacher: from its cache's test logits; its wall time is its training's"
+              + (f"; A+B: the ensemble of their caches, probabilities at τ {cfg.taus[0]:g} averaged."
+                 if any("+" in p.split(":")[0] for p in cfg.pairs) else "."),
               "published: CIFAR-100, 240 epochs of the same recipe; sources:"]
     lines += [f"- {k}: {v}" for k, v in published.SOURCES.items()]
     if cfg.dataset != "cifar100" or cfg.epochs != 240:

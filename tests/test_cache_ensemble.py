@@ -1,5 +1,7 @@
 """Several teacher-logit caches as one teacher (cache/ensemble.py): equal to the online ensemble, refused when they
 disagree, used by distill and sweep, compared by cache info."""
+import json
+
 import pytest
 import torch
 
@@ -75,8 +77,11 @@ def test_distill_and_sweep_read_an_ensemble_and_cache_info_compares_the_caches(t
     assert meta["kd"]["ensemble"]["mode"] == "probs" and len(meta["kd"]["ensemble"]["teacher_accuracies"]) == 2
     assert "teacher: the ensemble of resnet8 + resnet8" in capsys.readouterr().out
     result = sweep.run(SweepConfig(model="resnet8", teacher_cache=tuple(two["caches"]), alphas=(0.5,), taus=(4.0,),
-                                   seeds=1, out_dir=str(tmp_path / "sweep"), **common))
+                                   seeds=1, out_dir=str(tmp_path / "sweep"), ensemble="logits", cache_weights=(2.0, 1.0),
+                                   **common))
     assert [r["kind"] for r in result["runs"]] == ["no_kd", "kd"]
+    point = json.loads((tmp_path / "sweep" / f"{result['runs'][1]['name']}.json").read_text())["kd"]["ensemble"]
+    assert point["mode"] == "logits" and point["weights"] == pytest.approx([2 / 3, 1 / 3])  # the sweep's, passed on
     summary = cache_mod.info(cache_mod.InfoConfig(file=tuple(two["caches"])))
     said = capsys.readouterr().out
     assert summary["agreement"]["usable"] and "usable together as --teacher-cache" in said
