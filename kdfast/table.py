@@ -201,6 +201,16 @@ def percent(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}"
 
 
+def point_text(cfg: TableConfig, row: dict) -> str:
+    """The row's α and τ (dkd: τ only, its CE weight is 1), and what they were chosen on where there was a choice."""
+    point = row.get("point")
+    if not point:
+        return ""
+    text = (f"τ {point['tau']:g}" if row["method"].startswith("dkd") else
+            f"α {point['alpha']:g}, τ {point['tau']:g}")
+    return text + (f" ({point['chosen_on']})" if len(cfg.alphas) > 1 or len(cfg.taus) > 1 else "")
+
+
 def markdown(cfg: TableConfig, rows: list[dict]) -> str:
     """The table: a row per pair and method, then what the columns mean and where the published numbers come from."""
     best = f" | {best_label(cfg)}" if cfg.best_epoch else ""
@@ -212,10 +222,7 @@ def markdown(cfg: TableConfig, rows: list[dict]) -> str:
     for r in rows:
         acc = percent(r["mean"]) + (f" ± {percent(r['std'])}" if r.get("std") is not None and r["seeds"] > 1 else "")
         gain = f"{100 * r['gain']:+.2f} ± {100 * r['gain_std']:.2f}" if "gain" in r else ""
-        point = r.get("point")
-        shown = (f"α {point['alpha']:g}, τ {point['tau']:g} ({point['chosen_on']})"
-                 if point and (len(cfg.alphas) > 1 or len(cfg.taus) > 1) else
-                 (f"α {point['alpha']:g}, τ {point['tau']:g}" if point else ""))
+        shown = point_text(cfg, r)
         pub = f"{r['published']:.2f}" if r.get("published") is not None else "-"
         ips = f"{r['img_per_s']:.0f}" if r.get("img_per_s") else "-"
         extra = f" | {percent(r.get('best_epoch_mean'))}" if best else ""
