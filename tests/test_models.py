@@ -84,7 +84,7 @@ def test_a_model_or_view_that_cannot_take_the_images_is_refused_before_training(
 
 
 # the KD tables' zoo at 100 classes: the parameter count of RepDistiller's model code (the code behind the CRD and
-# DKD tables, counted with it), and the count in millions as the papers print it
+# DKD tables, counted with it), and that count in millions rounded to two decimals (as the README lists it)
 ZOO = {"resnet8": (83_892, 0.08), "resnet20": (278_324, 0.28), "resnet32": (472_756, 0.47),
        "resnet44": (667_188, 0.67), "resnet56": (861_620, 0.86), "resnet110": (1_736_564, 1.74),
        "resnet8x4": (1_233_540, 1.23), "resnet32x4": (7_433_860, 7.43), "wrn_16_1": (180_916, 0.18),
