@@ -15,7 +15,7 @@ import torch
 
 from .augment.recipes import RECIPES as AUG_RECIPES
 from .cache import LogitCache, served_data
-from .cache.ensemble import EnsembleTeacher, check_agreement, normalized_weights
+from .cache.ensemble import EnsembleTeacher, check_agreement, ensemble_test_logits, normalized_weights
 from .checkpoint import load_teacher, weights_sha256
 from .config import DataConfig, DistillConfig, names
 from .engine import (Runtime, RunReporter, accuracy_and_loss, fit, make_trainer, open_run, process_state,
@@ -56,21 +56,21 @@ def cached_teacher(cfg: DistillConfig, data, runtime: Runtime):
         check_same_teacher(cfg, caches[0])
     held = len(caches[0].seeds)
     slots = held if cfg.cache_slots <= 0 else min(cfg.cache_slots, held)
-    served = EnsembleTeacher(caches, slots, runtime.device, normalized_weights(cfg.cache_weights, len(caches)),
-                             cfg.tau, cfg.ensemble)
+    weights = normalized_weights(cfg.cache_weights, len(caches))
+    served = EnsembleTeacher(caches, slots, runtime.device, weights, cfg.tau, cfg.ensemble)
     if cfg.epochs > slots:
         runtime.print(f"[{cfg.run_name}] {cfg.epochs} epochs on {slots} cached slots: epochs {slots + 1}..{cfg.epochs} "
                       f"repeat the views (and teacher logits) of earlier epochs")
-    test_logits, test_labels = served.test_logits()
+    test_logits, test_labels, own = ensemble_test_logits(caches, weights, cfg.tau, cfg.ensemble)
     models = [c.attrs["teacher_model"] for c in caches]
     kd = {"mode": "cached", "teacher_cache": " ".join(cfg.cache_paths), "cache_slots": slots,
           "teacher_model": " + ".join(models), "teacher_sha256": " ".join(c.attrs["teacher_sha256"] for c in caches),
           "teacher_accuracy": accuracy_and_loss(test_logits, test_labels)["accuracy"]}
     if len(caches) > 1:
-        kd["ensemble"] = {"mode": cfg.ensemble, "weights": served.weights, "teacher_accuracies": [
-            accuracy_and_loss(*c.test_logits())["accuracy"] for c in caches]}
+        kd["ensemble"] = {"mode": cfg.ensemble, "weights": weights, "teacher_accuracies": [
+            accuracy_and_loss(logits, test_labels)["accuracy"] for logits in own]}
         runtime.print(f"[{cfg.run_name}] teacher: the ensemble of {' + '.join(models)} ({cfg.ensemble} averaged, "
-                      f"weights {', '.join(f'{w:.3g}' for w in served.weights)}): test accuracy "
+                      f"weights {', '.join(f'{w:.3g}' for w in weights)}): test accuracy "
                       f"{kd['teacher_accuracy']:.4f}, alone " + ", ".join(
                           f"{a:.4f}" for a in kd["ensemble"]["teacher_accuracies"]))
     return served, served.aug_seed, kd

@@ -23,7 +23,7 @@ from functools import partial
 
 from . import distill, group, plots, train
 from .cache import LogitCache, served_data
-from .cache.ensemble import EnsembleTeacher, check_agreement, normalized_weights
+from .cache.ensemble import check_agreement, ensemble_test_logits, normalized_weights
 from .config import (DataConfig, DistillConfig, EvalConfig, KDConfig, ModelConfig, OptimConfig, OutputConfig, RunConfig,
                      RuntimeConfig, SweepConfig, TeacherCacheConfig, TeacherConfig, TrainConfig, TrainingConfig, check,
                      sections)
@@ -240,9 +240,9 @@ def run(cfg: SweepConfig, donors: tuple = ()) -> dict:
     state = process_state(cfg.dist_timeout)
     caches = [LogitCache(path) for path in cfg.cache_paths or (cfg.cache_path(),)]
     check_agreement(caches)
-    ensemble = EnsembleTeacher(caches, len(caches[0].seeds), "cpu", normalized_weights(cfg.cache_weights, len(caches)),
-                               cfg.taus[0], cfg.ensemble)
-    attrs, (test_logits, test_labels) = caches[0].attrs, ensemble.test_logits()  # at the first tau (probs)
+    attrs = caches[0].attrs
+    test_logits, test_labels, _ = ensemble_test_logits(  # an ensemble's: at the first tau (probs)
+        caches, normalized_weights(cfg.cache_weights, len(caches)), cfg.taus[0], cfg.ensemble)
     for cache in caches:
         cache.close()
     served = served_data(attrs)
@@ -344,7 +344,8 @@ def _run_locked(cfg: SweepConfig, state, attrs: dict, served: dict, teacher_accu
             write_results(cfg, rows, summary)
     print_on_main(state, "\n" + markdown(cfg, summary)
                   + f"\nwrote {os.path.join(cfg.out_dir, 'sweep.md')} (.json, .csv)")
-    return {"runs": rows, "summary": summary}
+    return {"runs": rows, "summary": summary,  # and the no-KD runs' configs: donors to a later sweep (kdfast table)
+            "baselines": [run_cfg for point, run_cfg in runs if point["kind"] == "no_kd"]}
 
 
 def parse(argv: list[str]) -> SweepConfig:

@@ -22,12 +22,12 @@ import sys
 from functools import partial
 
 from . import cache, published, sweep, train
-from .cache import LogitCache, served_data
 from .config import (BuildConfig, DataConfig, EvalConfig, OutputConfig, RunConfig, RuntimeConfig, SweepConfig,
                      TrainConfig, TrainingConfig, ViewConfig, sections)
-from .checkpoint import read_meta
+from .checkpoint import checkpoint_paths, read_meta
 from .config.table import DKD_WARMUP, TableConfig
 from .engine import on_main, process_state, say as print_on_main
+from .engine.best import BEST
 from .errors import user_errors_exit
 from .files import FileLock, ensure_dir, read_json, write_json, write_text
 from .flags import command_line
@@ -120,14 +120,6 @@ def teacher_cache(cfg: TableConfig, teacher: str, say) -> tuple[str, float]:
     return cache.build(cache_build(cfg, teacher, checkpoint)), float(meta.get("wall_time_s") or 0.0)
 
 
-def baseline_runs(sweep_cfg: SweepConfig) -> list[TrainConfig]:
-    """A finished sweep's no-KD runs: a later pair with the same student and data copies them (sweep donors)."""
-    opened = LogitCache(sweep_cfg.cache_path())
-    served = served_data(opened.attrs)
-    opened.close()
-    return [run_cfg for point, run_cfg in sweep.plan(sweep_cfg.resolved(served), served) if point["kind"] == "no_kd"]
-
-
 def run_pair(cfg: TableConfig, pair: str, say, donors: list) -> list[dict]:
     """The pair's teachers and caches, then every method's sweep; returns its rows (teacher, ce, each method).
     donors: the no-KD runs of the pairs before (extended with this pair's)."""
@@ -140,7 +132,7 @@ def run_pair(cfg: TableConfig, pair: str, say, donors: list) -> list[dict]:
         say(f"[table] {pair}: {spec}, {cfg.seeds} seed(s) in {folder}")
         sweep_cfg = method_sweep(cfg, student, spec, caches, folder)
         results[spec] = sweep.run(sweep_cfg, tuple(donors))
-        donors += baseline_runs(sweep_cfg)
+        donors += results[spec]["baselines"]
     return pair_rows(cfg, pair, results, folder, teacher_time)
 
 
@@ -163,7 +155,7 @@ def pair_rows(cfg: TableConfig, pair: str, results: dict, folder: str, teacher_t
 
 def cell(cfg: TableConfig, pair: str, spec: str, stat: dict, base: dict | None, runs: list[dict], folder: str,
          kind: str | None, chosen_on: str | None = None) -> dict:
-    """One row: last-epoch test mean ± std over seeds, its gain over ce with the spread of the difference, the
+    """One row: last-epoch test mean ± std over seeds, its gain over ce ± the standard error of that difference, the
     chosen point, the best-epoch figure, wall time and img/s of its runs, the published number."""
     teachers, student = pair_names(pair)
     mine = [r for r in runs if (r["kind"] == kind if kind else
@@ -185,11 +177,10 @@ def cell(cfg: TableConfig, pair: str, spec: str, stat: dict, base: dict | None, 
 def best_epoch_accuracy(folder: str, name: str) -> float:
     """The test accuracy of the run's best epoch: the one chosen on validation where the run has a validation split
     (NAME.best.json, engine.best), else the highest of every epoch's test accuracy (chosen on test: optimistic)."""
-    run_dir = RunDir(folder, name)
-    best = os.path.join(folder, f"{name}.best.json")
+    best = checkpoint_paths(folder, name + BEST)["json"]
     if os.path.exists(best):
         return read_json(best, "best-epoch record")["test_accuracy"]
-    return max(r["test_accuracy"] for r in run_dir.read_metrics() if "test_accuracy" in r)
+    return max(r["test_accuracy"] for r in RunDir(folder, name).read_metrics() if "test_accuracy" in r)
 
 
 def best_label(cfg: TableConfig) -> str:
@@ -236,8 +227,8 @@ def markdown(cfg: TableConfig, rows: list[dict]) -> str:
               "published: CIFAR-100, 240 epochs of the same recipe; sources:"]
     lines += [f"- {k}: {v}" for k, v in published.SOURCES.items()]
     if cfg.dataset != "cifar100" or cfg.epochs != 240:
-        lines.append(f"this table: --dataset {cfg.dataset}, {cfg.epochs} epochs: compare the gains, not the accuracies, "
-                     "with the published ones.")
+        lines.append(f"this table: --dataset {cfg.dataset}, {cfg.epochs} epochs: compare the gains, not the "
+                     "accuracies, with the published ones.")
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ Slot k holds the views of augmentation seed seeds[k] = epoch_seed(seed, k): the 
     format   the HDF5 layout, the attributes and what must equal a run's; what a cache serves a run
     codecs   how a slot is stored: dense float16, or top-k (a new kind of cache is a new codec)
     reader   LogitCache (checked on opening, read a slot at a time), CachedTeacher (a batch's logits by index)
+    ensemble several caches as one teacher: their agreement checked, EnsembleTeacher (their probabilities averaged)
     builder  the build: slots planned, the teacher over each slot's views, written, flushed, marked complete
     cli      build / info / verify
 """

@@ -17,9 +17,8 @@ from ..engine import accuracy_and_loss, load_data, make_runtime
 from ..errors import user_errors_exit
 from ..models import model_entry
 from .builder import build
+from .ensemble import disagreements, ensemble_test_logits
 from .format import CacheError, slot_bytes
-from ..losses import ensemble_logits
-from .ensemble import disagreements
 from .reader import LogitCache
 
 
@@ -66,7 +65,9 @@ def agreement_of(files: tuple[str, ...], tau: float = 4.0) -> dict:
     caches = [LogitCache(path) for path in files]
     try:
         differ = disagreements(caches)
-        tests = [c.test_logits() for c in caches]
+        weights = [1.0 / len(caches)] * len(caches)
+        tests = {mode: ensemble_test_logits(caches, weights, tau, mode) for mode in ("probs", "logits")} \
+            if not differ else {}
     finally:
         for cache in caches:
             cache.close()
@@ -74,17 +75,16 @@ def agreement_of(files: tuple[str, ...], tau: float = 4.0) -> dict:
                              + " ".join(files) if not differ else "these caches cannot be one teacher:\n  "
                              + "\n  ".join(differ))]
     result = {"usable": not differ, "differences": differ, "lines": lines}
-    if differ or len({t[0].shape for t in tests}) > 1:
+    if differ:
         return result
-    labels, weights = tests[0][1], [1.0 / len(tests)] * len(tests)
-    preds = [t[0].argmax(1) for t in tests]
+    accs = {mode: accuracy_and_loss(logits, labels)["accuracy"] for mode, (logits, labels, _) in tests.items()}
+    preds = [logits.argmax(1) for logits in tests["probs"][2]]
     pairs = {(i, j): (preds[i] == preds[j]).float().mean().item()
              for i in range(len(preds)) for j in range(i + 1, len(preds))}
-    accs = {mode: accuracy_and_loss(ensemble_logits([t[0] for t in tests], weights, tau, mode), labels)["accuracy"]
-            for mode in ("probs", "logits")}
     result.update(test_prediction_agreement={f"{i}-{j}": v for (i, j), v in pairs.items()},
                   ensemble_test_accuracy=accs)
-    lines += ["test predictions agree: " + ", ".join(f"{files[i]} and {files[j]} {v:.4f}" for (i, j), v in pairs.items()),
+    lines += ["test predictions agree: "
+              + ", ".join(f"{files[i]} and {files[j]} {v:.4f}" for (i, j), v in pairs.items()),
               f"ensemble test accuracy (equal weights): probabilities at tau {tau:g} averaged {accs['probs']:.4f}, "
               f"logits averaged {accs['logits']:.4f}"]
     return result

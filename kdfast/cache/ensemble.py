@@ -2,7 +2,7 @@
 
 An ensemble of cached teachers costs no teacher pass: each batch reads every cache's slot of the epoch. The caches
 must serve the same samples with the same views: the same data, subset, split, classes, views and augmentation seeds
-(slots), which `agreement` checks and names where they differ.
+(slots), which `check_agreement` checks and names where they differ.
 """
 from __future__ import annotations
 
@@ -43,14 +43,18 @@ def check_agreement(caches: list[LogitCache]) -> None:
 
 
 def normalized_weights(weights: tuple[float, ...] | None, count: int) -> list[float]:
-    """--cache-weights scaled to sum 1 (equal weights when not given)."""
+    """--cache-weights (checked by TeacherCacheConfig: one > 0 a cache) scaled to sum 1; equal when not given."""
     if weights is None:
         return [1.0 / count] * count
-    if len(weights) != count or any(w <= 0 for w in weights):
-        raise ValueError(f"--cache-weights {' '.join(map(str, weights))}: give one weight > 0 for each of the {count} "
-                         "--teacher-cache files")
-    total = sum(weights)
-    return [w / total for w in weights]
+    return [w / sum(weights) for w in weights]
+
+
+def ensemble_test_logits(caches: list[LogitCache], weights: list[float], tau: float,
+                         mode: str = "probs") -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The ensemble's logits on the test set, the labels, and each teacher's own test logits."""
+    parts = [c.test_logits() for c in caches]
+    own = [logits for logits, _ in parts]
+    return ensemble_logits(own, weights, tau, mode), parts[0][1], own
 
 
 class EnsembleTeacher:
@@ -68,8 +72,3 @@ class EnsembleTeacher:
 
     def __call__(self, batch) -> torch.Tensor:
         return ensemble_logits([m(batch) for m in self.members], self.weights, self.tau, self.mode)
-
-    def test_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ensemble's logits on the test set (the same combination), and the labels."""
-        parts = [m.cache.test_logits() for m in self.members]
-        return ensemble_logits([p[0] for p in parts], self.weights, self.tau, self.mode), parts[0][1]

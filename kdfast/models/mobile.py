@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import register_model
+from .registry import register_scratch_model
 
 
 def conv_bn(in_planes: int, planes: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(in_planes, planes, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(planes)]
+    return [nn.Conv2d(in_planes, planes, kernel, stride, kernel // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(planes)]
 
 
 def shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -136,20 +137,15 @@ class ShuffleNetV2(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
-def _light(name: str, cls, doc: str) -> None:
-    def build(num_classes: int = 10, pretrained: bool = False) -> nn.Module:
-        if pretrained:
-            raise ValueError(f"{name} has no pretrained weights; train it with kdfast train")
-        model = cls(num_classes)
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        return model
-
-    build.__name__, build.__doc__ = name, doc
-    register_model("cnn", light=True)(build)
+def _initialized(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
 
 
-_light("mobilenetv2", MobileNetV2, "MobileNetV2 (CIFAR, width 0.5; KD tables' zoo, a light student: lr 0.01 there).")
-_light("shufflenetv1", ShuffleNetV1, "ShuffleNet V1 (groups 3, 32 px; KD tables' zoo, a light student).")
-_light("shufflenetv2", ShuffleNetV2, "ShuffleNet V2 (width 1, 32 px; KD tables' zoo, a light student).")
+for _name, _cls, _doc in (
+        ("mobilenetv2", MobileNetV2, "MobileNetV2 (CIFAR, width 0.5; KD tables' zoo, a light student: lr 0.01 there)."),
+        ("shufflenetv1", ShuffleNetV1, "ShuffleNet V1 (groups 3, 32 px; KD tables' zoo, a light student)."),
+        ("shufflenetv2", ShuffleNetV2, "ShuffleNet V2 (width 1, 32 px; KD tables' zoo, a light student).")):
+    register_scratch_model(_name, "cnn", _doc, lambda n, cls=_cls: _initialized(cls(n)), light=True)

@@ -56,6 +56,19 @@ def register_model(family: str, light: bool = False):
     return wrap
 
 
+def register_scratch_model(name: str, family: str, doc: str, make: Callable[[int], nn.Module],
+                           light: bool = False) -> None:
+    """Register make(num_classes) under name: a model with no pretrained weights (the KD tables' zoo)."""
+
+    def build(num_classes: int = 10, pretrained: bool = False) -> nn.Module:
+        if pretrained:
+            raise ValueError(f"{name} has no pretrained weights; train it with kdfast train")
+        return make(num_classes)
+
+    build.__name__, build.__doc__ = name, doc
+    register_model(family, light)(build)
+
+
 def list_models() -> list[str]:
     return _REGISTRY.names()
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 from .library import torchvision_pretrained
-from .registry import register_model
+from .registry import register_model, register_scratch_model
 
 
 class BasicBlock(nn.Module):
@@ -94,24 +94,13 @@ def resnet20(num_classes: int = 10, shortcut: str = "B", pretrained: bool = Fals
     return CifarResNet(3, num_classes, shortcut)
 
 
-def _table_resnet(name: str, blocks: int, widths: tuple[int, int, int, int]):
-    """Register a CIFAR ResNet of the KD tables' zoo (RepDistiller's naming): depth 6 * blocks + 2."""
-
-    def build(num_classes: int = 10, pretrained: bool = False) -> nn.Module:
-        if pretrained:
-            raise ValueError(f"{name} has no pretrained weights; train it with kdfast train")
-        return CifarResNet(blocks, num_classes, "B", widths)
-
-    build.__name__ = name
-    build.__doc__ = (f"ResNet-{6 * blocks + 2}{'x4' if widths[0] == 32 else ''} (CIFAR; KD tables' zoo, "
-                     f"{blocks} BasicBlock(s) a stage, {'/'.join(map(str, widths[1:]))} channels).")
-    register_model("cnn")(build)
-
-
-for _name, _blocks in (("resnet32", 5), ("resnet44", 7), ("resnet56", 9), ("resnet110", 18)):
-    _table_resnet(_name, _blocks, (16, 16, 32, 64))
-_table_resnet("resnet8x4", 1, (32, 64, 128, 256))
-_table_resnet("resnet32x4", 5, (32, 64, 128, 256))
+for _name, _blocks, _widths in (("resnet32", 5, (16, 16, 32, 64)), ("resnet44", 7, (16, 16, 32, 64)),
+                                 ("resnet56", 9, (16, 16, 32, 64)), ("resnet110", 18, (16, 16, 32, 64)),
+                                 ("resnet8x4", 1, (32, 64, 128, 256)), ("resnet32x4", 5, (32, 64, 128, 256))):
+    register_scratch_model(  # the KD tables' CIFAR ResNets (RepDistiller's naming): depth 6 * blocks + 2
+        _name, "cnn", f"ResNet-{_name[6:]} (CIFAR; KD tables' zoo, {_blocks} BasicBlock(s) a stage, "
+        f"{'/'.join(map(str, _widths[1:]))} channels).",
+        lambda n, b=_blocks, w=_widths: CifarResNet(b, n, "B", w))
 
 
 @register_model("cnn")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .registry import register_model
+from .registry import register_scratch_model
 
 STAGES = {"vgg8": (1, 1, 1, 1, 1), "vgg11": (1, 1, 2, 2, 2), "vgg13": (2, 2, 2, 2, 2)}
 WIDTHS = (64, 128, 256, 512, 512)
@@ -45,16 +45,6 @@ class CifarVGG(nn.Module):
         return self.classifier(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
-def _register(name: str) -> None:
-    def build(num_classes: int = 10, pretrained: bool = False) -> nn.Module:
-        if pretrained:
-            raise ValueError(f"{name} has no pretrained weights; train it with kdfast train")
-        return CifarVGG(STAGES[name], num_classes)
-
-    build.__name__ = name
-    build.__doc__ = f"VGG-{name[3:]} with BN (CIFAR; KD tables' zoo, no FC stack, {sum(STAGES[name])} convs)."
-    register_model("cnn")(build)
-
-
-for _name in STAGES:
-    _register(_name)
+for _name, _convs in STAGES.items():
+    register_scratch_model(_name, "cnn", f"VGG-{_name[3:]} with BN (CIFAR; KD tables' zoo, no FC stack, {sum(_convs)} "
+                           "convs).", lambda n, c=_convs: CifarVGG(c, n))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import register_model
+from .registry import register_scratch_model
 
 
 class WideBlock(nn.Module):
@@ -51,16 +51,7 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1))
 
 
-def _register(depth: int, widen: int) -> None:
-    def build(num_classes: int = 10, pretrained: bool = False) -> nn.Module:
-        if pretrained:
-            raise ValueError(f"wrn_{depth}_{widen} has no pretrained weights; train it with kdfast train")
-        return WideResNet(depth, widen, num_classes)
-
-    build.__name__ = f"wrn_{depth}_{widen}"
-    build.__doc__ = f"WRN-{depth}-{widen} (CIFAR Wide ResNet; KD tables' zoo, {(depth - 4) // 6} blocks a group)."
-    register_model("cnn")(build)
-
-
 for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
-    _register(_depth, _widen)
+    register_scratch_model(f"wrn_{_depth}_{_widen}", "cnn",
+                           f"WRN-{_depth}-{_widen} (CIFAR Wide ResNet; KD tables' zoo, {(_depth - 4) // 6} blocks a "
+                           "group).", lambda n, d=_depth, k=_widen: WideResNet(d, k, n))
